@@ -1,0 +1,1 @@
+"""The authentication role: login, sessions and the credential store."""

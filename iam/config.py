@@ -1,0 +1,232 @@
+"""Settings: one YAML file (no secrets), `${VAR}` / `${VAR:-default}` expanded from the environment.
+
+`IAM_CONFIG` names the file (default `config/iam.yaml`). `SERVICE_ROLE` and the three store URLs
+(`IAM_AUTHN_DATABASE_URL`, `IAM_TOKEN_DATABASE_URL`, `IAM_USERS_DATABASE_URL`) are contracts: when set in
+the environment they win over the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from iam.roles import Role
+
+DEFAULT_CONFIG = "config/iam.yaml"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names the file and the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+GrantType = Literal[
+    "authorization_code",
+    "refresh_token",
+    "client_credentials",
+    "urn:ietf:params:oauth:grant-type:device_code",
+]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
+
+
+class ClientConfig(_Strict):
+    """A client, described with RFC 7591 metadata names plus iam's own keys."""
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9._~:-]{1,128}$")
+    client_name: str | None = None
+    # Exactly one of these for confidential clients: the secret itself (from the environment or a mounted
+    # secret), or an argon2id hash of it. An empty secret disables the client (fail closed, logged).
+    client_secret: SecretStr | None = None
+    client_secret_hash: str | None = None
+    redirect_uris: list[str] = []
+    grant_types: list[GrantType] = ["authorization_code"]
+    response_types: list[Literal["code"]] = ["code"]
+    scope: str = ""
+    token_endpoint_auth_method: AuthMethod = "client_secret_basic"
+    # iam's own keys
+    access_token_ttl: int = Field(default=3600, ge=1, le=86400)
+    audience: list[str] = []
+
+    @field_validator("scope")
+    @classmethod
+    def _scope_tokens(cls, value: str) -> str:
+        for token in value.split():
+            if not SCOPE_TOKEN.match(token):
+                raise ValueError(f"invalid scope token {token!r} (RFC 6749 §3.3)")
+        return " ".join(value.split())
+
+    @field_validator("client_secret_hash")
+    @classmethod
+    def _argon2_hash(cls, value: str | None) -> str | None:
+        if value and not value.startswith("$argon2id$"):
+            raise ValueError("must be an argon2id hash (see `iam clients hash-secret`)")
+        return value or None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientConfig:
+        has_secret = bool(self.client_secret and self.client_secret.get_secret_value()) or bool(
+            self.client_secret_hash
+        )
+        if self.client_secret and self.client_secret.get_secret_value() and self.client_secret_hash:
+            raise ValueError("set client_secret or client_secret_hash, not both")
+        if self.token_endpoint_auth_method == "none":
+            if has_secret:
+                raise ValueError("a public client (token_endpoint_auth_method: none) has no secret")
+            if "client_credentials" in self.grant_types:
+                raise ValueError("client_credentials needs a confidential client (RFC 6749 §4.4)")
+        return self
+
+    @property
+    def is_public(self) -> bool:
+        return self.token_endpoint_auth_method == "none"
+
+    @property
+    def enabled(self) -> bool:
+        """A confidential client whose secret expanded to nothing cannot authenticate: it is disabled."""
+        if self.is_public:
+            return True
+        return bool(self.client_secret_hash) or bool(self.client_secret and self.client_secret.get_secret_value())
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(self.scope.split())
+
+
+class Stores(_Strict):
+    authn: str = "sqlite+aiosqlite:///var/authn.db"
+    token: str = "sqlite+aiosqlite:///var/token.db"
+    users: str = "sqlite+aiosqlite:///var/users.db"
+
+    @field_validator("authn", "token", "users")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+
+class Keys(_Strict):
+    dir: Path = Path("var/keys")
+    # A new key is published this long before it signs: replicas and JWKS caches see it first.
+    activation_delay: int = Field(default=0, ge=0)
+    access_token_alg: Literal["ES256", "RS256"] = "ES256"
+
+
+class Settings(_Strict):
+    role: Role = Role.ALL
+    issuer: str = "http://localhost:8080"
+    stores: Stores = Stores()
+    keys: Keys = Keys()
+    migrate_on_start: bool = True
+    # Expired tokens are deleted in batches of this size every purge_interval seconds (0: never in-process).
+    purge_interval: int = Field(default=300, ge=0)
+    purge_batch: int = Field(default=1000, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    clients: list[ClientConfig] = []
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        # RFC 8414 §2: https, no query or fragment. http is tolerated for loopback development only.
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an absolute https URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must have no query or fragment (RFC 8414 §2)")
+        if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+            raise ValueError("must use https (http is allowed for localhost only)")
+        return value
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_ids(cls, clients: list[ClientConfig]) -> list[ClientConfig]:
+        seen: set[str] = set()
+        for client in clients:
+            if client.client_id in seen:
+                raise ValueError(f"duplicate client_id {client.client_id!r}")
+            seen.add(client.client_id)
+        return clients
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: str, env: dict[str, str], where: str) -> str:
+    """Expand `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. An unset `${VAR}` is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+
+    return _VAR.sub(replace, value)
+
+
+def _expand_tree(node: object, env: dict[str, str], where: str) -> object:
+    if isinstance(node, str):
+        return expand(node, env, where)
+    if isinstance(node, list):
+        return [_expand_tree(item, env, f"{where}.{i}") for i, item in enumerate(node)]
+    if isinstance(node, dict):
+        return {key: _expand_tree(item, env, f"{where}.{key}" if where else str(key)) for key, item in node.items()}
+    return node
+
+
+_ENV_OVERRIDES = {
+    "SERVICE_ROLE": ("role",),
+    "IAM_ISSUER": ("issuer",),
+    "IAM_AUTHN_DATABASE_URL": ("stores", "authn"),
+    "IAM_TOKEN_DATABASE_URL": ("stores", "token"),
+    "IAM_USERS_DATABASE_URL": ("stores", "users"),
+    "IAM_KEYS_DIR": ("keys", "dir"),
+}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    file = Path(path or env.get("IAM_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = yaml.safe_load(file.read_text()) if file.exists() or path or "IAM_CONFIG" in env else {}
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML ({exc.__class__.__name__})") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping")
+    try:
+        data = _expand_tree(raw, env, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    assert isinstance(data, dict)
+    for var, field_path in _ENV_OVERRIDES.items():
+        if env.get(var):
+            target = data
+            for key in field_path[:-1]:
+                target = target.setdefault(key, {})
+            target[field_path[-1]] = env[var]
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        if first["loc"] == ("role",):
+            valid = ", ".join(role.value for role in Role)
+            raise ConfigError(f"unknown SERVICE_ROLE {data.get('role')!r}: valid roles are {valid}") from None
+        raise ConfigError(f"{file}: {location}: {first['msg']}") from None
+

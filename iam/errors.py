@@ -1,0 +1,90 @@
+"""OAuth error responses (RFC 6749 §5.2, RFC 6750 §3) in one place: no handler ever returns a stack trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("iam.errors")
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class OAuthError(Exception):
+    """An error the client can act on. `status` follows RFC 6749 §5.2 unless the endpoint's RFC says otherwise."""
+
+    def __init__(
+        self, error: str, description: str | None = None, status: int = 400, headers: dict | None = None
+    ) -> None:
+        super().__init__(description or error)
+        self.error = error
+        # RFC 6749 §5.2: error_description is printable ASCII without '"' and '\'.
+        self.description = description
+        self.status = status
+        self.headers = headers or {}
+
+    def response(self) -> Response:
+        body = {"error": self.error}
+        if self.description:
+            body["error_description"] = self.description
+        return json_response(body, self.status, {**NO_STORE, **self.headers})
+
+
+def invalid_client(description: str = "client authentication failed") -> OAuthError:
+    # RFC 6749 §5.2: 401 with WWW-Authenticate naming the scheme the client can use.
+    return OAuthError("invalid_client", description, 401, {"WWW-Authenticate": 'Basic realm="iam"'})
+
+
+def invalid_token(description: str | None = None) -> OAuthError:
+    # RFC 6750 §3: a bad bearer token is 401 with the error in WWW-Authenticate.
+    challenge = 'Bearer realm="iam"'
+    if description is not None:
+        challenge += f', error="invalid_token", error_description="{description}"'
+    return OAuthError("invalid_token", description, 401, {"WWW-Authenticate": challenge})
+
+
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")).encode(), status, headers, media_type="application/json"
+    )
+
+
+def temporarily_unavailable() -> Response:
+    # A store outage is never the client's fault: no invalid_client / invalid_grant, nothing consumed.
+    return OAuthError(
+        "temporarily_unavailable", "the service cannot reach its store; retry later", 503, {"Retry-After": "1"}
+    ).response()
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(OAuthError)
+    async def _oauth(_: Request, exc: OAuthError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return OAuthError("invalid_request", "malformed request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return json_response({"error": error}, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(OSError)
+    @app.exception_handler(TimeoutError)
+    async def _store_down(_: Request, exc: Exception) -> Response:
+        log.warning("store unavailable: %s", exc.__class__.__name__)
+        return temporarily_unavailable()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return OAuthError("server_error", "unexpected error", 500).response()

@@ -1,0 +1,168 @@
+"""The signing key ring: private JWKs in a directory, one file per key, JWKS published from memory.
+
+In production the directory is a mounted Kubernetes Secret; the embedded default generates keys on first
+run with 0600 permissions. A key's `kid` starts with its creation time, so the ring needs no other state:
+for each algorithm the newest key that is past the activation delay signs, and every key in the directory
+is published, so tokens signed by an older key stay verifiable until the operator removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+log = logging.getLogger("iam.keys")
+
+ALGORITHMS = ("RS256", "ES256")  # RS256: what kube-apiserver accepts by default; ES256: fast to sign
+_KID_TIME = "%Y%m%dT%H%M%SZ"
+
+
+class KeyRingError(Exception):
+    """The key directory cannot give a usable ring (the message says why)."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    alg: str
+    created: datetime
+    key: RSAKey | ECKey
+
+
+def _new_key(alg: str, now: datetime) -> RSAKey | ECKey:
+    kid = f"{now.strftime(_KID_TIME)}-{alg.lower()}-{secrets.token_hex(4)}"
+    params = {"kid": kid, "alg": alg, "use": "sig"}
+    if alg == "RS256":
+        return RSAKey.generate_key(2048, parameters=params, private=True)
+    return ECKey.generate_key("P-256", parameters=params, private=True)
+
+
+def _write_private(path: Path, data: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+
+
+class KeyRing:
+    def __init__(self, directory: Path, activation_delay: int = 0) -> None:
+        self.directory = directory
+        self.activation_delay = activation_delay
+        self._keys: list[SigningKey] = []
+        self._signing: dict[str, SigningKey] = {}
+        self._fingerprint: tuple = ()
+        self.jwks_json: bytes = b'{"keys":[]}'
+
+    # -- loading ----------------------------------------------------------------------------------------
+    def load(self, generate: bool = False) -> KeyRing:
+        """Read the directory; with `generate`, create a missing directory and any missing algorithm's key."""
+        if generate:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.directory.is_dir():
+            raise KeyRingError(f"key directory {self.directory} does not exist (run `iam keys rotate` to create it)")
+        keys = self._read()
+        if generate:
+            now = datetime.now(UTC)
+            for alg in ALGORITHMS:
+                if not any(k.alg == alg for k in keys):
+                    self._store(_new_key(alg, now))
+                    log.info("generated %s signing key in %s", alg, self.directory)
+            keys = self._read()
+        self._install(keys)
+        return self
+
+    def reload_if_changed(self) -> bool:
+        """Pick up keys added or removed by a rotation (a Secret update, another replica's CLI)."""
+        if self._listing() == self._fingerprint:
+            return False
+        self._install(self._read())
+        log.info("key ring reloaded: %s", ", ".join(k.kid for k in self._keys))
+        return True
+
+    def _listing(self) -> tuple:
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.directory.glob("*.json")))
+        except OSError:
+            return ()
+
+    def _read(self) -> list[SigningKey]:
+        keys = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                alg = data["alg"]
+                kid = data["kid"]
+                created = datetime.strptime(kid.split("-", 1)[0], _KID_TIME).replace(tzinfo=UTC)
+                key = RSAKey.import_key(data) if alg == "RS256" else ECKey.import_key(data)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise KeyRingError(f"key file {path} is not a private JWK written by iam ({exc})") from None
+            if alg not in ALGORITHMS or not key.is_private:
+                raise KeyRingError(f"key file {path} must hold a private {' or '.join(ALGORITHMS)} key")
+            keys.append(SigningKey(kid=kid, alg=alg, created=created, key=key))
+        return keys
+
+    def _store(self, key: RSAKey | ECKey) -> None:
+        _write_private(self.directory / f"{key.kid}.json", key.as_dict(private=True))
+
+    def _install(self, keys: list[SigningKey]) -> None:
+        if not keys:
+            raise KeyRingError(f"key directory {self.directory} holds no keys")
+        now = datetime.now(UTC)
+        signing: dict[str, SigningKey] = {}
+        for alg in ALGORITHMS:
+            candidates = sorted((k for k in keys if k.alg == alg), key=lambda k: k.created)
+            active = [k for k in candidates if (now - k.created).total_seconds() >= self.activation_delay]
+            if active or candidates:
+                signing[alg] = (active or candidates[:1])[-1]
+        public = [k.key.as_dict(private=False) for k in sorted(keys, key=lambda k: k.created, reverse=True)]
+        self._keys, self._signing = keys, signing
+        self._fingerprint = self._listing()
+        self.jwks_json = json.dumps({"keys": public}, separators=(",", ":")).encode()
+
+    # -- use ----------------------------------------------------------------------------------------------
+    @property
+    def algorithms(self) -> list[str]:
+        return sorted(self._signing)
+
+    def signing_key(self, alg: str) -> SigningKey:
+        try:
+            return self._signing[alg]
+        except KeyError:
+            raise KeyRingError(f"no {alg} key in {self.directory}") from None
+
+    def sign(self, claims: dict, *, alg: str, typ: str = "JWT") -> str:
+        key = self.signing_key(alg)
+        return jwt.encode({"alg": alg, "typ": typ, "kid": key.kid}, claims, key.key, algorithms=[alg])
+
+    def public_keys(self) -> list[SigningKey]:
+        return list(self._keys)
+
+    # -- administration ----------------------------------------------------------------------------------
+    def rotate(self) -> list[str]:
+        """Add a new key for every algorithm. Old keys stay published, so their tokens stay verifiable."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        now = datetime.now(UTC)
+        added = []
+        for alg in ALGORITHMS:
+            key = _new_key(alg, now)
+            self._store(key)
+            added.append(key.kid)
+        self._install(self._read())
+        return added
+
+    def remove(self, kid: str) -> None:
+        """Stop publishing a retired key. The key that signs for its algorithm cannot be removed."""
+        if any(k.kid == kid for k in self._signing.values()):
+            raise KeyRingError(f"{kid} is the active signing key; rotate first")
+        path = self.directory / f"{kid}.json"
+        if not any(k.kid == kid for k in self._keys) or not path.exists():
+            raise KeyRingError(f"no key {kid} in {self.directory}")
+        path.unlink()
+        self._install(self._read())

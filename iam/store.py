@@ -1,0 +1,134 @@
+"""A role's store: one database URL, one async engine, one alembic migration tree (`migrations/<name>/`,
+sharing `migrations/env.py`).
+
+No role opens another role's store; roles talk over their APIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = logging.getLogger("iam.store")
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class StoreError(Exception):
+    """The store cannot be used: its schema is not the one this code needs."""
+
+
+class StoreUnreachable(StoreError):
+    """The store does not answer."""
+
+
+def _metadata(name: str) -> MetaData:
+    # Imported lazily so `iam --help` stays fast and each role imports only its own tables.
+    if name == "token":
+        from iam.token.store import metadata
+    elif name == "authn":
+        from iam.authn.store import metadata
+    elif name == "users":
+        from iam.users.store import metadata
+    else:
+        raise ValueError(name)
+    return metadata
+
+
+def alembic_config(name: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("version_locations", str(MIGRATIONS / name))
+    config.attributes["metadata"] = _metadata(name)
+    return config
+
+
+class Store:
+    def __init__(self, name: str, url: str, *, pool_size: int = 10) -> None:
+        self.name = name
+        self.url = make_url(url)
+        self.head = ScriptDirectory.from_config(alembic_config(name)).get_current_head()
+        if self.url.get_backend_name() == "sqlite":
+            database = self.url.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 5})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=5,
+                connect_args={"timeout": 5, "command_timeout": 10},
+            )
+
+    @property
+    def describe(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    async def revision(self) -> str | None:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+
+    async def check(self) -> None:
+        """Raise StoreError unless the store answers and its schema is at this code's head revision."""
+        try:
+            current = await asyncio.wait_for(self.revision(), timeout=5)
+        except Exception as exc:  # any failure to answer means "not ready"
+            raise self._unreachable(exc) from None
+        if current != self.head:
+            raise StoreError(
+                f"{self.name} store schema is at {current or 'nothing'}, this code needs {self.head}: run `iam migrate`"
+            )
+
+    async def migrate(self) -> None:
+        def upgrade(sync_conn) -> None:
+            config = alembic_config(self.name)
+            config.attributes["connection"] = sync_conn
+            command.upgrade(config, "head")
+
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(upgrade)
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            raise self._unreachable(exc) if _is_connection_error(exc) else StoreError(
+                f"{self.name} store migration failed ({_reason(exc)})"
+            ) from None
+        log.info("%s store migrated to %s", self.name, self.head)
+
+    def _unreachable(self, exc: BaseException) -> StoreUnreachable:
+        return StoreUnreachable(f"{self.name} store at {self.describe} is unreachable ({_reason(exc)})")
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets readers proceed during a write; busy_timeout turns lock contention into a short wait.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | TimeoutError) or bool(getattr(exc, "connection_invalidated", False)) or (
+        isinstance(exc, DBAPIError) and isinstance(exc.orig, OSError | TimeoutError)
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text and text[0] else exc.__class__.__name__

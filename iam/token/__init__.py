@@ -1,0 +1,1 @@
+"""The token role: OAuth endpoints, the phantom-token pair, and the token store."""

@@ -1,0 +1,93 @@
+"""The phantom pair: an opaque access token for the client, and the JWT (RFC 9068) that the ingress gets for it.
+
+The JWT is signed once, at issuance, and stored beside the token's digest. Introspection and forward-auth
+are then one indexed lookup: no signing and no second query on the hot path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from iam.config import ClientConfig, Settings
+from iam.keys import KeyRing
+from iam.token.store import AccessTokenRow, TokenStore
+
+TOKEN_BYTES = 32  # 256 bits of randomness
+_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url of 32 bytes, unpadded
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def jwt_claims(jwt: str) -> dict:
+    """The payload of a JWT this server signed itself (read back from its own store; no verification needed)."""
+    payload = jwt.split(".", 2)[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    expires_in: int
+    scope: str
+    jwt: str
+
+
+class AccessTokens:
+    def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore, clock=time.time) -> None:
+        self.issuer = settings.issuer
+        self.alg = settings.keys.access_token_alg
+        self.keys = keys
+        self.store = store
+        self.clock = clock
+
+    async def issue(self, client: ClientConfig, subject: str, scope: str) -> IssuedToken:
+        now = int(self.clock())
+        ttl = client.access_token_ttl
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            # RFC 9068 §3: aud is required; without a configured audience the token is for this issuer.
+            "aud": client.audience[0] if len(client.audience) == 1 else (client.audience or self.issuer),
+            "client_id": client.client_id,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": uuid.uuid4().hex,
+        }
+        if scope:
+            claims["scope"] = scope
+        jwt = self.keys.sign(claims, alg=self.alg, typ="at+jwt")
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        await self.store.add_access_token(
+            AccessTokenRow(
+                digest=digest(token),
+                client_id=client.client_id,
+                subject=subject,
+                expires_at=now + ttl,
+                revoked=False,
+                jwt=jwt,
+            )
+        )
+        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt)
+
+    async def active(self, token: str) -> AccessTokenRow | None:
+        """The stored row of a live token; None for unknown, malformed, expired or revoked ones."""
+        if not _TOKEN_SHAPE.match(token):
+            return None  # not one of ours: no store lookup for garbage
+        row = await self.store.find_access_token(digest(token))
+        if row is None or row.revoked or row.expires_at <= self.clock():
+            return None
+        return row
+
+    async def revoke(self, token: str, client: ClientConfig) -> bool:
+        if not _TOKEN_SHAPE.match(token):
+            return False
+        return await self.store.revoke_access_token(digest(token), client.client_id)

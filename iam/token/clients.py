@@ -1,0 +1,113 @@
+"""Registered clients and client authentication (RFC 6749 §2.3).
+
+Secrets never stay in memory in clear: a secret from the environment is kept as its SHA-256 digest, and a
+configured argon2id hash is verified once, then its digest is remembered, so the hot paths (introspection,
+token issuance) cost one hash and one constant-time comparison instead of an argon2 run per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+from urllib.parse import unquote
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from iam.config import ClientConfig
+from iam.errors import OAuthError, invalid_client
+
+log = logging.getLogger("iam.clients")
+
+_DUMMY = hashlib.sha256(b"iam: no such client").digest()
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class ClientRegistry:
+    def __init__(self, clients: list[ClientConfig]) -> None:
+        self._clients: dict[str, ClientConfig] = {}
+        self._digests: dict[str, bytes] = {}
+        self._hashes: dict[str, str] = {}
+        for client in clients:
+            if not client.enabled:
+                log.warning("client %s has an empty client_secret: it is disabled", client.client_id)
+                continue
+            self._clients[client.client_id] = client
+            if client.client_secret is not None and client.client_secret.get_secret_value():
+                self._digests[client.client_id] = _digest(client.client_secret.get_secret_value())
+            elif client.client_secret_hash:
+                self._hashes[client.client_id] = client.client_secret_hash
+        self._hasher = PasswordHasher()
+        self._argon2_slots = asyncio.Semaphore(2)  # bounds memory and CPU spent on argon2 at once
+
+    def get(self, client_id: str) -> ClientConfig | None:
+        return self._clients.get(client_id)
+
+    def __iter__(self):
+        return iter(self._clients.values())
+
+    async def authenticate(self, authorization: str | None, form: dict[str, str]) -> ClientConfig:
+        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3)."""
+        if authorization is not None:
+            client_id, secret = _parse_basic(authorization)
+            if "client_secret" in form:
+                raise OAuthError("invalid_request", "use one client authentication method, not two")
+            if form.get("client_id", client_id) != client_id:
+                raise OAuthError("invalid_request", "client_id does not match the authenticated client")
+            method = "client_secret_basic"
+        elif "client_secret" in form:
+            client_id, secret, method = form.get("client_id", ""), form["client_secret"], "client_secret_post"
+        elif "client_id" in form:
+            client_id, secret, method = form["client_id"], None, "none"
+        else:
+            raise invalid_client("client authentication is required")
+
+        client = self._clients.get(client_id)
+        if secret is not None:
+            ok = await self._verify_secret(client_id, secret)
+            if client is None or not ok:
+                raise invalid_client()
+        elif client is None:
+            raise invalid_client()
+        if client.token_endpoint_auth_method != method:
+            raise invalid_client(f"client is registered for {client.token_endpoint_auth_method}")
+        return client
+
+    async def _verify_secret(self, client_id: str, secret: str) -> bool:
+        presented = _digest(secret)
+        known = self._digests.get(client_id)
+        if known is not None:
+            return hmac.compare_digest(presented, known)
+        encoded = self._hashes.get(client_id)
+        if encoded is None:
+            hmac.compare_digest(presented, _DUMMY)  # same work for unknown clients
+            return False
+        async with self._argon2_slots:
+            try:
+                await asyncio.to_thread(self._hasher.verify, encoded, secret)
+            except (VerificationError, InvalidHashError):
+                return False
+        self._digests[client_id] = presented
+        return True
+
+
+def _parse_basic(authorization: str) -> tuple[str, str]:
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "basic" or not credentials:
+        raise invalid_client("unsupported authorization scheme")
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise invalid_client("malformed basic credentials") from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise invalid_client("malformed basic credentials")
+    # RFC 6749 §2.3.1: id and secret are form-urlencoded before they are joined.
+    return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))

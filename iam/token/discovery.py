@@ -1,0 +1,49 @@
+"""Authorization server metadata (RFC 8414, OpenID Connect Discovery 1.0) and the JWKS.
+
+Both documents are built once at start-up and describe exactly what this server implements.
+"""
+
+import json
+
+from fastapi import APIRouter, Request, Response
+
+from iam.config import Settings
+
+router = APIRouter()
+
+CACHEABLE = {"Cache-Control": "public, max-age=300"}
+SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
+
+
+def metadata(settings: Settings, grant_types: list[str]) -> dict:
+    base = settings.issuer.rstrip("/")
+    scopes = sorted({scope for client in settings.clients for scope in client.scopes})
+    return {
+        "issuer": settings.issuer,
+        "token_endpoint": f"{base}/oauth/v2/token",
+        "jwks_uri": f"{base}/oauth/v2/jwks",
+        "introspection_endpoint": f"{base}/oauth/v2/introspect",
+        "revocation_endpoint": f"{base}/oauth/v2/revoke",
+        "grant_types_supported": grant_types,
+        "response_types_supported": [],
+        "scopes_supported": scopes,
+        "token_endpoint_auth_methods_supported": SECRET_METHODS,
+        "introspection_endpoint_auth_methods_supported": SECRET_METHODS,
+        "revocation_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
+        "introspection_signing_alg_values_supported": ["RS256"],
+    }
+
+
+def metadata_json(settings: Settings, grant_types: list[str]) -> bytes:
+    return json.dumps(metadata(settings, grant_types), separators=(",", ":")).encode()
+
+
+@router.get("/.well-known/oauth-authorization-server")
+@router.get("/.well-known/openid-configuration")
+async def discovery(request: Request) -> Response:
+    return Response(request.app.state.iam.metadata_json, headers=CACHEABLE, media_type="application/json")
+
+
+@router.get("/oauth/v2/jwks")
+async def jwks(request: Request) -> Response:
+    return Response(request.app.state.iam.keys.jwks_json, headers=CACHEABLE, media_type="application/jwk-set+json")
