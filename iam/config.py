@@ -42,7 +42,7 @@ SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope
 class ClientConfig(_Strict):
     """A client, described with RFC 7591 metadata names plus iam's own keys."""
 
-    client_id: str = Field(pattern=r"^[A-Za-z0-9._~:-]{1,128}$")
+    client_id: str = Field(pattern=r"^[\x20-\x7e]{1,128}$")  # RFC 6749 App. A.1: VSCHAR
     client_name: str | None = None
     # Exactly one of these for confidential clients: the secret itself (from the environment or a mounted
     # secret), or an argon2id hash of it. An empty secret disables the client (fail closed, logged).

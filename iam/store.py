@@ -48,6 +48,7 @@ def _metadata(name: str) -> MetaData:
 def alembic_config(name: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(MIGRATIONS / name))
     config.attributes["metadata"] = _metadata(name)
     return config

@@ -1,0 +1,126 @@
+"""Fixtures: every store-backed test runs on SQLite and on a real PostgreSQL, through the real ASGI app."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from argon2 import PasswordHasher
+
+from iam.app import create_app
+from iam.config import Settings
+from tests.postgres import cluster
+
+ISSUER = "https://iam.test"
+SECRETS = {
+    "svc-basic": "basic-secret-0123456789abcdef",
+    "svc-post": "post-secret-0123456789abcdef",
+    "gateway": "gateway-secret-0123456789abcdef",
+    "odd:id &+": "odd secret:&=+%/é",
+}
+
+
+def client_config() -> list[dict]:
+    return [
+        {
+            "client_id": "svc-basic",
+            "client_secret": SECRETS["svc-basic"],
+            "grant_types": ["client_credentials"],
+            "scope": "api:read api:write",
+            "access_token_ttl": 600,
+            "audience": ["https://api.test"],
+        },
+        {
+            "client_id": "svc-post",
+            "client_secret": SECRETS["svc-post"],
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_post",
+            "scope": "api:read",
+        },
+        {
+            "client_id": "gateway",
+            # the same secret kept only as an argon2id hash in config
+            "client_secret_hash": PasswordHasher().hash(SECRETS["gateway"]),
+            "grant_types": ["client_credentials"],
+        },
+        {"client_id": "odd:id &+", "client_secret": SECRETS["odd:id &+"], "grant_types": ["client_credentials"]},
+        {"client_id": "native", "token_endpoint_auth_method": "none", "redirect_uris": ["http://127.0.0.1/cb"]},
+        {"client_id": "disabled", "client_secret": "", "grant_types": ["client_credentials"]},
+    ]
+
+
+def basic(client_id: str, secret: str | None = None) -> dict[str, str]:
+    """RFC 6749 §2.3.1: id and secret are form-urlencoded, then joined and base64-encoded."""
+    from urllib.parse import quote_plus
+
+    secret = SECRETS[client_id] if secret is None else secret
+    raw = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    with cluster() as url:
+        yield url
+
+
+async def create_database(server: str) -> str:
+    name = "iam_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(server + "/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def store_urls(backend, tmp_path, request) -> dict[str, str]:
+    """Fresh, empty stores for one test: three SQLite files, or three PostgreSQL databases."""
+    if backend == "sqlite":
+        return {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in ("authn", "token", "users")}
+    server = request.getfixturevalue("postgres_server")
+    host = server.split("://", 1)[1]
+    return {name: f"postgresql+asyncpg://{host}/{await create_database(server)}" for name in ("authn", "token", "users")}
+
+
+def make_settings(tmp_path: Path, store_urls: dict[str, str], **overrides) -> Settings:
+    data = {
+        "issuer": ISSUER,
+        "stores": store_urls,
+        "keys": {"dir": str(tmp_path / "keys")},
+        "clients": client_config(),
+        "purge_interval": 0,
+        **overrides,
+    }
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def settings(tmp_path, store_urls) -> Settings:
+    return make_settings(tmp_path, store_urls)
+
+
+@pytest.fixture
+async def app(settings):
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as http:
+        yield http
+

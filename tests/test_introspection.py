@@ -1,0 +1,185 @@
+"""Introspection (RFC 7662), the phantom JWT (RFC 9068), forward-auth, revocation (RFC 7009)."""
+
+import asyncio
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+from sqlalchemy import event, update
+
+from iam.token.store import access_tokens
+from tests.conftest import ISSUER, SECRETS, basic
+from tests.test_token_endpoint import get_token
+
+
+async def introspect(client, token, caller="svc-post", accept=None):
+    headers = {"Accept": accept} if accept else {}
+    data = {"token": token, "client_id": caller, "client_secret": SECRETS[caller]} if caller == "svc-post" else {"token": token}
+    if caller != "svc-post":
+        headers.update(basic(caller))
+    return await client.post("/oauth/v2/introspect", data=data, headers=headers)
+
+
+async def jwks(client) -> KeySet:
+    return KeySet.import_key_set((await client.get("/oauth/v2/jwks")).json())
+
+
+async def test_active_token_introspects_with_rfc7662_members(client):
+    token = (await get_token(client))["access_token"]
+    response = await introspect(client, token)
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["active"] is True
+    assert body["client_id"] == "svc-basic"
+    assert body["scope"] == "api:read api:write"
+    assert body["sub"] == "svc-basic"
+    assert body["token_type"] == "Bearer"
+    assert body["iss"] == ISSUER
+    assert body["aud"] == "https://api.test"
+    assert body["exp"] - body["iat"] == 600
+
+
+async def test_accept_jwt_returns_the_paired_rfc9068_jwt(client):
+    token = (await get_token(client))["access_token"]
+    response = await introspect(client, token, accept="application/jwt")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/jwt")
+    decoded = jwt.decode(response.text, await jwks(client), algorithms=["ES256", "RS256"])
+    assert decoded.header["typ"] == "at+jwt"
+    assert decoded.header["kid"]
+    claims = decoded.claims
+    assert claims["iss"] == ISSUER and claims["client_id"] == "svc-basic" and claims["sub"] == "svc-basic"
+    assert claims["aud"] == "https://api.test" and claims["jti"] and claims["exp"] > claims["iat"]
+    # The same JWT every time: signed once at issuance.
+    again = await introspect(client, token, accept="application/jwt")
+    assert again.text == response.text
+
+
+async def test_signed_introspection_response_rfc9701(client):
+    token = (await get_token(client))["access_token"]
+    response = await introspect(client, token, accept="application/token-introspection+jwt")
+    assert response.headers["content-type"].startswith("application/token-introspection+jwt")
+    decoded = jwt.decode(response.text, await jwks(client), algorithms=["RS256"])
+    assert decoded.header["typ"] == "token-introspection+jwt"
+    assert decoded.claims["iss"] == ISSUER and decoded.claims["aud"] == "svc-post"
+    assert decoded.claims["token_introspection"]["active"] is True
+    assert decoded.claims["token_introspection"]["client_id"] == "svc-basic"
+
+
+async def test_phantom_forward_auth_swaps_opaque_for_jwt(client):
+    token = (await get_token(client))["access_token"]
+    response = await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    scheme, _, jwt_text = response.headers["authorization"].partition(" ")
+    assert scheme == "Bearer"
+    assert jwt.decode(jwt_text, await jwks(client), algorithms=["ES256"]).claims["client_id"] == "svc-basic"
+    # Envoy ext_authz appends the original path and keeps the method.
+    envoy = await client.post("/oauth/v2/phantom/orders/42", headers={"Authorization": f"Bearer {token}"})
+    assert envoy.headers["authorization"] == response.headers["authorization"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer", "Basic abc", "Bearer not-a-token", "Bearer " + "A" * 43, "Bearer " + "x" * 5000],
+)
+async def test_phantom_without_a_live_token_is_401(client, header):
+    response = await client.get("/oauth/v2/phantom", headers={"Authorization": header} if header else {})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert "authorization" not in response.headers
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "A" * 43, "x" * 4000, "é" * 10])
+async def test_unknown_or_malformed_tokens_are_inactive(client, token):
+    response = await introspect(client, token)
+    if token == "":
+        assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+    else:
+        assert response.status_code == 200
+        assert response.json() == {"active": False}
+
+
+async def test_introspection_requires_client_authentication(client):
+    token = (await get_token(client))["access_token"]
+    anonymous = await client.post("/oauth/v2/introspect", data={"token": token})
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "invalid_client"
+    wrong = await client.post("/oauth/v2/introspect", data={"token": token}, headers=basic("svc-basic", "nope"))
+    assert wrong.status_code == 401
+    public = await client.post("/oauth/v2/introspect", data={"token": token, "client_id": "native"})
+    assert public.status_code == 401
+
+
+async def test_expired_token_is_inactive_everywhere(client, app):
+    token = (await get_token(client))["access_token"]
+    async with app.state.iam.stores["token"].engine.begin() as conn:
+        await conn.execute(update(access_tokens).values(expires_at=0))
+    assert (await introspect(client, token)).json() == {"active": False}
+    assert (await introspect(client, token, accept="application/jwt")).json() == {"active": False}
+    assert (await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})).status_code == 401
+
+
+async def test_revocation_takes_effect_at_once(client):
+    token = (await get_token(client))["access_token"]
+    other = (await get_token(client))["access_token"]
+    response = await client.post("/oauth/v2/revoke", data={"token": token}, headers=basic("svc-basic"))
+    assert response.status_code == 200
+    assert (await introspect(client, token)).json() == {"active": False}
+    assert (await introspect(client, token, accept="application/jwt")).json() == {"active": False}
+    assert (await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})).status_code == 401
+    assert (await introspect(client, other)).json()["active"] is True  # only that token
+
+
+async def test_revocation_of_another_clients_token_answers_200_and_changes_nothing(client):
+    token = (await get_token(client))["access_token"]
+    response = await client.post(
+        "/oauth/v2/revoke", data={"token": token, "client_id": "svc-post", "client_secret": SECRETS["svc-post"]}
+    )
+    assert response.status_code == 200
+    assert (await introspect(client, token)).json()["active"] is True
+
+
+@pytest.mark.parametrize("data", [{"token": "unknown-token"}, {"token": "x", "token_type_hint": "bogus"}])
+async def test_revoking_unknown_tokens_answers_200(client, data):
+    response = await client.post("/oauth/v2/revoke", data=data, headers=basic("svc-basic"))
+    assert response.status_code == 200
+
+
+async def test_revocation_requires_client_authentication(client):
+    token = (await get_token(client))["access_token"]
+    response = await client.post("/oauth/v2/revoke", data={"token": token})
+    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+    assert (await introspect(client, token)).json()["active"] is True
+
+
+async def test_introspection_and_forward_auth_are_one_query_without_signing(client, app, monkeypatch):
+    token = (await get_token(client))["access_token"]
+    statements: list[str] = []
+    engine = app.state.iam.stores["token"].engine.sync_engine
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    def no_signing(*args, **kwargs):
+        raise AssertionError("the hot path must not sign")
+
+    event.listen(engine, "before_cursor_execute", record)
+    monkeypatch.setattr(app.state.iam.keys, "sign", no_signing)
+    try:
+        assert (await introspect(client, token)).json()["active"] is True
+        assert (await introspect(client, token, accept="application/jwt")).status_code == 200
+        assert (await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(statements) == 3, statements
+    assert all(s.lstrip().upper().startswith("SELECT") and "digest" in s for s in statements)
+
+
+async def test_concurrent_revocation_and_introspection_never_fail(client):
+    tokens = [(await get_token(client))["access_token"] for _ in range(10)]
+    calls = [client.post("/oauth/v2/revoke", data={"token": t}, headers=basic("svc-basic")) for t in tokens]
+    calls += [introspect(client, t) for t in tokens]
+    results = await asyncio.gather(*calls)
+    assert all(r.status_code == 200 for r in results)
+    for token in tokens:
+        assert (await introspect(client, token)).json() == {"active": False}
