@@ -8,7 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("iam.errors")
@@ -76,11 +76,12 @@ def install(app: FastAPI) -> None:
         error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return json_response({"error": error}, exc.status_code, getattr(exc, "headers", None))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
+    @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)
     @app.exception_handler(TimeoutError)
-    async def _store_down(_: Request, exc: Exception) -> Response:
+    async def _store_down(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, IntegrityError | ProgrammingError | DataError):
+            return await _unexpected(request, exc)  # our bug, not an outage
         log.warning("store unavailable: %s", exc.__class__.__name__)
         return temporarily_unavailable()
 

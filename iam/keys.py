@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey, RSAKey
 log = logging.getLogger("iam.keys")
 
 ALGORITHMS = ("RS256", "ES256")  # RS256: what kube-apiserver accepts by default; ES256: fast to sign
-_KID_TIME = "%Y%m%dT%H%M%SZ"
+_KID_TIME = "%Y%m%dT%H%M%S%fZ"  # microseconds: two rotations in one second still order
 
 
 class KeyRingError(Exception):

@@ -1,0 +1,393 @@
+"""Benchmark the token role end to end: `python bench/run.py` (options: `--help`, bench/README.md).
+
+What it does, in order:
+1. creates a throw-away PostgreSQL 15 cluster in a temp dir (trust auth, 127.0.0.1, a free port) with the
+   databases iam_token, iam_authn and iam_users;
+2. writes a bench config (one confidential client_credentials client) and starts `iam serve` as a real
+   process, one worker, role `token`, and waits for /health/ready;
+3. gets one access token T, and checks once that every scenario answers 200;
+4. for each scenario: a short warm-up, a max-throughput run (wrk, closed loop), then a run paced at half
+   that rate (bench/loadgen.py, open loop) whose p50/p99 are the latencies reported;
+5. prints one table and writes bench/results/latest.json;
+6. stops the server and the cluster and deletes the temp dir, also on errors and Ctrl-C.
+
+All traffic stays on 127.0.0.1; every load run is bounded by its duration (and loadgen by a request cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+CLIENT_ID = "bench"
+SECRET_ENV = "IAM_BENCH_CLIENT_SECRET"  # the client secret reaches the server only through its environment
+SCENARIOS = ["health", "client_credentials", "introspect_json", "introspect_jwt", "phantom"]
+
+CONFIG = """\
+# Written by bench/run.py for one benchmark run; deleted with its temp dir.
+role: token
+issuer: http://127.0.0.1:{port}
+stores:
+  token: ${{IAM_TOKEN_DATABASE_URL}}
+  authn: {db}/iam_authn
+  users: {db}/iam_users
+keys:
+  dir: {keys}
+migrate_on_start: true
+log_level: warning
+clients:
+  - client_id: {client_id}
+    client_name: benchmark client
+    client_secret: ${{{secret_env}}}
+    grant_types: [client_credentials]
+    token_endpoint_auth_method: client_secret_basic
+    scope: "api:read"
+    access_token_ttl: 3600   # T must outlive the whole run
+"""
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------------
+def as_postgres(*cmd: str | Path) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` OS user."""
+    cmd = [str(part) for part in cmd]
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def start_postgres(tmp: Path, stack: contextlib.ExitStack) -> str:
+    """initdb + pg_ctl start in tmp; return the SQLAlchemy URL prefix of the cluster (no database name)."""
+    data, pg_log, port = tmp / "pgdata", tmp / "postgres.log", free_port()
+    run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+    log(f"initdb in {data}")
+    # --no-sync only skips initdb's own final fsync; the server runs with its default fsync=on.
+    run(as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"))
+    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={tmp}"
+    try:
+        run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", pg_log, "-o", options, "-w", "-t", "60", "start"))
+    except subprocess.CalledProcessError:
+        raise BenchError(f"PostgreSQL did not start:\n{tail(pg_log)}") from None
+    stack.callback(stop_postgres, data)
+    for name in ("iam_token", "iam_authn", "iam_users"):
+        run([PG_BIN / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name])
+    log(f"PostgreSQL 15 on 127.0.0.1:{port}")
+    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+
+
+def stop_postgres(data: Path) -> None:
+    log("stopping PostgreSQL")
+    subprocess.run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"), capture_output=True, timeout=60)
+
+
+# -- the iam server ------------------------------------------------------------------------------------
+def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack) -> str:
+    """Write the bench config, start `iam serve` (its own session: Ctrl-C is ours to handle), wait for ready."""
+    port = free_port()
+    config = tmp / "iam-bench.yaml"
+    config.write_text(
+        CONFIG.format(port=port, db=db, keys=tmp / "keys", client_id=CLIENT_ID, secret_env=SECRET_ENV)
+    )
+    # A clean environment: IAM_KEYS_DIR, IAM_ISSUER, ... from the caller's shell would override the config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_") and k != "SERVICE_ROLE"}
+    env |= {
+        "SERVICE_ROLE": "token",
+        "IAM_TOKEN_DATABASE_URL": f"{db}/iam_token",
+        "IAM_CONFIG": str(config),
+        SECRET_ENV: secret,
+    }
+    iam = shutil.which("iam")
+    command = [iam] if iam else [sys.executable, "-c", "from iam.cli import main; main()"]
+    server_log = tmp / "server.log"
+    with server_log.open("wb") as out:
+        process = subprocess.Popen(
+            [*command, "serve", "--port", str(port), "--grace", "2"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    stack.callback(stop_server, process)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"iam serve exited with {process.returncode}:\n{tail(server_log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                log(f"iam serve (pid {process.pid}) ready at {base}")
+                return base
+        time.sleep(0.2)
+    raise BenchError(f"iam serve not ready after 60 s:\n{tail(server_log)}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    log("stopping iam serve")
+    process.terminate()  # SIGTERM: uvicorn drains (--grace 2) and exits
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# -- scenarios -----------------------------------------------------------------------------------------
+@dataclass
+class Scenario:
+    name: str
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str = ""
+
+    def env(self) -> dict[str, str]:
+        """The request, as bench/wrk.lua and bench/loadgen.py read it."""
+        headers = "\n".join(f"{k}: {v}" for k, v in self.headers.items())
+        return {**os.environ, "BENCH_METHOD": self.method, "BENCH_HEADERS": headers, "BENCH_BODY": self.body}
+
+
+def scenarios(basic: str, token: str) -> dict[str, Scenario]:
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": basic}
+    return {
+        s.name: s
+        for s in [
+            Scenario("health", "GET", "/health/live"),
+            Scenario("client_credentials", "POST", "/oauth/v2/token", form, "grant_type=client_credentials"),
+            Scenario("introspect_json", "POST", "/oauth/v2/introspect", form, f"token={token}"),
+            Scenario(
+                "introspect_jwt", "POST", "/oauth/v2/introspect", {**form, "Accept": "application/jwt"}, f"token={token}"
+            ),
+            Scenario("phantom", "GET", "/oauth/v2/phantom", {"Authorization": f"Bearer {token}"}),
+        ]
+    }
+
+
+def get_token(base: str, basic: str) -> str:
+    response = httpx.post(
+        f"{base}/oauth/v2/token",
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": basic},
+        timeout=10,
+    )
+    if response.status_code != 200:
+        raise BenchError(f"could not get an access token: {response.status_code} {response.text}")
+    return response.json()["access_token"]
+
+
+def sanity_check(base: str, scenario: Scenario) -> None:
+    """One request per scenario before any load: 200 and the expected shape, or stop here."""
+    r = httpx.request(
+        scenario.method, base + scenario.path, headers=scenario.headers, content=scenario.body or None, timeout=10
+    )
+    checks = {
+        "health": lambda: r.json() == {"status": "ok"},
+        "client_credentials": lambda: "access_token" in r.json(),
+        "introspect_json": lambda: r.json().get("active") is True,
+        "introspect_jwt": lambda: r.headers["content-type"].startswith("application/jwt") and r.text.count(".") == 2,
+        "phantom": lambda: r.headers.get("authorization", "").startswith("Bearer ey"),
+    }
+    if r.status_code != 200 or not checks[scenario.name]():
+        raise BenchError(f"sanity check failed for {scenario.name}: {r.status_code} {r.headers} {r.text[:300]}")
+
+
+# -- load tools (separate processes) -------------------------------------------------------------------
+def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: float) -> dict:
+    command = [
+        args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration))}s",
+        "--timeout", "5s", "-s", str(BENCH / "wrk.lua"), base + scenario.path,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=scenario.env(), capture_output=True, text=True, timeout=duration + 60)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "tool": "wrk",
+        "requests": raw["requests"],
+        "rps": round(raw["requests"] / seconds, 1),
+        "non2xx": raw["non2xx"],
+        "errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+    }
+
+
+def run_loadgen(base: str, scenario: Scenario, args: argparse.Namespace, duration: float, rate: float = 0) -> dict:
+    command = [
+        sys.executable, str(BENCH / "loadgen.py"), base + scenario.path,
+        "--connections", str(args.connections), "--duration", str(duration),
+    ]  # fmt: skip
+    if rate:
+        command += ["--rate", f"{rate:.1f}"]
+    done = subprocess.run(command, env=scenario.env(), capture_output=True, text=True, timeout=duration + 60)
+    if done.returncode != 0:
+        raise BenchError(f"loadgen failed ({done.returncode}): {done.stderr}")
+    return json.loads(done.stdout)
+
+
+def max_throughput(base: str, scenario: Scenario, args: argparse.Namespace, duration: float) -> dict:
+    if args.wrk:
+        return run_wrk(base, scenario, args, duration)
+    return run_loadgen(base, scenario, args, duration)
+
+
+def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace) -> dict:
+    if args.warmup > 0:  # fills the DB pool and warms caches; not recorded
+        max_throughput(base, scenario, args, args.warmup)
+    peak = max_throughput(base, scenario, args, args.duration)
+    log(f"{scenario.name}: {peak['rps']:.0f} req/s max ({peak['tool']})")
+    half = run_loadgen(base, scenario, args, args.duration, rate=peak["rps"] * args.load_ratio)
+    log(f"{scenario.name}: {half['rps']:.0f} req/s paced, p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms")
+    return {"scenario": scenario.name, "max": peak, "half_load": half}
+
+
+# -- output --------------------------------------------------------------------------------------------
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    baseline = next((r["max"]["rps"] for r in results if r["scenario"] == "health"), None)
+    pct = round(args.load_ratio * 100)
+    head = ["scenario", "req/s max", "vs health", f"req/s @{pct}%", "p50 ms", "p99 ms", "non-2xx", "sock err"]
+    rows = [head]
+    for r in results:
+        peak, half = r["max"], r["half_load"]
+        ratio = f"{peak['rps'] / baseline:.2f}" if baseline else "-"
+        rows.append([
+            r["scenario"], f"{peak['rps']:.0f}", ratio, f"{half['rps']:.0f}",
+            f"{half['p50_ms']:.2f}" if half["p50_ms"] is not None else "-",
+            f"{half['p99_ms']:.2f}" if half["p99_ms"] is not None else "-",
+            f"{peak['non2xx']}/{half['non2xx']}", f"{peak['errors']}/{half['errors']}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths]), *map(fmt, rows[1:])])
+
+
+def tools_note(args: argparse.Namespace) -> str:
+    peak = (
+        f"wrk, {args.threads} thread, closed loop" if args.wrk else "bench/loadgen.py closed loop (wrk not found)"
+    )
+    return (
+        f"max req/s: {peak}, {args.connections} connections, {args.duration:g} s per scenario "
+        f"(after a {args.warmup:g} s warm-up).\n"
+        f"p50/p99: bench/loadgen.py open loop paced at {args.load_ratio:.0%} of max req/s, "
+        f"{args.connections} keep-alive connections, latency from each request's scheduled send time.\n"
+        f"non-2xx and sock err: max run / half-load run. Server: 1 uvicorn worker, role token, PostgreSQL 15 "
+        f"(fsync on), all on this {os.cpu_count()}-CPU machine."
+    )
+
+
+# -- main ----------------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--warmup", type=float, default=1, help="unrecorded warm-up seconds per scenario (0: none)")
+    parser.add_argument("--load-ratio", type=float, default=0.5, help="latency-run rate / max rate (default 0.5)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto",
+                        help="max-throughput generator: wrk if installed (auto), or force one")  # fmt: skip
+    parser.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
+    args = parser.parse_args()
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if unknown := set(args.scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if not 0 < args.load_ratio <= 1 or args.duration <= 0 or args.connections < 1:
+        parser.error("need --duration > 0, --connections >= 1 and 0 < --load-ratio <= 1")
+    args.wrk = shutil.which("wrk") if args.tool != "python" else None
+    if args.tool == "wrk" and not args.wrk:
+        parser.error("wrk is not installed (Debian: apt-get install -y wrk)")
+    if args.tool == "auto" and not args.wrk:
+        log("wrk not found (Debian: apt-get install -y wrk): max req/s measured with bench/loadgen.py instead")
+    return args
+
+
+def _interrupt(*_) -> None:
+    """SIGTERM is handled like Ctrl-C, so the ExitStack still stops the server and the cluster."""
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix="iam-bench-"))
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # runs last: after server and cluster stop
+            if os.geteuid() == 0:
+                shutil.chown(tmp, "postgres", "postgres")  # the cluster lives inside and runs as postgres
+            db = start_postgres(tmp, stack)
+            secret = secrets.token_urlsafe(24)
+            base = start_server(tmp, db, secret, stack)
+            basic = "Basic " + base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
+            all_scenarios = scenarios(basic, get_token(base, basic))
+            for name in args.scenarios:
+                sanity_check(base, all_scenarios[name])
+            log(f"sanity checks passed; running {', '.join(args.scenarios)} ({args.duration:g} s each)")
+            results = [bench_scenario(base, all_scenarios[name], args) for name in args.scenarios]
+        except BenchError as exc:
+            log(f"error: {exc}")
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            log("interrupted: cleaning up")
+            raise SystemExit(130) from None
+
+    print()
+    print(table(results, args))
+    print()
+    print(tools_note(args))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+                "settings": {
+                    "duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
+                    "warmup_s": args.warmup, "load_ratio": args.load_ratio, "max_tool": "wrk" if args.wrk else "loadgen",
+                },  # fmt: skip
+                "notes": tools_note(args),
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nresults written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Metadata (RFC 8414, OIDC Discovery), JWKS, and the key ring's rotation rules."""
+
+import json
+import os
+import stat
+
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from iam.keys import KeyRing, KeyRingError
+from tests.conftest import ISSUER, basic
+from tests.test_introspection import introspect
+from tests.test_token_endpoint import get_token
+
+
+@pytest.mark.parametrize("path", ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"])
+async def test_metadata_describes_what_is_implemented(client, path):
+    response = await client.get(path)
+    assert response.status_code == 200
+    assert "max-age" in response.headers["cache-control"]
+    meta = response.json()
+    assert meta["issuer"] == ISSUER  # byte for byte
+    assert meta["token_endpoint"] == f"{ISSUER}/oauth/v2/token"
+    assert meta["grant_types_supported"] == ["client_credentials"]
+    assert "password" not in meta["grant_types_supported"] and "implicit" not in meta["grant_types_supported"]
+    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post"}
+    # Every advertised endpoint answers (not 404) on this server.
+    for key in ("token_endpoint", "introspection_endpoint", "revocation_endpoint"):
+        assert (await client.post(meta[key].removeprefix(ISSUER))).status_code != 404
+    assert (await client.get(meta["jwks_uri"].removeprefix(ISSUER))).status_code == 200
+
+
+async def test_issuer_with_a_path_and_trailing_slash_is_kept_exactly(tmp_path, store_urls):
+    from iam.app import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, store_urls, issuer="https://login.example.com/tenant-a/")
+    app = create_app(settings)
+    meta = json.loads(app.state.iam.metadata_json)
+    assert meta["issuer"] == "https://login.example.com/tenant-a/"
+    assert meta["token_endpoint"] == "https://login.example.com/tenant-a/oauth/v2/token"
+
+
+async def test_jwks_publishes_public_keys_with_kid(client):
+    keys = (await client.get("/oauth/v2/jwks")).json()["keys"]
+    assert {k["alg"] for k in keys} == {"RS256", "ES256"}
+    for key in keys:
+        assert key["kid"] and key["use"] == "sig"
+        assert not {"d", "p", "q", "dp", "dq", "qi"} & set(key), "private parameters must never be published"
+
+
+async def test_generated_keys_are_private_files(app, settings):
+    directory = settings.keys.dir
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    files = list(directory.glob("*.json"))
+    assert len(files) == 2
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_rotation_keeps_old_tokens_verifiable(client, app, settings):
+    old_token = (await get_token(client))["access_token"]
+    old_jwt = (await introspect(client, old_token, accept="application/jwt")).text
+    old_kid = jwt.decode(old_jwt, KeySet.import_key_set((await client.get("/oauth/v2/jwks")).json())).header["kid"]
+
+    added = KeyRing(settings.keys.dir).load().rotate()  # what `iam keys rotate` does
+    assert app.state.iam.keys.reload_if_changed()
+
+    new_jwt = (await introspect(client, (await get_token(client))["access_token"], accept="application/jwt")).text
+    keys = KeySet.import_key_set((await client.get("/oauth/v2/jwks")).json())
+    new_kid = jwt.decode(new_jwt, keys).header["kid"]
+    assert new_kid in added and new_kid != old_kid
+    assert jwt.decode(old_jwt, keys).claims["client_id"] == "svc-basic"  # the old key is still published
+
+
+def test_activation_delay_publishes_before_signing(tmp_path):
+    ring = KeyRing(tmp_path / "keys", activation_delay=3600).load(generate=True)
+    first = ring.signing_key("ES256").kid
+    added = ring.rotate()
+    published = {key["kid"] for key in json.loads(ring.jwks_json)["keys"]}
+    assert set(added) <= published
+    assert ring.signing_key("ES256").kid == first  # the new key waits out the delay
+
+
+def test_the_signing_key_cannot_be_removed(tmp_path):
+    ring = KeyRing(tmp_path / "keys").load(generate=True)
+    with pytest.raises(KeyRingError):
+        ring.remove(ring.signing_key("RS256").kid)
+    old = ring.signing_key("RS256").kid
+    ring.rotate()
+    ring.remove(old)
+    assert old not in ring.jwks_json.decode()
+
+
+def test_a_corrupt_key_file_is_a_clear_error(tmp_path):
+    directory = tmp_path / "keys"
+    KeyRing(directory).load(generate=True)
+    (directory / "broken.json").write_text("{not json")
+    with pytest.raises(KeyRingError, match="broken.json"):
+        KeyRing(directory).load()
+
+
+async def test_token_endpoint_is_unaffected_by_cors_and_unknown_paths(client):
+    assert (await client.get("/nope")).status_code == 404
+    response = await client.post("/oauth/v2/token", data={"grant_type": "client_credentials"}, headers=basic("svc-basic"))
+    assert "access-control-allow-origin" not in response.headers
