@@ -1,0 +1,72 @@
+"""Run the real `iam` command as a process, as an operator would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.postgres import free_port
+
+
+def write_config(directory: Path, **settings) -> Path:
+    path = directory / "iam.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def iam(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, input: str | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "iam.cli", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextmanager
+def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready_timeout: float = 30):
+    """Start `iam serve` on a free port; yield its base URL and process once `wait_for` answers 200."""
+    port = free_port()
+    log = open(cwd / "server.log", "w+")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iam.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env},
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"iam serve exited with {process.returncode}: {log.read()}")
+            try:
+                if httpx.get(f"{base}{wait_for}", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"iam serve did not answer 200 at {wait_for}")
+            time.sleep(0.1)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()

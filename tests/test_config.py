@@ -1,0 +1,74 @@
+"""Configuration: YAML with ${VAR} expansion, env overrides for the contracts, errors naming the field."""
+
+import pytest
+
+from iam.config import ConfigError, expand, load_settings
+
+BASE = "issuer: https://iam.example.com\n"
+
+
+def load(tmp_path, text: str, **env):
+    path = tmp_path / "iam.yaml"
+    path.write_text(text)
+    return load_settings(path, env=env)
+
+
+def test_expansion_forms():
+    env = {"A": "1", "EMPTY": ""}
+    assert expand("x${A}y", env, "f") == "x1y"
+    assert expand("${MISSING:-fallback}", env, "f") == "fallback"
+    assert expand("${EMPTY:-fallback}", env, "f") == ""
+    assert expand("$${A}", env, "f") == "${A}"
+    with pytest.raises(ConfigError, match="MISSING"):
+        expand("${MISSING}", env, "f")
+
+
+def test_secrets_come_from_the_environment(tmp_path):
+    text = BASE + "clients:\n  - client_id: a\n    client_secret: ${A_SECRET}\n    grant_types: [client_credentials]\n"
+    settings = load(tmp_path, text, A_SECRET="from-env-0123456789")
+    assert settings.clients[0].client_secret.get_secret_value() == "from-env-0123456789"
+    assert "from-env" not in repr(settings)  # never printed or logged in clear
+
+
+def test_contract_variables_override_the_file(tmp_path):
+    settings = load(tmp_path, BASE + "role: all\n", SERVICE_ROLE="token",
+                    IAM_TOKEN_DATABASE_URL="postgresql+asyncpg://db/token")
+    assert settings.role == "token"
+    assert settings.stores.token == "postgresql+asyncpg://db/token"
+    assert settings.stores.users.startswith("sqlite")
+
+
+def test_shipped_config_is_valid_and_has_no_secrets():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "config" / "iam.yaml"
+    settings = load_settings(shipped, env={})
+    assert settings.role == "all" and settings.stores.token.startswith("sqlite+aiosqlite:///var/")
+    assert all(not c.enabled for c in settings.clients if not c.is_public)  # secrets must come from env
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("issuer: http://iam.example.com\n", "issuer: Value error, must use https"),
+        ("issuer: https://iam.example.com/?x=1\n", "issuer: Value error, must have no query"),
+        (BASE + "stores:\n  token: mysql://x\n", "stores.token"),
+        (BASE + "clients:\n  - client_id: a\n    scope: 'ok bad\"'\n", "clients.0.scope"),
+        (BASE + "clients:\n  - {client_id: a, client_secret: s}\n  - {client_id: a, client_secret: t}\n", "duplicate"),
+        (BASE + "clients:\n  - {client_id: p, token_endpoint_auth_method: none, client_secret: s}\n", "public client"),
+        (BASE + "clients:\n  - {client_id: a, client_secret_hash: plain}\n", "argon2id"),
+        (BASE + "unknown_key: 1\n", "unknown_key"),
+        ("- a list\n", "top level must be a mapping"),
+        ("issuer: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_file_and_field(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, text)
+    assert str(tmp_path / "iam.yaml") in str(error.value)
+    assert fragment in str(error.value)
+
+
+def test_missing_named_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.yaml", env={})
