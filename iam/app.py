@@ -8,11 +8,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI
 
-from iam import __version__, errors, health
-from iam.config import Settings
-from iam.keys import KeyRing
+from iam import __version__, errors, health, internal
+from iam.config import PEERS_NEEDED, Settings
+from iam.keys import KeyRing, KeyRingError
+from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, ServiceIdentity
 from iam.roles import Role
 from iam.store import Store, StoreError, StoreUnreachable
 
@@ -24,23 +26,46 @@ class StartupError(Exception):
 
 
 class Runtime:
-    """What a running instance holds: settings, its role's stores, and (token role) keys and clients."""
+    """What a running instance holds: settings, its role's stores and services, keys, and its peers."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.role = settings.role
-        self.stores = {name: Store(name, getattr(settings.stores, name)) for name in self.role.stores}
+        self.role = role = settings.role
+        self.stores = {name: Store(name, getattr(settings.stores, name)) for name in role.stores}
         self.draining = False
         self._started = False
         self._tasks: list[asyncio.Task] = []
-        if self.role.serves(Role.TOKEN):
+
+        # Every role signs something (tokens, handoffs, service assertions) with its own key ring.
+        self.keys = KeyRing(settings.keys.dir, settings.keys.activation_delay)
+        remote = {peer: settings.peers.url(peer) for peer in PEERS_NEEDED[role]}
+        self.http = httpx.AsyncClient() if remote else None
+        self.identity = ServiceIdentity(role, self.keys)
+        self.peer_keys = PeerKeys(self.keys, remote, self.http)
+
+        def peer(cls, callee: Role):
+            return cls(self.http, remote[callee], self.identity, callee)
+
+        if role.serves(Role.AUTHENTICATION):
+            from iam.authn.credentials import CredentialService
+
+            self.credentials = CredentialService(self.stores["authn"].engine)
+        if role.serves(Role.USER_MANAGEMENT):
+            from iam.users.directory import Directory
+
+            credentials = self.credentials if role is Role.ALL else peer(RemoteCredentials, Role.AUTHENTICATION)
+            self.directory_service = Directory(self.stores["users"].engine, credentials)
+        if role in (Role.TOKEN, Role.AUTHENTICATION):
+            self.directory = peer(RemoteDirectory, Role.USER_MANAGEMENT)
+        elif role is Role.ALL:
+            self.directory = self.directory_service
+        if role.serves(Role.TOKEN):
             from iam.token.access_tokens import AccessTokens
             from iam.token.clients import ClientRegistry
             from iam.token.discovery import metadata_json
             from iam.token.endpoint import GRANTS
             from iam.token.store import TokenStore
 
-            self.keys = KeyRing(settings.keys.dir, settings.keys.activation_delay)
             self.clients = ClientRegistry(settings.clients)
             self.token_store = TokenStore(self.stores["token"].engine)
             self.access_tokens = AccessTokens(settings, self.keys, self.token_store)
@@ -61,19 +86,16 @@ class Runtime:
                 if self.settings.migrate_on_start:
                     raise StartupError(str(exc)) from None
                 log.warning("%s; /health/ready answers 503 until then", exc)
-        if self.role.serves(Role.TOKEN):
-            from iam.keys import KeyRingError
-
-            try:
-                self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
-            except (KeyRingError, OSError) as exc:
-                raise StartupError(f"signing keys: {exc}") from None
-            self._tasks.append(asyncio.create_task(self._maintain_tokens()))
+        try:
+            self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
+        except (KeyRingError, OSError) as exc:
+            raise StartupError(f"signing keys: {exc}") from None
+        self._tasks.append(asyncio.create_task(self._maintain()))
         self._started = True
 
-    async def _maintain_tokens(self) -> None:
-        """Purge expired tokens in bounded batches and pick up rotated keys."""
-        interval = self.settings.purge_interval
+    async def _maintain(self) -> None:
+        """Pick up rotated keys; on the token role, purge expired tokens in bounded batches."""
+        interval = self.settings.purge_interval if self.role.serves(Role.TOKEN) else 0
         last_purge = time.monotonic()
         while True:
             await asyncio.sleep(10)
@@ -83,7 +105,7 @@ class Runtime:
                     last_purge = time.monotonic()
                     await self.token_store.purge_expired(int(time.time()), self.settings.purge_batch)
             except Exception:
-                log.warning("token maintenance failed; retrying later", exc_info=True)
+                log.warning("maintenance failed; retrying later", exc_info=True)
 
     async def stop(self) -> None:
         self.draining = True
@@ -93,6 +115,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.http is not None:
+            await self.http.aclose()
         for store in self.stores.values():
             await store.close()
         self._started = False
@@ -107,18 +131,22 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await runtime.stop()
 
-    app = FastAPI(
-        title="iam",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = FastAPI(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.iam = runtime
     errors.install(app)
     app.include_router(health.router)
-    if settings.role.serves(Role.TOKEN):
+    app.include_router(internal.router)
+    role = settings.role
+    if role.serves(Role.AUTHENTICATION):
+        from iam.authn import internal as authn_internal
+
+        app.include_router(authn_internal.router)
+    if role.serves(Role.USER_MANAGEMENT):
+        from iam.users import internal as users_internal
+
+        app.include_router(users_internal.router)
+    if role.serves(Role.TOKEN):
         from iam.token import discovery, endpoint, introspection, phantom, revocation
 
         for module in (endpoint, introspection, phantom, revocation, discovery):

@@ -122,9 +122,32 @@ class Keys(_Strict):
     access_token_alg: Literal["ES256", "RS256"] = "ES256"
 
 
+class Peers(_Strict):
+    """Internal base URLs of the other roles, for instances that run apart (unused in `all`)."""
+
+    authentication: str = ""
+    token: str = ""
+    user_management: str = ""
+
+    def url(self, role: Role) -> str:
+        return getattr(self, role.value.replace("-", "_"))
+
+
+# Which other roles a role calls, when they run in other processes.
+PEERS_NEEDED = {
+    Role.TOKEN: (Role.USER_MANAGEMENT, Role.AUTHENTICATION),
+    Role.AUTHENTICATION: (Role.USER_MANAGEMENT,),
+    Role.USER_MANAGEMENT: (Role.AUTHENTICATION,),
+    Role.ALL: (),
+}
+
+
 class Settings(_Strict):
     role: Role = Role.ALL
     issuer: str = "http://localhost:8080"
+    # Where browsers reach the authentication role's pages (default: the issuer, behind one ingress host).
+    authentication_url: str = ""
+    peers: Peers = Peers()
     stores: Stores = Stores()
     keys: Keys = Keys()
     migrate_on_start: bool = True
@@ -146,6 +169,18 @@ class Settings(_Strict):
         if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
             raise ValueError("must use https (http is allowed for localhost only)")
         return value
+
+    @model_validator(mode="after")
+    def _peers_for_role(self) -> Settings:
+        for peer in PEERS_NEEDED[self.role]:
+            if not self.peers.url(peer):
+                field_name = peer.value.replace("-", "_")
+                raise ValueError(f"peers.{field_name} is required when SERVICE_ROLE is {self.role.value}")
+        return self
+
+    @property
+    def login_base(self) -> str:
+        return (self.authentication_url or self.issuer).rstrip("/")
 
     @field_validator("clients")
     @classmethod
@@ -194,6 +229,10 @@ _ENV_OVERRIDES = {
     "IAM_TOKEN_DATABASE_URL": ("stores", "token"),
     "IAM_USERS_DATABASE_URL": ("stores", "users"),
     "IAM_KEYS_DIR": ("keys", "dir"),
+    "IAM_AUTHN_URL": ("peers", "authentication"),
+    "IAM_TOKEN_URL": ("peers", "token"),
+    "IAM_USERS_URL": ("peers", "user_management"),
+    "IAM_AUTHN_PUBLIC_URL": ("authentication_url",),
 }
 
 
@@ -224,9 +263,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
         return Settings.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        location = "".join(f"{part}: " if i == len(first["loc"]) - 1 else f"{part}." for i, part in enumerate(first["loc"]))
+        message = first["msg"].removeprefix("Value error, ")
         if first["loc"] == ("role",):
             valid = ", ".join(role.value for role in Role)
             raise ConfigError(f"unknown SERVICE_ROLE {data.get('role')!r}: valid roles are {valid}") from None
-        raise ConfigError(f"{file}: {location}: {first['msg']}") from None
+        raise ConfigError(f"{file}: {location}{message}") from None
 

@@ -58,7 +58,7 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
 def temporarily_unavailable() -> Response:
     # A store outage is never the client's fault: no invalid_client / invalid_grant, nothing consumed.
     return OAuthError(
-        "temporarily_unavailable", "the service cannot reach its store; retry later", 503, {"Retry-After": "1"}
+        "temporarily_unavailable", "a store or service this request needs is unavailable; retry later", 503, {"Retry-After": "1"}
     ).response()
 
 
@@ -75,6 +75,14 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return json_response({"error": error}, exc.status_code, getattr(exc, "headers", None))
+
+    from iam.peers import PeerRejected, PeerUnavailable
+
+    @app.exception_handler(PeerUnavailable)
+    @app.exception_handler(PeerRejected)
+    async def _peer(_: Request, exc: Exception) -> Response:
+        log.error("peer call failed: %s", exc)
+        return temporarily_unavailable()
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)

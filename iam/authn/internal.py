@@ -1,0 +1,34 @@
+"""The authentication role's internal API: the user-management role sets and removes passwords here."""
+
+from fastapi import APIRouter, Request, Response
+
+from iam.authn.credentials import PasswordRejected
+from iam.errors import json_response
+from iam.internal import require_peer
+from iam.roles import Role
+
+router = APIRouter()
+
+
+@router.put("/internal/v1/credentials/{sub}")
+async def set_password(sub: str, request: Request) -> Response:
+    await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
+    try:
+        body = await request.json()
+        password = body["password"]
+        if not isinstance(password, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return json_response({"detail": "body must be {\"password\": string}"}, 400)
+    try:
+        await request.app.state.iam.credentials.set_password(sub, password)
+    except PasswordRejected as exc:
+        return json_response({"detail": str(exc)}, 400)
+    return Response(status_code=204)
+
+
+@router.delete("/internal/v1/credentials/{sub}")
+async def remove_password(sub: str, request: Request) -> Response:
+    await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
+    await request.app.state.iam.credentials.remove(sub)
+    return Response(status_code=204)

@@ -1,0 +1,203 @@
+"""How the roles talk to each other (DESIGN.md §1): one interface, two implementations.
+
+In one process (`all`) a call is a plain function call into the other role's service. Apart, it is an
+HTTP call to the other role's `/internal/v1/...` API, authenticated with a service assertion: a JWT of at
+most 60 s that the calling role signs with its own key (iss `iam:<role>`, aud `iam:<callee role>`), which
+the callee verifies against the caller's JWKS at `<caller>/internal/v1/jwks`. No shared secret, and no role
+ever reads another role's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import httpx
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from iam.keys import KeyRing
+from iam.roles import Role
+
+log = logging.getLogger("iam.peers")
+
+ASSERTION_TTL = 60
+SERVICE_TYP = "iam-service+jwt"
+
+
+class PeerUnavailable(Exception):
+    """The other role did not answer; callers turn this into 503 / temporarily_unavailable."""
+
+
+class PeerRejected(Exception):
+    """The other role refused the call (the message says why)."""
+
+
+@dataclass(frozen=True)
+class UserClaims:
+    """What the user-management role tells the others about a user: OIDC standard claim names."""
+
+    sub: str
+    active: bool
+    preferred_username: str
+    name: str | None = None
+    given_name: str | None = None
+    family_name: str | None = None
+    email: str | None = None
+    email_verified: bool = False
+    groups: list[str] = field(default_factory=list)
+    updated_at: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Directory(Protocol):
+    """The user-management role, as the token and authentication roles see it."""
+
+    async def claims(self, sub: str) -> UserClaims | None: ...
+
+    async def find(self, username: str) -> UserClaims | None: ...
+
+
+class Credentials(Protocol):
+    """The authentication role's credential store, as the user-management role sees it."""
+
+    async def set_password(self, sub: str, password: str) -> None: ...
+
+    async def remove(self, sub: str) -> None: ...
+
+
+def role_id(role: Role) -> str:
+    return f"iam:{role.value}"
+
+
+class ServiceIdentity:
+    """Signs this role's service assertions (and reuses one until shortly before it expires)."""
+
+    def __init__(self, role: Role, keys: KeyRing) -> None:
+        self.issuer = role_id(role)
+        self.keys = keys
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    def assertion(self, audience: Role) -> str:
+        cached = self._cache.get(audience.value)
+        now = time.time()
+        if cached and cached[1] - now > 15:
+            return cached[0]
+        claims = {"iss": self.issuer, "aud": role_id(audience), "iat": int(now), "exp": int(now) + ASSERTION_TTL,
+                  "jti": uuid.uuid4().hex}
+        token = self.keys.sign(claims, alg="ES256", typ=SERVICE_TYP)
+        self._cache[audience.value] = (token, now + ASSERTION_TTL)
+        return token
+
+
+class PeerKeys:
+    """Verifies JWTs signed by other roles, with their JWKS fetched from their internal URL and cached."""
+
+    def __init__(self, local: KeyRing, urls: dict[Role, str], http: httpx.AsyncClient | None) -> None:
+        self.local = local
+        self.urls = urls
+        self.http = http
+        self._sets: dict[Role, tuple[KeySet, float]] = {}
+        self._lock = asyncio.Lock()
+
+    async def keyset(self, role: Role, refresh: bool = False) -> KeySet:
+        if role not in self.urls:  # the role runs in this process: its keys are ours
+            return self.local.public_set
+        cached = self._sets.get(role)
+        if cached and not refresh and time.monotonic() - cached[1] < 300:
+            return cached[0]
+        async with self._lock:
+            cached = self._sets.get(role)
+            if cached and time.monotonic() - cached[1] < (5 if refresh else 300):
+                return cached[0]  # another task fetched it meanwhile; refetch at most every 5 s
+            try:
+                response = await self.http.get(f"{self.urls[role]}/internal/v1/jwks", timeout=5)
+                response.raise_for_status()
+                keys = KeySet.import_key_set(response.json())
+            except (httpx.HTTPError, ValueError) as exc:
+                raise PeerUnavailable(f"cannot fetch the {role.value} role's keys: {exc}") from None
+            self._sets[role] = (keys, time.monotonic())
+            return keys
+
+    async def verify(self, token: str, *, issuer: Role, audience: str, typ: str) -> dict:
+        """Verify signature, typ, iss, aud and lifetime; raise PeerRejected with the reason."""
+        for refresh in (False, True):  # a failure may mean the peer rotated its keys: refetch once
+            keys = await self.keyset(issuer, refresh=refresh)
+            try:
+                decoded = jwt.decode(token, keys, algorithms=["ES256", "RS256"])
+                break
+            except (JoseError, ValueError, TypeError) as exc:
+                if refresh or issuer not in self.urls:
+                    raise PeerRejected(f"bad signature or malformed token ({exc.__class__.__name__})") from None
+        if decoded.header.get("typ") != typ:
+            raise PeerRejected("wrong token type")
+        claims = decoded.claims
+        now = time.time()
+        if claims.get("iss") != role_id(issuer):
+            raise PeerRejected("wrong issuer")
+        if claims.get("aud") != audience:
+            raise PeerRejected("wrong audience")
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not isinstance(exp, int) or not isinstance(iat, int) or exp <= now or exp - iat > ASSERTION_TTL or iat > now + 30:
+            raise PeerRejected("expired or over-long assertion")
+        return claims
+
+
+class _Remote:
+    """An HTTP client for another role's internal API, authenticated with this role's service assertion."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, identity: ServiceIdentity, role: Role) -> None:
+        self.http = http
+        self.base = base_url.rstrip("/")
+        self.identity = identity
+        self.role = role
+
+    async def call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.identity.assertion(self.role)}"}
+        try:
+            response = await self.http.request(method, f"{self.base}{path}", headers=headers, timeout=10, **kwargs)
+        except httpx.HTTPError as exc:
+            raise PeerUnavailable(f"the {self.role.value} role did not answer ({exc.__class__.__name__})") from None
+        if response.status_code >= 500:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        if response.status_code in (401, 403):
+            raise PeerRejected(f"the {self.role.value} role refused this role's assertion")
+        return response
+
+
+class RemoteDirectory(_Remote):
+    async def claims(self, sub: str) -> UserClaims | None:
+        response = await self.call("GET", f"/internal/v1/users/{_segment(sub)}")
+        return None if response.status_code == 404 else UserClaims(**response.json())
+
+    async def find(self, username: str) -> UserClaims | None:
+        response = await self.call("GET", "/internal/v1/users", params={"username": username})
+        return None if response.status_code == 404 else UserClaims(**response.json())
+
+
+class RemoteCredentials(_Remote):
+    async def set_password(self, sub: str, password: str) -> None:
+        from iam.authn.credentials import PasswordRejected
+
+        response = await self.call("PUT", f"/internal/v1/credentials/{_segment(sub)}", json={"password": password})
+        if response.status_code == 400:
+            raise PasswordRejected(response.json().get("detail", "password rejected"))
+        response.raise_for_status()
+
+    async def remove(self, sub: str) -> None:
+        response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}")
+        if response.status_code not in (204, 404):
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
+
+def _segment(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
