@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from iam import __version__, errors, health, internal
 from iam.config import PEERS_NEEDED, Settings
 from iam.keys import KeyRing, KeyRingError
-from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, ServiceIdentity
+from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, RemoteTokens, ServiceIdentity
 from iam.roles import Role
 from iam.store import Store, StoreError, StoreUnreachable
 
@@ -70,6 +70,9 @@ class Runtime:
             self.token_store = TokenStore(self.stores["token"].engine)
             self.access_tokens = AccessTokens(settings, self.keys, self.token_store)
             self.metadata_json = metadata_json(settings, sorted(GRANTS))
+            self.tokens = self.access_tokens
+        else:
+            self.tokens = peer(RemoteTokens, Role.TOKEN)
 
     async def start(self) -> None:
         """Open stores (migrating them if configured), load keys, start background jobs. Idempotent."""

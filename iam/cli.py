@@ -29,32 +29,12 @@ def _logging(level: str) -> None:
 
 # -- serve ---------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from iam.app import create_app
+    from iam.server import serve
 
     settings = _settings(args)
     _logging(settings.log_level)
-    app = create_app(settings)
-
-    async def serve() -> None:
-        await app.state.iam.start()  # fails here, with one line, before the port opens
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=settings.log_level,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=args.grace,
-            loop="none",
-        )
-        await uvicorn.Server(config).serve()
-
-    import uvloop
-
-    uvloop.run(serve())
+    serve(create_app(settings), args.host, args.port, args.grace, args.drain_delay, settings.log_level)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -101,6 +81,84 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def cmd_keys_remove(args: argparse.Namespace) -> None:
     _ring(args).load().remove(args.kid)
     print(f"removed {args.kid}")
+
+
+# -- users ---------------------------------------------------------------------------------------------
+def _with_directory(args: argparse.Namespace, action) -> None:
+    """Run `action(directory)` with the user-management role's service, as the running role would."""
+    from iam.app import Runtime
+    from iam.roles import Role
+
+    settings = _settings(args)
+    if not settings.role.serves(Role.USER_MANAGEMENT):
+        raise ConfigError("`iam users` runs with SERVICE_ROLE user-management or all")
+
+    async def run() -> None:
+        runtime = Runtime(settings)
+        try:
+            await runtime.start()
+            await action(runtime.directory_service)
+        finally:
+            await runtime.stop()
+
+    asyncio.run(run())
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    if not getattr(args, "password_stdin", False):
+        return None
+    return sys.stdin.readline().rstrip("\n")
+
+
+def cmd_users_add(args: argparse.Namespace) -> None:
+    from iam.users.directory import NewUser
+
+    password = _read_password(args)
+
+    async def add(directory) -> None:
+        new = NewUser(user_name=args.username, email=args.email, email_verified=args.email_verified,
+                      given_name=args.given_name, family_name=args.family_name, display_name=args.name)
+        user_id = await directory.create_user(new, password=password, group_names=tuple(args.group))
+        print(user_id)
+
+    _with_directory(args, add)
+
+
+def cmd_users_list(args: argparse.Namespace) -> None:
+    async def show(directory) -> None:
+        for user in await directory.list_users(limit=args.limit):
+            state = "active" if user.active else "disabled"
+            print(f"{user.sub}\t{user.preferred_username}\t{user.email or '-'}\t{state}\t{','.join(user.groups)}")
+
+    _with_directory(args, show)
+
+
+def _by_name(directory, username: str):
+    async def find() -> str:
+        user_id = await directory.find_id(username)
+        if user_id is None:
+            raise ConfigError(f"no user {username!r}")
+        return user_id
+
+    return find()
+
+
+def cmd_users_disable(args: argparse.Namespace) -> None:
+    async def disable(directory) -> None:
+        await directory.set_active(await _by_name(directory, args.username), args.enable)
+        print(f"{args.username}: {'enabled' if args.enable else 'disabled'}")
+
+    _with_directory(args, disable)
+
+
+def cmd_users_set_password(args: argparse.Namespace) -> None:
+    password = _read_password(args) if args.password_stdin else getpass.getpass("new password: ")
+
+    async def set_password(directory) -> None:
+        await directory.set_password(await _by_name(directory, args.username), password)
+        print(f"{args.username}: password set")
+
+    _with_directory(args, set_password)
 
 
 # -- tokens, clients -------------------------------------------------------------------------------------
@@ -153,6 +211,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=os.environ.get("IAM_HOST", "127.0.0.1"), help="bind address ($IAM_HOST)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("IAM_PORT", "8080")), help="port ($IAM_PORT)")
     serve.add_argument("--grace", type=int, default=20, help="seconds to drain in-flight requests on SIGTERM")
+    serve.add_argument(
+        "--drain-delay",
+        type=float,
+        default=os.environ.get("IAM_DRAIN_DELAY", "5"),  # a string default goes through type=, so errors are clean
+        help="seconds to keep serving, not ready, after SIGTERM before the graceful shutdown ($IAM_DRAIN_DELAY)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="apply database migrations to the role's store(s)").set_defaults(func=cmd_migrate)
@@ -163,6 +227,30 @@ def parser() -> argparse.ArgumentParser:
     remove = keys.add_parser("remove", help="stop publishing a retired key")
     remove.add_argument("kid")
     remove.set_defaults(func=cmd_keys_remove)
+
+    users = sub.add_parser("users", help="manage users (role user-management or all)").add_subparsers(
+        dest="users", required=True)
+    add = users.add_parser("add", help="create a user; prints its id")
+    add.add_argument("--username", required=True)
+    add.add_argument("--email")
+    add.add_argument("--email-verified", action="store_true", help="mark the email address as verified")
+    add.add_argument("--name", help="display name")
+    add.add_argument("--given-name")
+    add.add_argument("--family-name")
+    add.add_argument("--group", action="append", default=[], help="group name (repeatable; created if missing)")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    add.set_defaults(func=cmd_users_add)
+    listing = users.add_parser("list", help="list users: id, username, email, state, groups")
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.set_defaults(func=cmd_users_list)
+    for name, enable, text in (("disable", False, "stop new logins and refreshes"), ("enable", True, "re-enable")):
+        toggle = users.add_parser(name, help=f"{text} for a user")
+        toggle.add_argument("username")
+        toggle.set_defaults(func=cmd_users_disable, enable=enable)
+    set_password = users.add_parser("set-password", help="set a user's password (prompted, or --password-stdin)")
+    set_password.add_argument("username")
+    set_password.add_argument("--password-stdin", action="store_true")
+    set_password.set_defaults(func=cmd_users_set_password)
 
     tokens = sub.add_parser("tokens", help="token store maintenance").add_subparsers(dest="tokens", required=True)
     purge = tokens.add_parser("purge", help="delete expired tokens in bounded batches")
@@ -182,14 +270,23 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from iam.app import StartupError
+    from iam.authn.credentials import PasswordRejected
     from iam.keys import KeyRingError
+    from iam.peers import PeerRejected, PeerUnavailable
     from iam.store import StoreError
+    from iam.users.directory import DirectoryError
+    from sqlalchemy.exc import DBAPIError
 
     try:
         args.func(args)
-    except (ConfigError, StartupError, StoreError, KeyRingError) as exc:
+    except (ConfigError, StartupError, StoreError, KeyRingError, DirectoryError, PasswordRejected, PeerUnavailable,
+            PeerRejected) as exc:
         print(f"iam: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except DBAPIError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"iam: error: store error ({reason}); is the schema current? (`iam migrate`)", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

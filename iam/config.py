@@ -136,8 +136,8 @@ class Peers(_Strict):
 # Which other roles a role calls, when they run in other processes.
 PEERS_NEEDED = {
     Role.TOKEN: (Role.USER_MANAGEMENT, Role.AUTHENTICATION),
-    Role.AUTHENTICATION: (Role.USER_MANAGEMENT,),
-    Role.USER_MANAGEMENT: (Role.AUTHENTICATION,),
+    Role.AUTHENTICATION: (Role.USER_MANAGEMENT, Role.TOKEN),
+    Role.USER_MANAGEMENT: (Role.AUTHENTICATION, Role.TOKEN),
     Role.ALL: (),
 }
 

@@ -73,6 +73,12 @@ class Credentials(Protocol):
     async def remove(self, sub: str) -> None: ...
 
 
+class Tokens(Protocol):
+    """The token role, as the other roles see it: what an access token stands for."""
+
+    async def introspect(self, token: str) -> dict | None: ...
+
+
 def role_id(role: Role) -> str:
     return f"iam:{role.value}"
 
@@ -195,6 +201,13 @@ class RemoteCredentials(_Remote):
         response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}")
         if response.status_code not in (204, 404):
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
+
+class RemoteTokens(_Remote):
+    async def introspect(self, token: str) -> dict | None:
+        response = await self.call("POST", "/internal/v1/introspect", json={"token": token})
+        body = response.json()
+        return body if body.get("active") else None
 
 
 def _segment(value: str) -> str:

@@ -33,6 +33,11 @@ def jwt_claims(jwt: str) -> dict:
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
+def introspection_members(jwt: str) -> dict:
+    """The RFC 7662 answer for a live token: the claims of its JWT, plus `active` and `token_type`."""
+    return {"active": True, **jwt_claims(jwt), "token_type": "Bearer"}
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
     token: str
@@ -86,6 +91,11 @@ class AccessTokens:
         if row is None or row.revoked or row.expires_at <= self.clock():
             return None
         return row
+
+    async def introspect(self, token: str) -> dict | None:
+        """RFC 7662 members of a live token, or None."""
+        row = await self.active(token)
+        return None if row is None else introspection_members(row.jwt)
 
     async def revoke(self, token: str, client: ClientConfig) -> bool:
         if not _TOKEN_SHAPE.match(token):

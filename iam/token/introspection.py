@@ -9,7 +9,9 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
 from iam.http import read_form
-from iam.token.access_tokens import jwt_claims
+from iam.internal import require_peer
+from iam.roles import Role
+from iam.token.access_tokens import introspection_members
 
 router = APIRouter()
 
@@ -36,12 +38,26 @@ async def introspect(request: Request) -> Response:
         return json_response(INACTIVE, 200, NO_STORE)
     if "application/jwt" in accept:
         return Response(row.jwt, 200, NO_STORE, media_type="application/jwt")
-    return json_response({"active": True, **jwt_claims(row.jwt), "token_type": "Bearer"}, 200, NO_STORE)
+    return json_response(introspection_members(row.jwt), 200, NO_STORE)
+
+
+@router.post("/internal/v1/introspect")
+async def introspect_for_peer(request: Request) -> Response:
+    """The same answer for the other roles, which prove their role instead of holding a client secret."""
+    await require_peer(request, Role.TOKEN, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
+    try:
+        token = (await request.json())["token"]
+        if not isinstance(token, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise OAuthError("invalid_request", "body must be {\"token\": string}") from None
+    members = await request.app.state.iam.access_tokens.introspect(token)
+    return json_response(members or INACTIVE, 200, NO_STORE)
 
 
 def _signed_response(iam, audience: str, row) -> Response:
     """RFC 9701: the introspection result, signed for the calling resource server."""
-    result = INACTIVE if row is None else {"active": True, **jwt_claims(row.jwt), "token_type": "Bearer"}
+    result = INACTIVE if row is None else introspection_members(row.jwt)
     claims = {"iss": iam.settings.issuer, "aud": audience, "iat": int(time.time()), "token_introspection": result}
     jwt = iam.keys.sign(claims, alg="RS256", typ="token-introspection+jwt")
     return Response(jwt, 200, NO_STORE, media_type=JWT_RESPONSE)
