@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 from fastapi import FastAPI
 
-from iam import __version__, errors, health, internal
+from iam import __version__, errors, health, internal, pages
 from iam.config import PEERS_NEEDED, Settings
 from iam.keys import KeyRing, KeyRingError
 from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, RemoteTokens, ServiceIdentity
@@ -48,8 +48,15 @@ class Runtime:
 
         if role.serves(Role.AUTHENTICATION):
             from iam.authn.credentials import CredentialService
+            from iam.authn.sessions import Sessions
+            from iam.authn.throttle import Throttle
+            from iam.authn.totp import Totp
 
-            self.credentials = CredentialService(self.stores["authn"].engine)
+            engine = self.stores["authn"].engine
+            self.credentials = CredentialService(engine)
+            self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
+            self.throttle = Throttle(engine)
+            self.totp = Totp(engine)
         if role.serves(Role.USER_MANAGEMENT):
             from iam.users.directory import Directory
 
@@ -140,18 +147,21 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(internal.router)
+    app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
+        from iam.authn import account, login
         from iam.authn import internal as authn_internal
 
-        app.include_router(authn_internal.router)
+        for module in (login, account, authn_internal):
+            app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal
 
         app.include_router(users_internal.router)
     if role.serves(Role.TOKEN):
-        from iam.token import discovery, endpoint, introspection, phantom, revocation
+        from iam.token import authorize, discovery, endpoint, introspection, logout, phantom, revocation, userinfo
 
-        for module in (endpoint, introspection, phantom, revocation, discovery):
+        for module in (authorize, endpoint, introspection, phantom, revocation, userinfo, logout, discovery):
             app.include_router(module.router)
     return app

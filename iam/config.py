@@ -7,6 +7,7 @@ the environment they win over the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -53,8 +54,15 @@ class ClientConfig(_Strict):
     response_types: list[Literal["code"]] = ["code"]
     scope: str = ""
     token_endpoint_auth_method: AuthMethod = "client_secret_basic"
+    post_logout_redirect_uris: list[str] = []
+    application_type: Literal["web", "native"] = "web"  # native: any port on a loopback redirect (RFC 8252 §7.3)
     # iam's own keys
     access_token_ttl: int = Field(default=3600, ge=1, le=86400)
+    id_token_ttl: int = Field(default=300, ge=1, le=86400)
+    refresh_token_ttl: int = Field(default=8 * 3600, ge=60)  # idle lifetime: unused this long, it expires
+    grant_ttl: int = Field(default=12 * 3600, ge=60)  # absolute lifetime of a grant without offline_access
+    offline_grant_ttl: int = Field(default=30 * 86400, ge=60)  # ... and with offline_access
+    require_pkce: bool = True  # may be switched off only for a confidential client that cannot send it
     audience: list[str] = []
 
     @field_validator("scope")
@@ -72,6 +80,13 @@ class ClientConfig(_Strict):
             raise ValueError("must be an argon2id hash (see `iam clients hash-secret`)")
         return value or None
 
+    @field_validator("redirect_uris", "post_logout_redirect_uris")
+    @classmethod
+    def _redirect_uris(cls, uris: list[str]) -> list[str]:
+        for uri in uris:
+            check_redirect_uri(uri)
+        return uris
+
     @model_validator(mode="after")
     def _consistent(self) -> ClientConfig:
         has_secret = bool(self.client_secret and self.client_secret.get_secret_value()) or bool(
@@ -84,6 +99,10 @@ class ClientConfig(_Strict):
                 raise ValueError("a public client (token_endpoint_auth_method: none) has no secret")
             if "client_credentials" in self.grant_types:
                 raise ValueError("client_credentials needs a confidential client (RFC 6749 §4.4)")
+            if not self.require_pkce:
+                raise ValueError("public clients must use PKCE (RFC 9700 §2.1.1): require_pkce cannot be false")
+        if "authorization_code" in self.grant_types and not self.redirect_uris:
+            raise ValueError("the authorization_code grant needs at least one redirect_uri")
         return self
 
     @property
@@ -100,6 +119,20 @@ class ClientConfig(_Strict):
     @property
     def scopes(self) -> frozenset[str]:
         return frozenset(self.scope.split())
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def check_redirect_uri(uri: str) -> None:
+    """RFC 9700 §2.6 / RFC 6749 §3.1.2: absolute, no fragment, https unless a loopback or a private-use scheme."""
+    parts = urlsplit(uri)
+    if not parts.scheme or parts.fragment or "#" in uri:
+        raise ValueError(f"{uri!r}: a redirect URI must be absolute and have no fragment")
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        raise ValueError(f"{uri!r}: http is allowed for loopback redirect URIs only")
+    if parts.scheme in ("http", "https") and (not parts.hostname or parts.username or parts.password):
+        raise ValueError(f"{uri!r}: needs a host and no user information")
 
 
 class Stores(_Strict):
@@ -150,6 +183,10 @@ class Settings(_Strict):
     peers: Peers = Peers()
     stores: Stores = Stores()
     keys: Keys = Keys()
+    # Proxies (CIDRs) whose X-Forwarded-For is believed for the client address (login throttling, audit).
+    trusted_proxies: list[str] = []
+    session_ttl: int = Field(default=12 * 3600, ge=60)  # an SSO session ends this long after sign-in
+    session_idle_ttl: int = Field(default=2 * 3600, ge=60)  # ... or after this long unused
     migrate_on_start: bool = True
     # Expired tokens are deleted in batches of this size every purge_interval seconds (0: never in-process).
     purge_interval: int = Field(default=300, ge=0)
@@ -181,6 +218,13 @@ class Settings(_Strict):
     @property
     def login_base(self) -> str:
         return (self.authentication_url or self.issuer).rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+        return values
 
     @field_validator("clients")
     @classmethod

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
+import ipaddress
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import Request
 
@@ -30,9 +31,19 @@ async def read_form(request: Request) -> dict[str, str]:
         if len(body) > MAX_FORM_BYTES:
             raise OAuthError("invalid_request", "request body too large", 413)
     try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=bool(body), errors="strict")
-    except (UnicodeDecodeError, ValueError):
+        return parse_params(body.decode())
+    except UnicodeDecodeError:
         raise OAuthError("invalid_request", "malformed form body") from None
+
+
+def parse_params(encoded: str) -> dict[str, str]:
+    """Parse urlencoded parameters, refusing repeats (RFC 6749 §3.1) and values over the limit."""
+    if len(encoded) > MAX_FORM_BYTES:
+        raise OAuthError("invalid_request", "request too large", 413)
+    try:
+        pairs = parse_qsl(encoded, keep_blank_values=True, strict_parsing=bool(encoded), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise OAuthError("invalid_request", "malformed parameters") from None
     form: dict[str, str] = {}
     for name, value in pairs:
         if name in form:
@@ -54,3 +65,31 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token:
         return None
     return token
+
+
+def client_address(request: Request, trusted_proxies: list[str]) -> str:
+    """The caller's address; X-Forwarded-For counts only when the peer is a configured proxy (RFC 9700 §4.13)."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for")
+    if not forwarded or not trusted_proxies:
+        return peer
+    try:
+        if not any(ipaddress.ip_address(peer) in ipaddress.ip_network(net, strict=False) for net in trusted_proxies):
+            return peer
+    except ValueError:
+        return peer
+    # The right-most address not added by one of our proxies is the client.
+    for hop in reversed([part.strip() for part in forwarded.split(",")]):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not any(address in ipaddress.ip_network(net, strict=False) for net in trusted_proxies):
+            return str(address)
+    return peer
+
+
+def with_params(uri: str, params: dict[str, str]) -> str:
+    """Add response parameters to a redirect URI, keeping the query it was registered with (RFC 6749 §3.1.2)."""
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    return f"{uri}{'&' if urlsplit(uri).query else '?'}{query}"

@@ -28,6 +28,8 @@ log = logging.getLogger("iam.peers")
 
 ASSERTION_TTL = 60
 SERVICE_TYP = "iam-service+jwt"
+HANDOFF_TYP = "iam-handoff+jwt"  # authentication -> token, through the browser, bound to one pending request
+LOGOUT_TYP = "iam-logout+jwt"  # token -> authentication, through the browser: end this session, return here
 
 
 class PeerUnavailable(Exception):
@@ -84,22 +86,28 @@ def role_id(role: Role) -> str:
 
 
 class ServiceIdentity:
-    """Signs this role's service assertions (and reuses one until shortly before it expires)."""
+    """Signs what this role asserts to another: service assertions, handoffs, logout requests."""
 
     def __init__(self, role: Role, keys: KeyRing) -> None:
-        self.issuer = role_id(role)
+        self.role = role
         self.keys = keys
         self._cache: dict[str, tuple[str, float]] = {}
 
+    def sign(self, audience: Role, typ: str, claims: dict | None = None, *, issuer: Role | None = None,
+             ttl: int = ASSERTION_TTL) -> str:
+        """A JWT from this role (or, in one process, the named role) to `audience`, valid for `ttl` seconds."""
+        now = int(time.time())
+        payload = {"iss": role_id(issuer or self.role), "aud": role_id(audience), "iat": now, "exp": now + ttl,
+                   "jti": uuid.uuid4().hex, **(claims or {})}
+        return self.keys.sign(payload, alg="ES256", typ=typ)
+
     def assertion(self, audience: Role) -> str:
+        """A service assertion for calls to `audience`, reused until shortly before it expires."""
         cached = self._cache.get(audience.value)
-        now = time.time()
-        if cached and cached[1] - now > 15:
+        if cached and cached[1] - time.time() > 15:
             return cached[0]
-        claims = {"iss": self.issuer, "aud": role_id(audience), "iat": int(now), "exp": int(now) + ASSERTION_TTL,
-                  "jti": uuid.uuid4().hex}
-        token = self.keys.sign(claims, alg="ES256", typ=SERVICE_TYP)
-        self._cache[audience.value] = (token, now + ASSERTION_TTL)
+        token = self.sign(audience, SERVICE_TYP)
+        self._cache[audience.value] = (token, time.time() + ASSERTION_TTL)
         return token
 
 
@@ -132,7 +140,7 @@ class PeerKeys:
             self._sets[role] = (keys, time.monotonic())
             return keys
 
-    async def verify(self, token: str, *, issuer: Role, audience: str, typ: str) -> dict:
+    async def verify(self, token: str, *, issuer: Role, audience: str, typ: str, max_ttl: int = ASSERTION_TTL) -> dict:
         """Verify signature, typ, iss, aud and lifetime; raise PeerRejected with the reason."""
         for refresh in (False, True):  # a failure may mean the peer rotated its keys: refetch once
             keys = await self.keyset(issuer, refresh=refresh)
@@ -151,7 +159,7 @@ class PeerKeys:
         if claims.get("aud") != audience:
             raise PeerRejected("wrong audience")
         exp, iat = claims.get("exp"), claims.get("iat")
-        if not isinstance(exp, int) or not isinstance(iat, int) or exp <= now or exp - iat > ASSERTION_TTL or iat > now + 30:
+        if not isinstance(exp, int) or not isinstance(iat, int) or exp <= now or exp - iat > max_ttl or iat > now + 30:
             raise PeerRejected("expired or over-long assertion")
         return claims
 

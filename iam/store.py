@@ -55,7 +55,7 @@ def alembic_config(name: str) -> Config:
 
 
 class Store:
-    def __init__(self, name: str, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, name: str, url: str, *, pool_size: int = 20) -> None:
         self.name = name
         self.url = make_url(url)
         self.head = ScriptDirectory.from_config(alembic_config(name)).get_current_head()
@@ -68,10 +68,11 @@ class Store:
         else:
             self.engine = create_async_engine(
                 self.url,
+                # A fixed pool: overflow connections would be opened and closed under load (connection churn).
                 pool_size=pool_size,
-                max_overflow=pool_size,
+                max_overflow=0,
                 pool_timeout=5,
-                connect_args={"timeout": 5, "command_timeout": 10},
+                connect_args={"timeout": 5, "command_timeout": 10, **_no_tls_on_loopback(self.url)},
             )
 
     @property
@@ -113,6 +114,13 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _no_tls_on_loopback(url) -> dict:
+    # asyncpg tries TLS first by default; on a loopback or socket connection that is a wasted round trip.
+    if url.query.get("ssl") or url.query.get("sslmode"):
+        return {}
+    return {"ssl": False} if url.host in ("127.0.0.1", "localhost", "::1", None) else {}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

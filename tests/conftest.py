@@ -22,7 +22,10 @@ SECRETS = {
     "svc-post": "post-secret-0123456789abcdef",
     "gateway": "gateway-secret-0123456789abcdef",
     "odd:id &+": "odd secret:&=+%/é",
+    "webapp": "webapp-secret-0123456789abcdef",
 }
+WEBAPP_CALLBACK = "https://app.test/cb?dummy1=lorem&dummy2=ipsum"
+PASSWORD = "correct horse battery staple"
 
 
 def client_config() -> list[dict]:
@@ -50,6 +53,24 @@ def client_config() -> list[dict]:
         },
         {"client_id": "odd:id &+", "client_secret": SECRETS["odd:id &+"], "grant_types": ["client_credentials"]},
         {"client_id": "native", "token_endpoint_auth_method": "none", "redirect_uris": ["http://127.0.0.1/cb"]},
+        {
+            "client_id": "webapp",
+            "client_name": "Web App",
+            "client_secret": SECRETS["webapp"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "redirect_uris": [WEBAPP_CALLBACK, "https://app.test/other"],
+            "post_logout_redirect_uris": ["https://app.test/bye"],
+            "scope": "openid profile email groups offline_access api:read",
+        },
+        {
+            "client_id": "kubectl",
+            "token_endpoint_auth_method": "none",
+            "application_type": "native",
+            "grant_types": ["authorization_code", "refresh_token"],
+            "redirect_uris": ["http://localhost:8000", "http://127.0.0.1/callback"],
+            "scope": "openid profile email groups offline_access",
+            "id_token_ttl": 60,
+        },
         {"client_id": "disabled", "client_secret": "", "grant_types": ["client_credentials"]},
     ]
 
@@ -124,3 +145,14 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as http:
         yield http
 
+
+
+@pytest.fixture
+async def alice(app) -> str:
+    """A user in the directory with a password in the credential store; returns their subject."""
+    from iam.users.directory import NewUser
+
+    new = NewUser(user_name="alice", email="alice@example.com", email_verified=True, given_name="Alice",
+                  family_name="Liddell")
+    return await app.state.iam.directory_service.create_user(new, password=PASSWORD,
+                                                             group_names=("admins", "developers"))

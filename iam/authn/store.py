@@ -1,6 +1,9 @@
-"""The credential store: password hashes, owned by the authentication role alone."""
+"""The credential store: password hashes, TOTP secrets, SSO sessions and login throttling.
 
-from sqlalchemy import Column, Integer, MetaData, String, Table
+Owned by the authentication role alone.
+"""
+
+from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table
 
 metadata = MetaData()
 
@@ -10,4 +13,36 @@ credentials = Table(
     Column("subject", String(64), primary_key=True),  # the user's id in the user store
     Column("password_hash", String(255), nullable=False),  # argon2id, PHC string format
     Column("updated_at", Integer, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),  # SHA-256 of the cookie value
+    Column("sid", String(64), nullable=False, unique=True),  # public session id (`sid` claim)
+    Column("subject", String(64), nullable=False, index=True),
+    Column("auth_time", Integer, nullable=False),
+    Column("amr", String(64), nullable=False),
+    Column("created_at", Integer, nullable=False),
+    Column("last_seen", Integer, nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+totp = Table(
+    "totp",
+    metadata,
+    Column("subject", String(64), primary_key=True),
+    Column("secret", String(64), nullable=False),  # base32 (RFC 6238 shared secret)
+    Column("confirmed", Boolean, nullable=False, default=False),
+    Column("last_step", Integer, nullable=False, default=0),  # a code is accepted once (RFC 6238 §5.2)
+)
+
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("key", String(320), primary_key=True),  # "user:<name>" or "addr:<client address>"
+    Column("failures", Integer, nullable=False),
+    Column("window_start", Integer, nullable=False),
+    Column("locked_until", Integer, nullable=False),
 )

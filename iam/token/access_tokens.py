@@ -20,7 +20,11 @@ from iam.keys import KeyRing
 from iam.token.store import AccessTokenRow, TokenStore
 
 TOKEN_BYTES = 32  # 256 bits of randomness
-_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url of 32 bytes, unpadded
+TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url of 32 bytes, unpadded
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def digest(token: str) -> bytes:
@@ -44,6 +48,7 @@ class IssuedToken:
     expires_in: int
     scope: str
     jwt: str
+    row: AccessTokenRow
 
 
 class AccessTokens:
@@ -54,10 +59,13 @@ class AccessTokens:
         self.store = store
         self.clock = clock
 
-    async def issue(self, client: ClientConfig, subject: str, scope: str) -> IssuedToken:
+    def mint(
+        self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None, claims: dict | None = None
+    ) -> IssuedToken:
+        """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction)."""
         now = int(self.clock())
         ttl = client.access_token_ttl
-        claims = {
+        payload = {
             "iss": self.issuer,
             "sub": subject,
             # RFC 9068 §3: aud is required; without a configured audience the token is for this issuer.
@@ -66,26 +74,31 @@ class AccessTokens:
             "iat": now,
             "exp": now + ttl,
             "jti": uuid.uuid4().hex,
+            **(claims or {}),
         }
         if scope:
-            claims["scope"] = scope
-        jwt = self.keys.sign(claims, alg=self.alg, typ="at+jwt")
-        token = secrets.token_urlsafe(TOKEN_BYTES)
-        await self.store.add_access_token(
-            AccessTokenRow(
-                digest=digest(token),
-                client_id=client.client_id,
-                subject=subject,
-                expires_at=now + ttl,
-                revoked=False,
-                jwt=jwt,
-            )
+            payload["scope"] = scope
+        jwt = self.keys.sign(payload, alg=self.alg, typ="at+jwt")
+        token = new_token()
+        row = AccessTokenRow(
+            digest=digest(token),
+            client_id=client.client_id,
+            subject=subject,
+            expires_at=now + ttl,
+            revoked=False,
+            jwt=jwt,
+            grant_id=grant_id,
         )
-        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt)
+        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row)
+
+    async def issue(self, client: ClientConfig, subject: str, scope: str) -> IssuedToken:
+        issued = self.mint(client, subject, scope)
+        await self.store.add_access_token(issued.row)
+        return issued
 
     async def active(self, token: str) -> AccessTokenRow | None:
         """The stored row of a live token; None for unknown, malformed, expired or revoked ones."""
-        if not _TOKEN_SHAPE.match(token):
+        if not TOKEN_SHAPE.match(token):
             return None  # not one of ours: no store lookup for garbage
         row = await self.store.find_access_token(digest(token))
         if row is None or row.revoked or row.expires_at <= self.clock():
@@ -98,6 +111,7 @@ class AccessTokens:
         return None if row is None else introspection_members(row.jwt)
 
     async def revoke(self, token: str, client: ClientConfig) -> bool:
-        if not _TOKEN_SHAPE.match(token):
+        """Revoke an access or refresh token of this client (RFC 7009); a refresh token takes its grant along."""
+        if not TOKEN_SHAPE.match(token):
             return False
-        return await self.store.revoke_access_token(digest(token), client.client_id)
+        return await self.store.revoke_token(digest(token), client.client_id)

@@ -8,6 +8,8 @@ import json
 from fastapi import APIRouter, Request, Response
 
 from iam.config import Settings
+from iam.token.authorize import PROMPTS
+from iam.token.claims import CLAIMS_SUPPORTED
 
 router = APIRouter()
 
@@ -17,20 +19,33 @@ SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
 
 def metadata(settings: Settings, grant_types: list[str]) -> dict:
     base = settings.issuer.rstrip("/")
-    scopes = sorted({scope for client in settings.clients for scope in client.scopes})
+    scopes = sorted({scope for client in settings.clients for scope in client.scopes} | {"openid"})
     return {
         "issuer": settings.issuer,
+        "authorization_endpoint": f"{base}/oauth/v2/authorize",
         "token_endpoint": f"{base}/oauth/v2/token",
+        "userinfo_endpoint": f"{base}/oauth/v2/userinfo",
         "jwks_uri": f"{base}/oauth/v2/jwks",
         "introspection_endpoint": f"{base}/oauth/v2/introspect",
         "revocation_endpoint": f"{base}/oauth/v2/revoke",
+        "end_session_endpoint": f"{base}/oauth/v2/end_session",
         "grant_types_supported": grant_types,
-        "response_types_supported": [],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
         "scopes_supported": scopes,
-        "token_endpoint_auth_methods_supported": SECRET_METHODS,
+        "claims_supported": CLAIMS_SUPPORTED,
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "code_challenge_methods_supported": ["S256"],
+        "prompt_values_supported": sorted(PROMPTS),
+        "token_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
         "introspection_endpoint_auth_methods_supported": SECRET_METHODS,
         "revocation_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
         "introspection_signing_alg_values_supported": ["RS256"],
+        "authorization_response_iss_parameter_supported": True,  # RFC 9207
+        "claims_parameter_supported": False,
+        "request_parameter_supported": False,
+        "request_uri_parameter_supported": False,
     }
 
 

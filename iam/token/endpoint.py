@@ -4,12 +4,14 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import read_form
-from iam.token.grants import client_credentials
+from iam.token.grants import authorization_code, client_credentials, refresh_token
 
 router = APIRouter()
 
 GRANTS = {
+    "authorization_code": authorization_code.grant,
     "client_credentials": client_credentials.grant,
+    "refresh_token": refresh_token.grant,
 }
 
 
@@ -26,4 +28,4 @@ async def token(request: Request) -> Response:
         raise OAuthError("unsupported_grant_type", "this server does not support that grant_type")
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
-    return json_response(await handler(iam.access_tokens, client, form), 200, NO_STORE)
+    return json_response(await handler(iam, client, form), 200, NO_STORE)

@@ -23,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 metadata = MetaData()
 
+CODE_REPLAY_MEMORY = 3600  # seconds a spent code is remembered after it expired
+
 access_tokens = Table(
     "access_tokens",
     metadata,
@@ -32,6 +34,67 @@ access_tokens = Table(
     Column("expires_at", Integer, nullable=False, index=True),  # epoch seconds
     Column("revoked", Boolean, nullable=False, default=False),
     Column("jwt", Text, nullable=False),  # the RFC 9068 JWT paired with the opaque token
+    Column("grant_id", String(64), index=True),  # the user grant it came from; none for client_credentials
+)
+
+# What a user granted a client in one authorization: codes, refresh and access tokens hang off it, and
+# revoking it (code replay, refresh-token reuse, logout) revokes all of them together.
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("sid", String(64), index=True),  # the SSO session it was granted in
+    Column("auth_time", Integer, nullable=False),
+    Column("amr", String(255), nullable=False),
+    Column("acr", String(64)),
+    Column("nonce", Text),
+    Column("offline", Boolean, nullable=False, default=False),
+    Column("created_at", Integer, nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),  # absolute end of the grant
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+# A pending authorization request, waiting for the authentication role to hand the user back.
+authorization_requests = Table(
+    "authorization_requests",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("state", Text),
+    Column("nonce", Text),
+    Column("code_challenge", String(128)),
+    Column("prompt", String(64)),
+    Column("max_age", Integer),
+    Column("subject_hint", String(255)),  # the `sub` of a valid id_token_hint
+    Column("created_at", Integer, nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),
+)
+
+codes = Table(
+    "codes",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("grant_id", String(64), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("code_challenge", String(128)),
+    Column("expires_at", Integer, nullable=False, index=True),
+    Column("consumed", Boolean, nullable=False, default=False),
+)
+
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("grant_id", String(64), nullable=False, index=True),
+    Column("issued_at", Integer, nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),  # idle expiry; the grant has the absolute one
+    Column("used_at", Integer),  # set when rotated: a second use is reuse
+    Column("revoked", Boolean, nullable=False, default=False),
 )
 
 
@@ -43,6 +106,15 @@ class AccessTokenRow:
     expires_at: int
     revoked: bool
     jwt: str
+    grant_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenRow:
+    digest: bytes
+    grant_id: str
+    issued_at: int
+    expires_at: int
 
 
 # Built once: the introspection hot path runs this statement and nothing else.
@@ -54,6 +126,14 @@ _FIND = select(
     access_tokens.c.jwt,
 ).where(access_tokens.c.digest == bindparam("digest"))
 
+_GRANT_COLUMNS = [grants.c[name] for name in (
+    "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "nonce", "offline", "created_at"
+)] + [grants.c.expires_at.label("grant_expires_at"), grants.c.revoked.label("grant_revoked")]
+
+
+def _row(values) -> dict:
+    return dict(values._mapping)
+
 
 class TokenStore:
     def __init__(self, engine: AsyncEngine) -> None:
@@ -61,37 +141,187 @@ class TokenStore:
         # Single-statement reads run outside a transaction: no BEGIN/ROLLBACK round trips on the hot path.
         self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
+    # -- access tokens ------------------------------------------------------------------------------------
     async def add_access_token(self, row: AccessTokenRow) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(access_tokens).values(
-                    digest=row.digest,
-                    client_id=row.client_id,
-                    subject=row.subject,
-                    expires_at=row.expires_at,
-                    revoked=row.revoked,
-                    jwt=row.jwt,
-                )
-            )
+            await conn.execute(insert(access_tokens).values(_access_values(row)))
 
     async def find_access_token(self, digest: bytes) -> AccessTokenRow | None:
         async with self.reader.connect() as conn:
             found = (await conn.execute(_FIND, {"digest": digest})).first()
         return None if found is None else AccessTokenRow(digest, *found)
 
-    async def revoke_access_token(self, digest: bytes, client_id: str) -> bool:
-        """Revoke a token only for the client it was issued to (RFC 7009 §2.1)."""
+    async def revoke_token(self, digest: bytes, client_id: str) -> bool:
+        """Revoke a token only for the client it was issued to (RFC 7009 §2.1).
+
+        A refresh token takes its whole grant along (§2.1: "SHOULD also invalidate the access tokens").
+        """
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(access_tokens)
                 .where(access_tokens.c.digest == digest, access_tokens.c.client_id == client_id)
                 .values(revoked=True)
             )
-        return result.rowcount > 0
+            if result.rowcount:
+                return True
+            grant_id = (
+                await conn.execute(
+                    select(refresh_tokens.c.grant_id)
+                    .join(grants, grants.c.id == refresh_tokens.c.grant_id)
+                    .where(refresh_tokens.c.digest == digest, grants.c.client_id == client_id)
+                )
+            ).scalar()
+            if grant_id is None:
+                return False
+            await _revoke_grant(conn, grant_id)
+            return True
 
-    async def purge_expired(self, now: int, batch: int) -> int:
-        """Delete at most `batch` expired rows: bounded work per call, so a backlog never locks the table."""
+    # -- pending authorization requests -------------------------------------------------------------------
+    async def add_request(self, values: dict) -> None:
         async with self.engine.begin() as conn:
-            doomed = select(access_tokens.c.digest).where(access_tokens.c.expires_at < now).limit(batch)
-            result = await conn.execute(delete(access_tokens).where(access_tokens.c.digest.in_(doomed)))
-        return result.rowcount
+            await conn.execute(insert(authorization_requests).values(values))
+
+    async def take_request(self, request_id: str) -> dict | None:
+        """Consume a pending request: whoever deletes it first owns it (single use)."""
+        async with self.engine.begin() as conn:
+            found = (
+                await conn.execute(select(authorization_requests).where(authorization_requests.c.id == request_id))
+            ).first()
+            if found is None:
+                return None
+            deleted = await conn.execute(
+                delete(authorization_requests).where(authorization_requests.c.id == request_id)
+            )
+            return _row(found) if deleted.rowcount == 1 else None
+
+    # -- grants, codes, refresh tokens --------------------------------------------------------------------
+    async def add_grant_with_code(self, grant: dict, code: dict) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(grants).values(grant))
+            await conn.execute(insert(codes).values(code))
+
+    async def find_code(self, digest: bytes) -> dict | None:
+        async with self.engine.connect() as conn:
+            found = (
+                await conn.execute(
+                    select(codes, *_GRANT_COLUMNS).join(grants, grants.c.id == codes.c.grant_id)
+                    .where(codes.c.digest == digest)
+                )
+            ).first()
+        return None if found is None else _row(found)
+
+    async def redeem_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> bool:
+        """Mark the code used and store what it bought, atomically; False if another request won the race."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(codes).where(codes.c.digest == digest, codes.c.consumed.is_(False)).values(consumed=True)
+            )
+            if won.rowcount != 1:
+                return False
+            await _add_tokens(conn, access, refresh)
+        return True
+
+    async def find_refresh_token(self, digest: bytes) -> dict | None:
+        async with self.engine.connect() as conn:
+            found = (
+                await conn.execute(
+                    select(refresh_tokens, *_GRANT_COLUMNS).join(grants, grants.c.id == refresh_tokens.c.grant_id)
+                    .where(refresh_tokens.c.digest == digest)
+                )
+            ).first()
+        return None if found is None else _row(found)
+
+    async def rotate_refresh_token(
+        self, digest: bytes, now: int, access: AccessTokenRow, refresh: RefreshTokenRow
+    ) -> bool:
+        """Spend a refresh token and store its successors, atomically; False if it was already spent."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(refresh_tokens)
+                .where(
+                    refresh_tokens.c.digest == digest,
+                    refresh_tokens.c.used_at.is_(None),
+                    refresh_tokens.c.revoked.is_(False),
+                )
+                .values(used_at=now)
+            )
+            if won.rowcount != 1:
+                return False
+            await _add_tokens(conn, access, refresh)
+        return True
+
+    async def revoke_grant(self, grant_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await _revoke_grant(conn, grant_id)
+
+    async def revoke_session_grants(self, sid: str, client_id: str) -> int:
+        """Logout: revoke what this client was granted in this session, and nothing of other clients."""
+        async with self.engine.begin() as conn:
+            ids = (
+                await conn.execute(select(grants.c.id).where(grants.c.sid == sid, grants.c.client_id == client_id))
+            ).scalars().all()
+            for grant_id in ids:
+                await _revoke_grant(conn, grant_id)
+        return len(ids)
+
+    async def revoke_subject(self, subject: str) -> None:
+        """A disabled or deleted user: every grant and token of theirs stops working."""
+        async with self.engine.begin() as conn:
+            for grant_id in (await conn.execute(select(grants.c.id).where(grants.c.subject == subject))).scalars():
+                await _revoke_grant(conn, grant_id)
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+    async def purge_expired(self, now: int, batch: int) -> int:
+        """Delete at most `batch` expired rows per table: bounded work per call, so a backlog never locks a table."""
+        total = 0
+        async with self.engine.begin() as conn:
+            for table, key, expiry, keep in (
+                (access_tokens, access_tokens.c.digest, access_tokens.c.expires_at, 0),
+                (refresh_tokens, refresh_tokens.c.digest, refresh_tokens.c.expires_at, 0),
+                # Used codes stay a while after expiry, so a late replay still revokes what the code bought.
+                (codes, codes.c.digest, codes.c.expires_at, CODE_REPLAY_MEMORY),
+                (authorization_requests, authorization_requests.c.id, authorization_requests.c.expires_at, 0),
+            ):
+                doomed = select(key).where(expiry < now - keep).limit(batch)
+                total += (await conn.execute(delete(table).where(key.in_(doomed)))).rowcount
+            # A grant goes once it has ended and no token of it is left.
+            doomed = (
+                select(grants.c.id)
+                .where(grants.c.expires_at < now)
+                .where(~select(refresh_tokens.c.digest).where(refresh_tokens.c.grant_id == grants.c.id).exists())
+                .limit(batch)
+            )
+            total += (await conn.execute(delete(grants).where(grants.c.id.in_(doomed)))).rowcount
+        return total
+
+
+def _access_values(row: AccessTokenRow) -> dict:
+    return {
+        "digest": row.digest,
+        "client_id": row.client_id,
+        "subject": row.subject,
+        "expires_at": row.expires_at,
+        "revoked": row.revoked,
+        "jwt": row.jwt,
+        "grant_id": row.grant_id,
+    }
+
+
+async def _add_tokens(conn, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> None:
+    await conn.execute(insert(access_tokens).values(_access_values(access)))
+    if refresh is not None:
+        await conn.execute(
+            insert(refresh_tokens).values(
+                digest=refresh.digest,
+                grant_id=refresh.grant_id,
+                issued_at=refresh.issued_at,
+                expires_at=refresh.expires_at,
+                revoked=False,
+            )
+        )
+
+
+async def _revoke_grant(conn, grant_id: str) -> None:
+    await conn.execute(update(grants).where(grants.c.id == grant_id).values(revoked=True))
+    await conn.execute(update(refresh_tokens).where(refresh_tokens.c.grant_id == grant_id).values(revoked=True))
+    await conn.execute(update(access_tokens).where(access_tokens.c.grant_id == grant_id).values(revoked=True))

@@ -1,0 +1,236 @@
+"""The sign-in pages: password, optional TOTP, SSO sessions, and the signed handoff back to the token role.
+
+Forms work without JavaScript and carry a CSRF token (double-submit cookie). Failures say only
+"incorrect username or password", and are throttled per account and per client address.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse
+
+from iam.errors import OAuthError
+from iam.http import client_address, parse_params, read_form
+from iam.pages import HARDENING, error_page, render
+from iam.peers import HANDOFF_TYP, PeerRejected, role_id
+from iam.roles import Role
+from iam.security import constant_time_equal
+
+router = APIRouter()
+
+MFA_TYP = "iam-mfa+jwt"  # password accepted, second factor pending (authentication -> itself)
+MFA_TTL = 300
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+PROMPTS = {"none", "login", "consent", "select_account"}
+
+
+# -- cookies --------------------------------------------------------------------------------------------
+def _secure(request: Request) -> bool:
+    return request.app.state.iam.settings.login_base.startswith("https://")
+
+
+def cookie_name(request: Request, name: str) -> str:
+    # `__Host-` binds the cookie to this exact origin, https only, path / (RFC 6265bis §4.1.3.2).
+    return f"__Host-{name}" if _secure(request) else name
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, max_age: int | None = None) -> None:
+    response.set_cookie(cookie_name(request, name), value, max_age=max_age, path="/", secure=_secure(request),
+                        httponly=True, samesite="lax")
+
+
+def clear_cookie(request: Request, response: Response, name: str) -> None:
+    response.delete_cookie(cookie_name(request, name), path="/", secure=_secure(request), httponly=True,
+                           samesite="lax")
+
+
+def csrf_token(request: Request, response_cookies: dict) -> str:
+    """The CSRF token for this browser (double-submit): reuse the cookie's, or mint one to set."""
+    current = request.cookies.get(cookie_name(request, "iam_csrf"))
+    if current and re.fullmatch(r"[A-Za-z0-9_-]{43}", current):
+        return current
+    response_cookies["iam_csrf"] = token = secrets.token_urlsafe(32)
+    return token
+
+
+def csrf_ok(request: Request, form: dict[str, str]) -> bool:
+    # A cross-site POST is refused outright (Fetch Metadata), and the token must match the cookie.
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return False
+    cookie = request.cookies.get(cookie_name(request, "iam_csrf"), "")
+    return bool(cookie) and constant_time_equal(cookie, form.get("csrf", ""))
+
+
+def page(request: Request, template: str, status: int = 200, **context) -> Response:
+    """Render a page with a CSRF token for its forms, setting the cookie when it is new."""
+    cookies: dict[str, str] = {}
+    context["csrf"] = csrf_token(request, cookies)
+    response = render(template, status, **context)
+    for name, value in cookies.items():
+        set_cookie(request, response, name, value)
+    return response
+
+
+# -- the sign-in request --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flow:
+    """What the token role asked for: the pending request it will resume, and the OIDC prompt rules."""
+
+    request: str | None
+    client_id: str | None
+    prompt: frozenset[str]
+    max_age: int | None
+    login_hint: str | None
+
+    @classmethod
+    def parse(cls, params: dict[str, str]) -> Flow:
+        request = params.get("request")
+        if request is not None and not REQUEST_ID.match(request):
+            raise ValueError("malformed request reference")
+        prompt = frozenset((params.get("prompt") or "").split())
+        if not prompt <= PROMPTS:
+            raise ValueError("invalid prompt")
+        max_age = params.get("max_age")
+        if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
+            raise ValueError("invalid max_age")
+        hint = params.get("login_hint")
+        return cls(request, params.get("client_id"), prompt, int(max_age) if max_age else None,
+                   hint[:255] if hint else None)
+
+    def fields(self) -> dict[str, str]:
+        """Hidden form fields that carry the flow through the form posts."""
+        values = {"request": self.request, "client_id": self.client_id, "prompt": " ".join(sorted(self.prompt)),
+                  "max_age": None if self.max_age is None else str(self.max_age)}
+        return {key: value for key, value in values.items() if value}
+
+
+def _client_name(request: Request, flow: Flow) -> str | None:
+    for client in request.app.state.iam.settings.clients:
+        if client.client_id == flow.client_id:
+            return client.client_name or client.client_id
+    return None
+
+
+def _handoff(request: Request, flow: Flow, claims: dict) -> Response:
+    """Back to the token role with a signed assertion bound to the pending request (≤ 60 s, single use)."""
+    iam = request.app.state.iam
+    assertion = iam.identity.sign(Role.TOKEN, HANDOFF_TYP, {"req": flow.request, **claims},
+                                  issuer=Role.AUTHENTICATION)
+    query = urlencode({"request": flow.request, "handoff": assertion})
+    return RedirectResponse(f"{iam.settings.issuer.rstrip('/')}/oauth/v2/authorize/resume?{query}", 303,
+                            headers=HARDENING)
+
+
+def _signed_in(request: Request, flow: Flow, session) -> Response:
+    if flow.request is None:
+        return RedirectResponse("/authn/account", 303, headers=HARDENING)
+    return _handoff(request, flow, {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr,
+                                    "sid": session.sid})
+
+
+async def current_session(request: Request):
+    """The browser's live SSO session, if its user is still active."""
+    iam = request.app.state.iam
+    session = await iam.sessions.current(request.cookies.get(cookie_name(request, "iam_session")))
+    if session is None:
+        return None
+    user = await iam.directory.claims(session.subject)
+    if user is None or not user.active:
+        await iam.sessions.end(sid=session.sid)
+        return None
+    return session
+
+
+def _login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
+                username: str | None = None) -> Response:
+    return page(request, "login.html", status, flow=flow.fields(), client_name=_client_name(request, flow),
+                error=error, username=username or flow.login_hint or "")
+
+
+@router.get("/authn/login")
+async def login_page(request: Request) -> Response:
+    try:
+        flow = Flow.parse(parse_params(request.url.query))
+    except (OAuthError, ValueError):
+        return error_page("Invalid sign-in request", "The sign-in link is malformed. Start again from the application.")
+    session = await current_session(request)
+    now = request.app.state.iam.sessions.clock()
+    fresh_enough = session is not None and (flow.max_age is None or now - session.auth_time <= flow.max_age)
+    if session is not None and fresh_enough and "login" not in flow.prompt:
+        return _signed_in(request, flow, session)  # SSO: no new sign-in
+    if "none" in flow.prompt and flow.request:
+        return _handoff(request, flow, {"error": "login_required",
+                                        "error_description": "the user is not signed in"})
+    return _login_form(request, flow)
+
+
+@router.post("/authn/login")
+async def login_submit(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        form = await read_form(request)
+        flow = Flow.parse(form)
+    except (OAuthError, ValueError):
+        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
+    if not csrf_ok(request, form):
+        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    username = form.get("username", "").strip()[:255]
+    password = form.get("password", "")
+    keys = [f"user:{username.casefold()}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
+    wait = await iam.throttle.locked_for(keys)
+    if wait:
+        minutes = max(1, round(wait / 60))
+        return _login_form(request, flow, 429, f"Too many attempts. Try again in {minutes} minute(s).", username)
+    user = await iam.directory.find(username) if username else None
+    subject = user.sub if user is not None and user.active else None
+    if not await iam.credentials.verify(subject, password) or subject is None:
+        await iam.throttle.fail(keys)
+        return _login_form(request, flow, 401, "Incorrect username or password.", username)
+    await iam.throttle.clear(keys[0])
+    if await iam.totp.enabled(subject):
+        pending = iam.identity.sign(Role.AUTHENTICATION, MFA_TYP, {"sub": subject, "flow": flow.fields()},
+                                    issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
+        return page(request, "totp.html", mfa=pending)
+    return await _start_session(request, flow, subject, ["pwd"])
+
+
+async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str]) -> Response:
+    iam = request.app.state.iam
+    old = request.cookies.get(cookie_name(request, "iam_session"))
+    if old:
+        await iam.sessions.end(old)  # a new id at every sign-in (ASVS V7.2.4)
+    value, session = await iam.sessions.create(subject, amr)
+    response = _signed_in(request, flow, session)
+    set_cookie(request, response, "iam_session", value)
+    return response
+
+
+@router.post("/authn/login/totp")
+async def totp_submit(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        form = await read_form(request)
+    except OAuthError:
+        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
+    if not csrf_ok(request, form):
+        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    try:
+        pending = await iam.peer_keys.verify(form.get("mfa", ""), issuer=Role.AUTHENTICATION,
+                                             audience=role_id(Role.AUTHENTICATION), typ=MFA_TYP, max_ttl=MFA_TTL)
+        flow = Flow.parse(pending["flow"])
+    except (PeerRejected, ValueError, KeyError, TypeError):
+        return error_page("Sign-in expired", "The sign-in took too long. Please start again.")
+    subject = pending["sub"]
+    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
+    if await iam.throttle.locked_for(keys):
+        return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
+    if not await iam.totp.verify(subject, form.get("code", "")):
+        await iam.throttle.fail(keys)
+        return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
+    await iam.throttle.clear(keys[0])
+    return await _start_session(request, flow, subject, ["pwd", "otp"])

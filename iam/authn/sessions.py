@@ -1,0 +1,71 @@
+"""SSO sessions: a random cookie value, kept in the store only as its digest, with absolute and idle expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iam.authn.store import sessions
+
+TOUCH_EVERY = 60  # seconds between last_seen writes: an active session is not a write per request
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: str
+    subject: str
+    auth_time: int
+    amr: list[str]
+
+
+class Sessions:
+    def __init__(self, engine: AsyncEngine, ttl: int, idle_ttl: int, clock=time.time) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.idle_ttl = idle_ttl
+        self.clock = clock
+
+    async def create(self, subject: str, amr: list[str]) -> tuple[str, Session]:
+        """A new session (a fresh id at every sign-in: no session fixation). Returns the cookie value."""
+        now = int(self.clock())
+        value = secrets.token_urlsafe(32)
+        session = Session(sid=secrets.token_urlsafe(16), subject=subject, auth_time=now, amr=amr)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(sessions).values(
+                    digest=_digest(value), sid=session.sid, subject=subject, auth_time=now, amr=" ".join(amr),
+                    created_at=now, last_seen=now, expires_at=now + self.ttl, revoked=False,
+                )
+            )
+        return value, session
+
+    async def current(self, value: str | None) -> Session | None:
+        if not value or len(value) > 100:
+            return None
+        now = int(self.clock())
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(sessions).where(sessions.c.digest == _digest(value)))).first()
+        if row is None or row.revoked or row.expires_at <= now or now - row.last_seen > self.idle_ttl:
+            return None
+        if now - row.last_seen >= TOUCH_EVERY:
+            async with self.engine.begin() as conn:
+                await conn.execute(update(sessions).where(sessions.c.digest == row.digest).values(last_seen=now))
+        return Session(sid=row.sid, subject=row.subject, auth_time=row.auth_time, amr=row.amr.split())
+
+    async def end(self, value: str | None = None, *, sid: str | None = None) -> None:
+        condition = sessions.c.digest == _digest(value) if value else sessions.c.sid == sid
+        async with self.engine.begin() as conn:
+            await conn.execute(update(sessions).where(condition).values(revoked=True))
+
+    async def end_all(self, subject: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(sessions).where(sessions.c.subject == subject).values(revoked=True))

@@ -1,0 +1,214 @@
+"""The authorization endpoint (RFC 6749 §4.1, OIDC Core §3.1.2) and the return from the authentication role.
+
+Until the client and its redirect URI are proven, errors are an HTML page and nothing redirects
+(RFC 6749 §4.1.2.1). After that, errors go back to the client with `state` and `iss` (RFC 9207).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse
+from joserfc import jwt
+from joserfc.errors import JoseError
+
+from iam.config import ClientConfig
+from iam.errors import OAuthError
+from iam.http import parse_params, read_form, with_params
+from iam.pages import HARDENING, error_page
+from iam.peers import HANDOFF_TYP, PeerRejected, role_id
+from iam.roles import Role
+from iam.token.access_tokens import digest, new_token
+from iam.token.redirects import redirect_uri_allowed
+from iam.token.scopes import granted_scope
+
+router = APIRouter()
+
+PENDING_TTL = 600  # seconds a person has to sign in
+CODE_TTL = 60  # RFC 6749 §4.1.2 recommends ≤ 10 min; FAPI and ASVS L3 use 60 s
+PROMPTS = {"none", "login", "consent", "select_account"}
+S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
+
+
+class AuthorizationError(Exception):
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+@router.api_route("/oauth/v2/authorize", methods=["GET", "POST"])
+async def authorize(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        params = await read_form(request) if request.method == "POST" else parse_params(request.url.query)
+    except OAuthError as exc:
+        return error_page("Invalid request", exc.description or "The request could not be read.")
+    client = iam.clients.get(params.get("client_id", ""))
+    if client is None or "authorization_code" not in client.grant_types:
+        return error_page("Unknown application", "This application is not registered for sign-in here.")
+    redirect_uri = params.get("redirect_uri")
+    if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
+        return error_page("Invalid redirect", "The address to return to is not registered for this application.")
+    status = 303 if request.method == "POST" else 302
+    try:
+        pending = _validate(iam, client, redirect_uri, params)
+    except AuthorizationError as exc:
+        return _to_client(iam, redirect_uri, status, error=exc.error, error_description=exc.description,
+                          state=params.get("state"))
+    await iam.token_store.add_request(pending)
+    login = {
+        "request": pending["id"],
+        "client_id": client.client_id,
+        "prompt": pending["prompt"],
+        "max_age": pending["max_age"],
+        "login_hint": params.get("login_hint"),
+    }
+    query = urlencode({key: value for key, value in login.items() if value is not None})
+    return RedirectResponse(f"{iam.settings.login_base}/authn/login?{query}", status, headers=HARDENING)
+
+
+def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, str]) -> dict:
+    if "request" in params:
+        raise AuthorizationError("request_not_supported", "request objects are not supported")
+    if "request_uri" in params:
+        raise AuthorizationError("request_uri_not_supported", "request_uri is not supported")
+    response_type = params.get("response_type")
+    if response_type is None:
+        raise AuthorizationError("invalid_request", "response_type is required")
+    if response_type != "code":
+        # RFC 9700 §2.1.2: no implicit or hybrid flows.
+        raise AuthorizationError("unsupported_response_type", "only response_type=code is supported")
+    if params.get("response_mode", "query") != "query":
+        raise AuthorizationError("invalid_request", "only response_mode=query is supported")
+    try:
+        scope = granted_scope(params.get("scope"), client.scopes)
+    except OAuthError as exc:
+        raise AuthorizationError("invalid_scope", exc.description or "invalid scope") from None
+    challenge = params.get("code_challenge")
+    method = params.get("code_challenge_method")
+    if challenge is not None or method is not None:
+        if method != "S256":
+            raise AuthorizationError("invalid_request", "code_challenge_method must be S256")
+        if challenge is None or not S256_CHALLENGE.match(challenge):
+            raise AuthorizationError("invalid_request", "code_challenge must be a base64url SHA-256 (RFC 7636)")
+    elif client.require_pkce:
+        raise AuthorizationError("invalid_request", "PKCE is required: send code_challenge with S256")
+    prompt = params.get("prompt")
+    prompts = set(prompt.split()) if prompt else set()
+    if not prompts <= PROMPTS or ("none" in prompts and len(prompts) > 1):
+        raise AuthorizationError("invalid_request", "invalid prompt")
+    max_age = params.get("max_age")
+    if max_age is not None and (not max_age.isdigit() or len(max_age) > 9):
+        raise AuthorizationError("invalid_request", "max_age must be a non-negative integer")
+    now = int(time.time())
+    return {
+        "id": secrets.token_urlsafe(24),
+        "client_id": client.client_id,
+        "redirect_uri": redirect_uri,
+        "scope": scope,
+        "state": params.get("state"),
+        "nonce": params.get("nonce"),
+        "code_challenge": challenge,
+        "prompt": " ".join(sorted(prompts)) or None,
+        "max_age": int(max_age) if max_age is not None else None,
+        "subject_hint": _hinted_subject(iam, client, params.get("id_token_hint")),
+        "created_at": now,
+        "expires_at": now + PENDING_TTL,
+    }
+
+
+def _hinted_subject(iam, client: ClientConfig, hint: str | None) -> str | None:
+    """The `sub` of an ID token this server issued to this client (expired ones are fine, OIDC Core §3.1.2.1)."""
+    if hint is None:
+        return None
+    try:
+        decoded = jwt.decode(hint, iam.keys.public_set, algorithms=["RS256"])
+    except (JoseError, ValueError, TypeError):
+        raise AuthorizationError("invalid_request", "id_token_hint is not an ID token from this server") from None
+    claims = decoded.claims
+    if claims.get("iss") != iam.settings.issuer or claims.get("aud") != client.client_id:
+        raise AuthorizationError("invalid_request", "id_token_hint was not issued to this client")
+    return claims.get("sub")
+
+
+def _to_client(iam, redirect_uri: str, status: int, **params) -> Response:
+    """An authorization response, success or error, always with `iss` (RFC 9207 §2)."""
+    location = with_params(redirect_uri, {**params, "iss": iam.settings.issuer})
+    return RedirectResponse(location, status, headers=HARDENING)
+
+
+@router.get("/oauth/v2/authorize/resume")
+async def resume(request: Request) -> Response:
+    """The authentication role hands the person back with a signed, single-use assertion (DESIGN.md §2)."""
+    iam = request.app.state.iam
+    try:
+        params = parse_params(request.url.query)
+    except OAuthError:
+        params = {}
+    request_id, handoff = params.get("request", ""), params.get("handoff", "")
+    try:
+        claims = await iam.peer_keys.verify(handoff, issuer=Role.AUTHENTICATION, audience=role_id(Role.TOKEN),
+                                            typ=HANDOFF_TYP)
+    except PeerRejected:
+        return error_page("Sign-in not verified", "The sign-in could not be verified. Please start again.")
+    if claims.get("req") != request_id:
+        return error_page("Sign-in not verified", "The sign-in does not belong to this request.")
+    pending = await iam.token_store.take_request(request_id)
+    now = int(time.time())
+    if pending is None or pending["expires_at"] < now:
+        return error_page("Sign-in expired", "This sign-in has expired or was already used. Please start again.")
+    client = iam.clients.get(pending["client_id"])
+    if client is None:
+        return error_page("Unknown application", "This application is no longer registered.")
+
+    def back(**response) -> Response:
+        return _to_client(iam, pending["redirect_uri"], 302, state=pending["state"], **response)
+
+    if claims.get("error"):
+        return back(error=claims["error"], error_description=claims.get("error_description"))
+    auth_time = claims.get("auth_time")
+    if not isinstance(auth_time, int) or not claims.get("sub"):
+        return error_page("Sign-in not verified", "The sign-in assertion is incomplete.")
+    prompts = set((pending["prompt"] or "").split())
+    fresh_login_needed = ("login" in prompts and auth_time < pending["created_at"]) or (
+        pending["max_age"] is not None and now - auth_time > pending["max_age"]
+    )
+    other_user = pending["subject_hint"] is not None and pending["subject_hint"] != claims["sub"]
+    if fresh_login_needed or ("none" in prompts and other_user):
+        return back(error="login_required", error_description="the user must sign in again")
+
+    grant_id = uuid.uuid4().hex
+    offline = "offline_access" in pending["scope"].split()
+    code = new_token()
+    await iam.token_store.add_grant_with_code(
+        {
+            "id": grant_id,
+            "client_id": client.client_id,
+            "subject": claims["sub"],
+            "scope": pending["scope"],
+            "sid": claims.get("sid"),
+            "auth_time": auth_time,
+            "amr": " ".join(claims.get("amr") or ["pwd"]),
+            "acr": claims.get("acr"),
+            "nonce": pending["nonce"],
+            "offline": offline,
+            "created_at": now,
+            "expires_at": now + (client.offline_grant_ttl if offline else client.grant_ttl),
+            "revoked": False,
+        },
+        {
+            "digest": digest(code),
+            "grant_id": grant_id,
+            "redirect_uri": pending["redirect_uri"],
+            "code_challenge": pending["code_challenge"],
+            "expires_at": now + CODE_TTL,
+            "consumed": False,
+        },
+    )
+    return back(code=code)

@@ -1,0 +1,60 @@
+"""Which user claims a scope releases (OIDC Core §5.4), and the ID token (OIDC Core §2, §3.1.3.6)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from iam.peers import UserClaims
+
+SCOPE_CLAIMS = {
+    "profile": ("name", "given_name", "family_name", "preferred_username", "updated_at"),
+    "email": ("email", "email_verified"),
+    "groups": ("groups",),  # not in OIDC Core; what kube-apiserver and most APIs read
+}
+USER_SCOPES = ("openid", "profile", "email", "groups", "offline_access")
+CLAIMS_SUPPORTED = sorted({"sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "at_hash",
+                           "sid", *(c for names in SCOPE_CLAIMS.values() for c in names)})
+
+
+def scoped_claims(user: UserClaims, scopes: set[str]) -> dict:
+    """The user's claims released by these scopes; empty values are left out."""
+    released: dict = {}
+    for scope, names in SCOPE_CLAIMS.items():
+        if scope in scopes:
+            for name in names:
+                value = getattr(user, name)
+                if value is not None and value != "":
+                    released[name] = value
+    if "email" not in released:
+        released.pop("email_verified", None)
+    return released
+
+
+def at_hash(access_token: str) -> str:
+    """OIDC Core §3.1.3.6: left half of SHA-256 of the token, base64url (for RS256/ES256)."""
+    half = hashlib.sha256(access_token.encode()).digest()[:16]
+    return base64.urlsafe_b64encode(half).rstrip(b"=").decode()
+
+
+def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaims, access_token: str, now: int,
+                    ttl: int, include_nonce: bool) -> dict:
+    claims = {
+        "iss": issuer,
+        "sub": user.sub,
+        "aud": client_id,
+        "azp": client_id,
+        "exp": now + ttl,
+        "iat": now,
+        "auth_time": grant["auth_time"],
+        "amr": grant["amr"].split(),
+        "at_hash": at_hash(access_token),
+    }
+    if grant.get("sid"):
+        claims["sid"] = grant["sid"]
+    if grant.get("acr"):
+        claims["acr"] = grant["acr"]
+    if include_nonce and grant.get("nonce"):
+        claims["nonce"] = grant["nonce"]
+    claims.update(scoped_claims(user, set(grant["scope"].split())))
+    return claims

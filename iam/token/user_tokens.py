@@ -1,0 +1,46 @@
+"""Tokens for a user's grant: the access token pair, a rotating refresh token, and the ID token."""
+
+from __future__ import annotations
+
+from iam.config import ClientConfig
+from iam.errors import OAuthError
+from iam.peers import UserClaims
+from iam.token.access_tokens import IssuedToken, digest, new_token
+from iam.token.claims import id_token_claims, scoped_claims
+from iam.token.store import RefreshTokenRow
+
+
+async def current_user(iam, grant: dict) -> UserClaims:
+    """The user's claims as they are now (a disabled user or a changed group takes effect at once)."""
+    user = await iam.directory.claims(grant["subject"])
+    if user is None or not user.active:
+        await iam.token_store.revoke_grant(grant["grant_id"])
+        raise OAuthError("invalid_grant", "the user is disabled or no longer exists")
+    return user
+
+
+def mint(iam, client: ClientConfig, grant: dict, user: UserClaims, scope: str, now: int, *,
+         include_nonce: bool) -> tuple[dict, IssuedToken, RefreshTokenRow | None]:
+    """Build the token response and the rows to store with it; all signing happens here, before any write."""
+    scopes = set(scope.split())
+    access = iam.access_tokens.mint(
+        client, user.sub, scope, grant_id=grant["grant_id"],
+        claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)},
+    )
+    body = {"access_token": access.token, "token_type": "Bearer", "expires_in": access.expires_in, "scope": scope}
+    refresh_row = None
+    if "refresh_token" in client.grant_types:
+        refresh = new_token()
+        refresh_row = RefreshTokenRow(
+            digest=digest(refresh),
+            grant_id=grant["grant_id"],
+            issued_at=now,
+            expires_at=min(now + client.refresh_token_ttl, grant["grant_expires_at"]),
+        )
+        body["refresh_token"] = refresh
+    if "openid" in scopes:
+        claims = id_token_claims(issuer=iam.settings.issuer, client_id=client.client_id, grant=grant, user=user,
+                                 access_token=access.token, now=now, ttl=client.id_token_ttl,
+                                 include_nonce=include_nonce)
+        body["id_token"] = iam.keys.sign(claims, alg="RS256", typ="JWT")
+    return body, access, refresh_row

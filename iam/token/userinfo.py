@@ -1,0 +1,30 @@
+"""The UserInfo endpoint (OIDC Core §5.3): the user's current claims for an access token's scopes."""
+
+from fastapi import APIRouter, Request, Response
+
+from iam.errors import NO_STORE, OAuthError, invalid_token, json_response
+from iam.http import bearer_token
+from iam.token.access_tokens import jwt_claims
+from iam.token.claims import scoped_claims
+
+router = APIRouter()
+
+
+@router.api_route("/oauth/v2/userinfo", methods=["GET", "POST"])
+async def userinfo(request: Request) -> Response:
+    iam = request.app.state.iam
+    # RFC 6750 §2.1 header only: tokens in query strings or bodies leak into logs (RFC 9700 §4.3.2).
+    token = bearer_token(request)
+    if token is None:
+        raise invalid_token()
+    row = await iam.access_tokens.active(token)
+    if row is None or row.grant_id is None:
+        raise invalid_token("the access token is invalid, expired or revoked")
+    scopes = set(jwt_claims(row.jwt).get("scope", "").split())
+    if "openid" not in scopes:
+        raise OAuthError("insufficient_scope", "userinfo needs the openid scope", 403,
+                         {"WWW-Authenticate": 'Bearer realm="iam", error="insufficient_scope", scope="openid"'})
+    user = await iam.directory.claims(row.subject)
+    if user is None or not user.active:
+        raise invalid_token("the user is disabled")
+    return json_response({"sub": user.sub, **scoped_claims(user, scopes)}, 200, NO_STORE)
