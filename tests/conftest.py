@@ -23,6 +23,7 @@ SECRETS = {
     "gateway": "gateway-secret-0123456789abcdef",
     "odd:id &+": "odd secret:&=+%/é",
     "webapp": "webapp-secret-0123456789abcdef",
+    "legacy": "legacy-secret-0123456789abcdef",
 }
 WEBAPP_CALLBACK = "https://app.test/cb?dummy1=lorem&dummy2=ipsum"
 PASSWORD = "correct horse battery staple"
@@ -61,6 +62,15 @@ def client_config() -> list[dict]:
             "redirect_uris": [WEBAPP_CALLBACK, "https://app.test/other"],
             "post_logout_redirect_uris": ["https://app.test/bye"],
             "scope": "openid profile email groups offline_access api:read",
+        },
+        {
+            # a confidential client that cannot send PKCE (like the OpenID conformance suite's)
+            "client_id": "legacy",
+            "client_secret": SECRETS["legacy"],
+            "grant_types": ["authorization_code"],
+            "redirect_uris": ["https://legacy.test/cb"],
+            "scope": "openid",
+            "require_pkce": False,
         },
         {
             "client_id": "kubectl",

@@ -124,6 +124,7 @@ _FIND = select(
     access_tokens.c.expires_at,
     access_tokens.c.revoked,
     access_tokens.c.jwt,
+    access_tokens.c.grant_id,
 ).where(access_tokens.c.digest == bindparam("digest"))
 
 _GRANT_COLUMNS = [grants.c[name] for name in (

@@ -30,12 +30,27 @@ users = Table(
     Column("email", String(320)),  # the primary address, lower-cased, for claims and filters
     Column("email_verified", Boolean, nullable=False, default=False),
     Column("active", Boolean, nullable=False, default=True),
-    Column("attributes", JSON, nullable=False, default=dict),  # the rest of the SCIM resource (emails, name, ...)
+    # The rest of the SCIM resource (name.formatted, nickName, phoneNumbers, ...); never a password.
+    Column("attributes", JSON, nullable=False, default=dict),
     Column("version", Integer, nullable=False, default=1),  # ETag source
     Column("created_at", Integer, nullable=False),
     Column("updated_at", Integer, nullable=False),
 )
 Index("ix_users_email", users.c.email)
+
+# SCIM `emails` (multi-valued), one row per address so filters like `emails[type eq "work"]` are SQL.
+user_emails = Table(
+    "user_emails",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),  # the order the client gave
+    Column("value", String(320), nullable=False),
+    Column("value_key", String(320), nullable=False),  # lower-cased: emails.value is caseExact=false
+    Column("type", String(64)),
+    Column("is_primary", Boolean, nullable=False, default=False),
+    Column("display", String(255)),
+)
+Index("ix_user_emails_value_key", user_emails.c.value_key)
 
 groups = Table(
     "groups",

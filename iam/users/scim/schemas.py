@@ -1,0 +1,248 @@
+"""The SCIM schemas this server implements, defined once (RFC 7643 §4, §7, §8.7).
+
+Request validation, filter and PATCH path resolution, `attributes` projection and the discovery documents
+(`/Schemas`, `/ResourceTypes`, `/ServiceProviderConfig`) all read these definitions. Attribute names are
+case-insensitive (RFC 7643 §2.1): lookups fold case and answer the canonical spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+IAM_USER = "urn:ietf:params:scim:schemas:extension:iam:2.0:User"
+LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+SEARCH_REQUEST = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
+RESOURCE_TYPE_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
+SCHEMA_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Schema"
+
+MAX_PAYLOAD = 64 * 1024  # bytes of a request body (ServiceProviderConfig bulk.maxPayloadSize, 413 above)
+MAX_RESULTS = 200  # the most resources one list answer holds (filter.maxResults)
+DEFAULT_COUNT = 100
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    type: str = "string"  # string | boolean | complex | reference | dateTime
+    multi: bool = False
+    required: bool = False
+    case_exact: bool = False
+    mutability: str = "readWrite"  # readOnly | readWrite | immutable | writeOnly
+    returned: str = "default"  # always | never | default | request
+    uniqueness: str = "none"
+    description: str = ""
+    sub: tuple[Attr, ...] = ()
+    canonical: tuple[str, ...] = ()
+    reference_types: tuple[str, ...] = ()
+    max_length: int = 255
+
+    def child(self, name: str) -> Attr | None:
+        folded = name.casefold()
+        return next((a for a in self.sub if a.name.casefold() == folded), None)
+
+    @property
+    def read_only(self) -> bool:
+        return self.mutability == "readOnly"
+
+    def definition(self) -> dict:
+        """The RFC 7643 §7 attribute definition."""
+        doc: dict = {
+            "name": self.name,
+            "type": self.type,
+            "multiValued": self.multi,
+            "description": self.description,
+            "required": self.required,
+        }
+        if self.type in ("string", "reference"):
+            doc["caseExact"] = self.case_exact
+        if self.canonical:
+            doc["canonicalValues"] = list(self.canonical)
+        if self.reference_types:
+            doc["referenceTypes"] = list(self.reference_types)
+        if self.sub:
+            doc["subAttributes"] = [a.definition() for a in self.sub]
+        doc.update(mutability=self.mutability, returned=self.returned, uniqueness=self.uniqueness)
+        return doc
+
+
+@dataclass(frozen=True)
+class Schema:
+    id: str
+    name: str
+    description: str
+    attributes: tuple[Attr, ...]
+
+    def attr(self, name: str) -> Attr | None:
+        folded = name.casefold()
+        return next((a for a in self.attributes if a.name.casefold() == folded), None)
+
+    def definition(self, base: str) -> dict:
+        return {
+            "schemas": [SCHEMA_SCHEMA],
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "attributes": [a.definition() for a in self.attributes],
+            "meta": {"resourceType": "Schema", "location": f"{base}/Schemas/{self.id}"},
+        }
+
+
+def _s(name: str, **kw) -> Attr:
+    return Attr(name, "string", **kw)
+
+
+def _multi_value(name: str, description: str, types: tuple[str, ...], value_length: int = 255) -> Attr:
+    return Attr(name, "complex", multi=True, description=description, sub=(
+        _s("value", description=f"The {description.lower()} value.", max_length=value_length),
+        _s("display", description="A human-readable name, primarily used for display purposes."),
+        _s("type", description="A label indicating the attribute's function.", canonical=types, max_length=64),
+        Attr("primary", "boolean", description="The primary or preferred value; true at most once."),
+    ))
+
+
+# Common attributes (RFC 7643 §3.1): part of every resource, not of a schema's attribute list.
+ID = _s("id", case_exact=True, mutability="readOnly", returned="always", uniqueness="server",
+        description="Unique identifier of the resource, assigned by the service provider.", max_length=64)
+EXTERNAL_ID = _s("externalId", case_exact=True, description="Identifier of the resource in the provisioning client.")
+META = Attr("meta", "complex", mutability="readOnly", description="Resource metadata.", sub=(
+    _s("resourceType", case_exact=True, mutability="readOnly"),
+    Attr("created", "dateTime", mutability="readOnly"),
+    Attr("lastModified", "dateTime", mutability="readOnly"),
+    Attr("location", "reference", mutability="readOnly", case_exact=True, reference_types=("uri",), max_length=2048),
+    _s("version", case_exact=True, mutability="readOnly"),
+))
+SCHEMAS = Attr("schemas", "reference", multi=True, required=True, case_exact=True, mutability="readOnly",
+               returned="always", reference_types=("uri",))
+COMMON = (ID, EXTERNAL_ID, META)
+
+USER_SCHEMA = Schema(CORE_USER, "User", "User Account", (
+    _s("userName", required=True, uniqueness="server",
+       description="Unique identifier for the user, used to sign in. Compared case-insensitively."),
+    Attr("name", "complex", description="The components of the user's name.", sub=(
+        _s("formatted", description="The full name, formatted for display."),
+        _s("familyName", description="The family name (last name)."),
+        _s("givenName", description="The given name (first name)."),
+        _s("middleName", description="The middle name(s)."),
+        _s("honorificPrefix", description="The honorific prefix(es), e.g. 'Ms.'."),
+        _s("honorificSuffix", description="The honorific suffix(es), e.g. 'III'."),
+    )),
+    _s("displayName", description="The name of the user, suitable for display."),
+    _s("nickName", description="The casual way to address the user."),
+    Attr("profileUrl", "reference", reference_types=("external",), max_length=2048,
+         description="A URI of the user's online profile."),
+    _s("title", description="The user's title, such as 'Vice President'."),
+    _s("userType", description="The relationship between the organization and the user."),
+    _s("preferredLanguage", description="The user's preferred language (RFC 7231 Accept-Language)."),
+    _s("locale", description="The user's default location (language tag)."),
+    _s("timezone", description="The user's time zone (IANA name)."),
+    Attr("active", "boolean", description="Whether the user may sign in; false stops new logins and refreshes."),
+    _s("password", mutability="writeOnly", returned="never", max_length=1024,
+       description="The user's cleartext password; handed to the authentication role, never stored or returned."),
+    _multi_value("emails", "Email addresses", ("work", "home", "other"), value_length=320),
+    _multi_value("phoneNumbers", "Phone numbers", ("work", "home", "mobile", "fax", "pager", "other")),
+    Attr("groups", "complex", multi=True, mutability="readOnly",
+         description="The groups the user belongs to; managed through the Group resources.", sub=(
+             _s("value", mutability="readOnly", description="The id of the group."),
+             Attr("$ref", "reference", mutability="readOnly", reference_types=("Group",), max_length=2048),
+             _s("display", mutability="readOnly", description="The group's displayName."),
+             _s("type", mutability="readOnly", canonical=("direct", "indirect")),
+         )),
+))
+
+IAM_USER_SCHEMA = Schema(IAM_USER, "IamUser", "iam's User extension", (
+    Attr("emailVerified", "boolean",
+         description="Whether the primary email address is verified (the OIDC email_verified claim). "
+                     "Reset to false when the primary email changes unless set in the same request."),
+))
+
+GROUP_SCHEMA = Schema(CORE_GROUP, "Group", "Group", (
+    _s("displayName", required=True, uniqueness="server",
+       description="A human-readable name for the group; unique, compared case-insensitively."),
+    Attr("members", "complex", multi=True, description="The members of the group (users).", sub=(
+        _s("value", mutability="immutable", description="The id of the member user.", max_length=64),
+        Attr("$ref", "reference", mutability="immutable", reference_types=("User",), max_length=2048),
+        _s("display", mutability="readOnly", description="The member's displayName or userName."),
+        _s("type", mutability="immutable", canonical=("User",), max_length=64),
+    )),
+))
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    name: str
+    endpoint: str
+    description: str
+    schema: Schema
+    extensions: tuple[Schema, ...] = field(default=())
+
+    @property
+    def schema_ids(self) -> list[str]:
+        return [self.schema.id, *(e.id for e in self.extensions)]
+
+    def extension(self, urn: str) -> Schema | None:
+        folded = urn.casefold()
+        return next((e for e in self.extensions if e.id.casefold() == folded), None)
+
+    def schema_of(self, urn: str | None) -> Schema | None:
+        if urn is None or urn.casefold() == self.schema.id.casefold():
+            return self.schema
+        return self.extension(urn)
+
+    def attr(self, name: str, urn: str | None = None) -> tuple[Schema, Attr] | None:
+        """The attribute `name` of the schema `urn` (core when None), common attributes included."""
+        schema = self.schema_of(urn)
+        if schema is None:
+            return None
+        if schema is self.schema:
+            folded = name.casefold()
+            common = next((a for a in COMMON if a.name.casefold() == folded), None)
+            if common is not None:
+                return schema, common
+        found = schema.attr(name)
+        return None if found is None else (schema, found)
+
+    def definition(self, base: str) -> dict:
+        return {
+            "schemas": [RESOURCE_TYPE_SCHEMA],
+            "id": self.name,
+            "name": self.name,
+            "endpoint": self.endpoint,
+            "description": self.description,
+            "schema": self.schema.id,
+            "schemaExtensions": [{"schema": e.id, "required": False} for e in self.extensions],
+            "meta": {"resourceType": "ResourceType", "location": f"{base}/ResourceTypes/{self.name}"},
+        }
+
+
+USER = ResourceType("User", "/Users", "User Account", USER_SCHEMA, (IAM_USER_SCHEMA,))
+GROUP = ResourceType("Group", "/Groups", "Group", GROUP_SCHEMA)
+RESOURCE_TYPES = (USER, GROUP)
+ALL_SCHEMAS = (USER_SCHEMA, GROUP_SCHEMA, IAM_USER_SCHEMA)
+
+
+def service_provider_config(base: str) -> dict:
+    return {
+        "schemas": [SPC_SCHEMA],
+        "documentationUri": "https://datatracker.ietf.org/doc/html/rfc7644",
+        "patch": {"supported": True},
+        "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": MAX_PAYLOAD},
+        "filter": {"supported": True, "maxResults": MAX_RESULTS},
+        "changePassword": {"supported": True},
+        "sort": {"supported": True},
+        "etag": {"supported": True},
+        "authenticationSchemes": [
+            {
+                "type": "oauthbearertoken",
+                "name": "OAuth Bearer Token",
+                "description": "An access token from this server's token endpoint with scope scim:read "
+                               "(reads) or scim:write (changes), e.g. by the client_credentials grant.",
+                "specUri": "https://www.rfc-editor.org/info/rfc6750",
+                "primary": True,
+            }
+        ],
+        "meta": {"resourceType": "ServiceProviderConfig", "location": f"{base}/ServiceProviderConfig"},
+    }
