@@ -6,7 +6,7 @@ import base64
 import hashlib
 import re
 import secrets
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 
@@ -49,7 +49,8 @@ async def authorize(http, client_id="webapp", redirect_uri=WEBAPP_CALLBACK, scop
 async def sign_in(http, login_page: httpx.Response, username="alice", password=PASSWORD) -> httpx.Response:
     assert login_page.status_code == 200, login_page.text
     fields = hidden_fields(login_page.text)
-    return await http.post("/authn/login", data={**fields, "username": username, "password": password})
+    action = urljoin(str(login_page.url), "/authn/login")  # the authentication role may be another origin
+    return await http.post(action, data={**fields, "username": username, "password": password})
 
 
 async def code_flow(http, client_id="webapp", redirect_uri=WEBAPP_CALLBACK, scope="openid profile email groups",

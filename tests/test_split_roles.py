@@ -1,0 +1,127 @@
+"""The three roles as three processes, each with its own PostgreSQL database (DESIGN.md §1).
+
+The handoff, the user lookups at sign-in, the claims at code redemption and refresh, and the password
+that `iam users add` sets all cross process boundaries over the internal HTTP API, authenticated with
+service assertions. No role's database holds another role's tables.
+"""
+
+import asyncio
+from contextlib import ExitStack
+
+import asyncpg
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from iam.store import alembic_config
+from tests.conftest import PASSWORD, create_database
+from tests.oauth import authorize, follow, pkce, query, sign_in
+from tests.postgres import free_port
+from tests.server import iam, serve, write_config
+
+CALLBACK = "https://app.test/cb"
+STORE_OF = {"authentication": "authn", "token": "token", "user-management": "users"}
+ROLE_TABLES = {role: set(alembic_config(store).attributes["metadata"].tables) for role, store in STORE_OF.items()}
+
+
+@pytest.fixture(scope="module")
+def cluster_of_roles(tmp_path_factory, postgres_server):
+    """Start token, authentication and user-management as three `iam serve` processes."""
+    ports = {role: free_port() for role in ROLE_TABLES}
+    urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
+    host = postgres_server.split("://", 1)[1]
+    databases = {role: asyncio.run(create_database(postgres_server)) for role in ROLE_TABLES}
+    store_var = {"authentication": "IAM_AUTHN_DATABASE_URL", "token": "IAM_TOKEN_DATABASE_URL",
+                 "user-management": "IAM_USERS_DATABASE_URL"}
+    clients = [{
+        "client_id": "webapp", "client_secret": "${WEBAPP_SECRET}", "redirect_uris": [CALLBACK],
+        "grant_types": ["authorization_code", "refresh_token"], "scope": "openid profile email groups",
+    }]
+    envs = {}
+    with ExitStack() as stack:
+        for role in ("user-management", "authentication", "token"):
+            directory = tmp_path_factory.mktemp(role)
+            config = write_config(directory, issuer=urls["token"], authentication_url=urls["authentication"],
+                                  keys={"dir": str(directory / "keys")}, clients=clients)
+            envs[role] = {
+                "IAM_CONFIG": str(config),
+                "SERVICE_ROLE": role,
+                store_var[role]: f"postgresql+asyncpg://{host}/{databases[role]}",
+                "IAM_TOKEN_URL": urls["token"],
+                "IAM_AUTHN_URL": urls["authentication"],
+                "IAM_USERS_URL": urls["user-management"],
+                "WEBAPP_SECRET": "webapp-secret-0123456789abcdef",
+                "cwd": str(directory),
+            }
+            env = {k: v for k, v in envs[role].items() if k != "cwd"}
+            stack.enter_context(serve(env, directory, port=ports[role]))
+        yield urls, envs, databases
+
+
+def run_cli(envs, role, *args, input=None):
+    env = dict(envs[role])
+    cwd = env.pop("cwd")
+    return iam(*args, env=env, cwd=cwd, input=input)
+
+
+async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
+    urls, envs, _ = cluster_of_roles
+    added = run_cli(envs, "user-management", "users", "add", "--username", "carol", "--email", "carol@example.com",
+                    "--email-verified", "--group", "platform", "--group", "sre", "--password-stdin",
+                    input=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    carol = added.stdout.strip()
+
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        verifier, challenge = pkce()
+        start = await authorize(http, "webapp", CALLBACK, "openid email groups", challenge, nonce="n1")
+        assert start.headers["location"].startswith(urls["authentication"] + "/authn/login?")
+        page = await follow(http, start, CALLBACK)
+        assert str(page.url).startswith(urls["authentication"])
+        done = await follow(http, await sign_in(http, page, "carol"), CALLBACK)
+        params = query(done.headers["location"])
+        assert params["iss"] == urls["token"]
+        token = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "authorization_code", "code": params["code"], "redirect_uri": CALLBACK,
+            "code_verifier": verifier})
+        assert token.status_code == 200, token.text
+        body = token.json()
+        keys = KeySet.import_key_set((await http.get("/oauth/v2/jwks")).json())
+        claims = jwt.decode(body["id_token"], keys, algorithms=["RS256"]).claims
+        assert claims["sub"] == carol and claims["groups"] == ["platform", "sre"]
+        assert claims["email"] == "carol@example.com" and claims["email_verified"] is True
+
+        # Disabling the user in the user-management role stops the refresh in the token role at once.
+        assert run_cli(envs, "user-management", "users", "disable", "carol").returncode == 0
+        refreshed = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
+        assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+
+
+async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):
+    urls, _, _ = cluster_of_roles
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{urls['user-management']}/internal/v1/users", params={"username": "carol"})
+                ).status_code == 401
+        forged = await http.put(f"{urls['authentication']}/internal/v1/credentials/x",
+                                headers={"Authorization": "Bearer eyJhbGciOiJub25lIn0.eyJpc3MiOiJpYW06dXNlci1tYW5hZ2VtZW50In0."},
+                                json={"password": "whatever-long-enough"})
+        assert forged.status_code == 401
+        # Each role still publishes its public keys for the others.
+        assert (await http.get(f"{urls['authentication']}/internal/v1/jwks")).json()["keys"]
+
+
+async def test_no_role_database_holds_another_roles_tables(cluster_of_roles, postgres_server):
+    _, _, databases = cluster_of_roles
+    for role, database in databases.items():
+        conn = await asyncpg.connect(f"{postgres_server}/{database}")
+        try:
+            tables = {row["tablename"] for row in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        finally:
+            await conn.close()
+        assert tables - {"alembic_version"} == ROLE_TABLES[role], (role, tables)
+        for other, other_tables in ROLE_TABLES.items():
+            if other != role:
+                assert not tables & other_tables, (role, other, tables)
