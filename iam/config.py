@@ -63,6 +63,9 @@ class ClientConfig(_Strict):
     grant_ttl: int = Field(default=12 * 3600, ge=60)  # absolute lifetime of a grant without offline_access
     offline_grant_ttl: int = Field(default=30 * 86400, ge=60)  # ... and with offline_access
     require_pkce: bool = True  # may be switched off only for a confidential client that cannot send it
+    # Seconds in which a retry of a just-rotated refresh token gets the same successor instead of revoking the
+    # grant: parallel kubectl calls race on one refresh token. 0 (default) is strict rotation.
+    refresh_reuse_window: int = Field(default=0, ge=0, le=60)
     audience: list[str] = []
 
     @field_validator("scope")

@@ -80,6 +80,7 @@ def client_config() -> list[dict]:
             "redirect_uris": ["http://localhost:8000", "http://127.0.0.1/callback"],
             "scope": "openid profile email groups offline_access",
             "id_token_ttl": 60,
+            "refresh_reuse_window": 5,
         },
         {"client_id": "disabled", "client_secret": "", "grant_types": ["client_credentials"]},
     ]

@@ -242,3 +242,54 @@ async def test_concurrent_redemptions_and_refreshes_have_one_winner(client, alic
     results = await asyncio.gather(*(refresh(client, body["refresh_token"]) for _ in range(10)))
     statuses = sorted(r.status_code for r in results)
     assert statuses.count(200) == 1 and statuses.count(400) == 9, statuses
+
+
+KUBECTL = {"client_id": "kubectl", "redirect_uri": "http://127.0.0.1:8000/callback",
+           "scope": "openid email groups offline_access"}
+
+
+async def test_reuse_window_gives_a_retry_the_same_successor(client, alice):
+    first = await tokens_for(client, **KUBECTL)
+    second = await refresh(client, first["refresh_token"], client_id="kubectl")
+    retry = await refresh(client, first["refresh_token"], client_id="kubectl")
+    assert second.status_code == retry.status_code == 200
+    assert retry.json() == second.json()  # the very same tokens
+    assert (await introspect(client, second.json()["access_token"]))["active"] is True
+    third = await refresh(client, second.json()["refresh_token"], client_id="kubectl")
+    assert third.status_code == 200
+
+
+async def test_parallel_kubectl_refreshes_all_get_the_same_tokens(client, alice):
+    first = await tokens_for(client, **KUBECTL)
+    results = await asyncio.gather(*(refresh(client, first["refresh_token"], client_id="kubectl")
+                                     for _ in range(8)))
+    assert [r.status_code for r in results] == [200] * 8, [r.text for r in results]
+    assert len({r.json()["refresh_token"] for r in results}) == 1
+    assert len({r.json()["access_token"] for r in results}) == 1
+
+
+async def test_reuse_after_the_window_still_revokes_the_family(client, app, alice):
+    from iam.token.store import refresh_tokens
+
+    first = await tokens_for(client, **KUBECTL)
+    second = (await refresh(client, first["refresh_token"], client_id="kubectl")).json()
+    async with app.state.iam.stores["token"].engine.begin() as conn:
+        await conn.execute(update(refresh_tokens).where(refresh_tokens.c.used_at.is_not(None))
+                           .values(used_at=refresh_tokens.c.used_at - 6))
+    late = await refresh(client, first["refresh_token"], client_id="kubectl")
+    assert late.status_code == 400 and late.json()["error"] == "invalid_grant"
+    assert (await refresh(client, second["refresh_token"], client_id="kubectl")).json()["error"] == "invalid_grant"
+    assert await introspect(client, second["access_token"]) == {"active": False}
+
+
+async def test_the_successor_is_stored_only_encrypted(client, app, alice):
+    from sqlalchemy import select
+
+    from iam.token.store import refresh_tokens
+
+    first = await tokens_for(client, **KUBECTL)
+    second = (await refresh(client, first["refresh_token"], client_id="kubectl")).json()
+    async with app.state.iam.stores["token"].engine.connect() as conn:
+        blobs = (await conn.execute(select(refresh_tokens.c.successor))).scalars().all()
+    stored = b"".join(blob for blob in blobs if blob)
+    assert stored and second["refresh_token"].encode() not in stored and second["access_token"].encode() not in stored

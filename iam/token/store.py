@@ -95,6 +95,8 @@ refresh_tokens = Table(
     Column("expires_at", Integer, nullable=False, index=True),  # idle expiry; the grant has the absolute one
     Column("used_at", Integer),  # set when rotated: a second use is reuse
     Column("revoked", Boolean, nullable=False, default=False),
+    # With a reuse window, the successor response, encrypted under a key derived from this token itself.
+    Column("successor", LargeBinary),
 )
 
 
@@ -233,7 +235,7 @@ class TokenStore:
         return None if found is None else _row(found)
 
     async def rotate_refresh_token(
-        self, digest: bytes, now: int, access: AccessTokenRow, refresh: RefreshTokenRow
+        self, digest: bytes, now: int, access: AccessTokenRow, refresh: RefreshTokenRow, successor: bytes | None
     ) -> bool:
         """Spend a refresh token and store its successors, atomically; False if it was already spent."""
         async with self.engine.begin() as conn:
@@ -244,7 +246,7 @@ class TokenStore:
                     refresh_tokens.c.used_at.is_(None),
                     refresh_tokens.c.revoked.is_(False),
                 )
-                .values(used_at=now)
+                .values(used_at=now, successor=successor)
             )
             if won.rowcount != 1:
                 return False

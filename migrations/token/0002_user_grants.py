@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Integer, nullable=False),
         sa.Column("used_at", sa.Integer),
         sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("successor", sa.LargeBinary),
     )
     op.create_index("ix_refresh_tokens_grant_id", "refresh_tokens", ["grant_id"])
     op.create_index("ix_refresh_tokens_expires_at", "refresh_tokens", ["expires_at"])

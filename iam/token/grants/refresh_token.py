@@ -1,16 +1,26 @@
 """The refresh token grant (RFC 6749 §6) with rotation and reuse detection (RFC 9700 §4.14.2).
 
 Every use spends the token and returns a successor. Presenting a spent token again revokes the whole
-grant. Claims are read from the directory at every refresh, so a disabled user stops here.
+grant, except inside the client's reuse window: parallel kubectl calls race on one refresh token, so a
+retry of the just-spent token within a few seconds gets the very same successor tokens. The successor is
+kept only encrypted under a key derived from the spent token, which the server does not keep.
 """
 
+import json
+import logging
 import time
+
+from cryptography.exceptions import InvalidTag
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError
+from iam.security import seal, unseal
 from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.scopes import granted_scope
 from iam.token.user_tokens import current_user, mint
+
+log = logging.getLogger("iam.token.refresh")
+SUCCESSOR = b"iam refresh successor v1"
 
 
 def _invalid(description: str) -> OAuthError:
@@ -31,8 +41,7 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     if found["revoked"] or found["grant_revoked"]:
         raise _invalid("the refresh token was revoked")
     if found["used_at"] is not None:
-        await iam.token_store.revoke_grant(found["grant_id"])
-        raise _invalid("the refresh token was already used; the grant is revoked")
+        return await _retry_or_revoke(iam, client, found, token, now)
     if found["expires_at"] < now or found["grant_expires_at"] < now:
         raise _invalid("the refresh token has expired")
     granted = set(found["scope"].split())
@@ -40,7 +49,25 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
 
     user = await current_user(iam, found)
     body, access, refresh = mint(iam, client, found, user, scope, now, include_nonce=False)
-    if not await iam.token_store.rotate_refresh_token(token_digest, now, access.row, refresh):
-        await iam.token_store.revoke_grant(found["grant_id"])  # spent concurrently: treat as reuse
-        raise _invalid("the refresh token was already used; the grant is revoked")
+    sealed = seal(token, SUCCESSOR, json.dumps(body).encode()) if client.refresh_reuse_window else None
+    if not await iam.token_store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
+        # Spent concurrently: the winner may have left its successor for us.
+        return await _retry_or_revoke(iam, client, await iam.token_store.find_refresh_token(token_digest),
+                                      token, now)
     return body
+
+
+async def _retry_or_revoke(iam, client: ClientConfig, found: dict | None, token: str, now: int) -> dict:
+    """A spent token again: the same successor inside the reuse window, else the grant is revoked."""
+    if found is not None and not found["grant_revoked"] and found["successor"] is not None and (
+        now - found["used_at"] <= client.refresh_reuse_window
+    ):
+        try:
+            return json.loads(unseal(token, SUCCESSOR, found["successor"]))
+        except (InvalidTag, ValueError):
+            pass
+    if found is not None:
+        await iam.token_store.revoke_grant(found["grant_id"])
+        log.warning("refresh token reuse: grant revoked",
+                    extra={"client_id": client.client_id, "grant_id": found["grant_id"]})
+    raise _invalid("the refresh token was already used; the grant is revoked")
