@@ -77,9 +77,14 @@ class Runtime:
             self.token_store = TokenStore(self.stores["token"].engine)
             self.access_tokens = AccessTokens(settings, self.keys, self.token_store)
             self.metadata_json = metadata_json(settings, sorted(GRANTS))
+            from iam.token.device import DeviceApprovals
+
             self.tokens = self.access_tokens
+            self.device_approvals = DeviceApprovals(self)
         else:
             self.tokens = peer(RemoteTokens, Role.TOKEN)
+        if role is Role.AUTHENTICATION:
+            self.device_approvals = peer(RemoteTokens, Role.TOKEN)
 
     async def start(self) -> None:
         """Open stores (migrating them if configured), load keys, start background jobs. Idempotent."""
@@ -150,18 +155,21 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
-        from iam.authn import account, login
+        from iam.authn import account, device, login
         from iam.authn import internal as authn_internal
 
-        for module in (login, account, authn_internal):
+        for module in (login, account, device, authn_internal):
             app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal
+        from iam.users.scim import routes as scim_routes
 
         app.include_router(users_internal.router)
+        app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import authorize, discovery, endpoint, introspection, logout, phantom, revocation, userinfo
+        from iam.token import (authorize, device, discovery, endpoint, introspection, logout, phantom, revocation,
+                               userinfo)
 
-        for module in (authorize, endpoint, introspection, phantom, revocation, userinfo, logout, discovery):
+        for module in (authorize, endpoint, device, introspection, phantom, revocation, userinfo, logout, discovery):
             app.include_router(module.router)
     return app

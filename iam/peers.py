@@ -81,6 +81,14 @@ class Tokens(Protocol):
     async def introspect(self, token: str) -> dict | None: ...
 
 
+class DeviceApprovals(Protocol):
+    """The token role's pending device codes, as the authentication role's verification page sees them."""
+
+    async def device_lookup(self, user_code: str) -> dict | None: ...
+
+    async def device_decide(self, user_code: str, approve: bool, session: dict) -> bool: ...
+
+
 def role_id(role: Role) -> str:
     return f"iam:{role.value}"
 
@@ -216,6 +224,15 @@ class RemoteTokens(_Remote):
         response = await self.call("POST", "/internal/v1/introspect", json={"token": token})
         body = response.json()
         return body if body.get("active") else None
+
+    async def device_lookup(self, user_code: str) -> dict | None:
+        response = await self.call("GET", f"/internal/v1/device/{_segment(user_code)}")
+        return response.json() if response.status_code == 200 else None
+
+    async def device_decide(self, user_code: str, approve: bool, session: dict) -> bool:
+        response = await self.call("POST", f"/internal/v1/device/{_segment(user_code)}",
+                                   json={"approve": approve, "session": session})
+        return response.status_code == 200
 
 
 def _segment(value: str) -> str:

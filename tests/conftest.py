@@ -75,8 +75,9 @@ def client_config() -> list[dict]:
         {
             "client_id": "kubectl",
             "token_endpoint_auth_method": "none",
+            "client_name": "kubectl",
             "application_type": "native",
-            "grant_types": ["authorization_code", "refresh_token"],
+            "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
             "redirect_uris": ["http://localhost:8000", "http://127.0.0.1/callback"],
             "scope": "openid profile email groups offline_access",
             "id_token_ttl": 60,

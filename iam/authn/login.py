@@ -20,6 +20,7 @@ from iam.pages import HARDENING, error_page, render
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.security import constant_time_equal
+from iam.token.device import normalise_user_code
 
 router = APIRouter()
 
@@ -86,6 +87,7 @@ class Flow:
     prompt: frozenset[str]
     max_age: int | None
     login_hint: str | None
+    device: str | None = None  # a user code to return to after sign-in (RFC 8628 verification)
 
     @classmethod
     def parse(cls, params: dict[str, str]) -> Flow:
@@ -99,13 +101,16 @@ class Flow:
         if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
             raise ValueError("invalid max_age")
         hint = params.get("login_hint")
+        device = params.get("device")
+        if device is not None and normalise_user_code(device) is None:
+            raise ValueError("malformed user code")
         return cls(request, params.get("client_id"), prompt, int(max_age) if max_age else None,
-                   hint[:255] if hint else None)
+                   hint[:255] if hint else None, device)
 
     def fields(self) -> dict[str, str]:
         """Hidden form fields that carry the flow through the form posts."""
         values = {"request": self.request, "client_id": self.client_id, "prompt": " ".join(sorted(self.prompt)),
-                  "max_age": None if self.max_age is None else str(self.max_age)}
+                  "max_age": None if self.max_age is None else str(self.max_age), "device": self.device}
         return {key: value for key, value in values.items() if value}
 
 
@@ -127,6 +132,8 @@ def _handoff(request: Request, flow: Flow, claims: dict) -> Response:
 
 
 def _signed_in(request: Request, flow: Flow, session) -> Response:
+    if flow.device is not None:  # back to the device verification page, on this origin only
+        return RedirectResponse(f"/authn/device?{urlencode({'user_code': flow.device})}", 303, headers=HARDENING)
     if flow.request is None:
         return RedirectResponse("/authn/account", 303, headers=HARDENING)
     return _handoff(request, flow, {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr,
@@ -146,7 +153,7 @@ async def current_session(request: Request):
     return session
 
 
-def _login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
+def login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
                 username: str | None = None) -> Response:
     return page(request, "login.html", status, flow=flow.fields(), client_name=_client_name(request, flow),
                 error=error, username=username or flow.login_hint or "")
@@ -166,7 +173,7 @@ async def login_page(request: Request) -> Response:
     if "none" in flow.prompt and flow.request:
         return _handoff(request, flow, {"error": "login_required",
                                         "error_description": "the user is not signed in"})
-    return _login_form(request, flow)
+    return login_form(request, flow)
 
 
 @router.post("/authn/login")
@@ -185,12 +192,12 @@ async def login_submit(request: Request) -> Response:
     wait = await iam.throttle.locked_for(keys)
     if wait:
         minutes = max(1, round(wait / 60))
-        return _login_form(request, flow, 429, f"Too many attempts. Try again in {minutes} minute(s).", username)
+        return login_form(request, flow, 429, f"Too many attempts. Try again in {minutes} minute(s).", username)
     user = await iam.directory.find(username) if username else None
     subject = user.sub if user is not None and user.active else None
     if not await iam.credentials.verify(subject, password) or subject is None:
         await iam.throttle.fail(keys)
-        return _login_form(request, flow, 401, "Incorrect username or password.", username)
+        return login_form(request, flow, 401, "Incorrect username or password.", username)
     await iam.throttle.clear(keys[0])
     if await iam.totp.enabled(subject):
         pending = iam.identity.sign(Role.AUTHENTICATION, MFA_TYP, {"sub": subject, "flow": flow.fields()},

@@ -29,6 +29,7 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict:
         "introspection_endpoint": f"{base}/oauth/v2/introspect",
         "revocation_endpoint": f"{base}/oauth/v2/revoke",
         "end_session_endpoint": f"{base}/oauth/v2/end_session",
+        "device_authorization_endpoint": f"{base}/oauth/v2/device_authorization",
         "grant_types_supported": grant_types,
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],

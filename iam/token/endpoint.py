@@ -4,7 +4,8 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import read_form
-from iam.token.grants import authorization_code, client_credentials, refresh_token
+from iam.token.device import DEVICE_GRANT
+from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token
 
 router = APIRouter()
 
@@ -12,6 +13,7 @@ GRANTS = {
     "authorization_code": authorization_code.grant,
     "client_credentials": client_credentials.grant,
     "refresh_token": refresh_token.grant,
+    DEVICE_GRANT: device_code.grant,
 }
 
 

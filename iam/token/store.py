@@ -100,6 +100,23 @@ refresh_tokens = Table(
 )
 
 
+# The device authorization grant (RFC 8628): a device polls with device_code while a person approves the
+# user_code in a browser.
+device_codes = Table(
+    "device_codes",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),  # SHA-256 of the device_code
+    Column("user_code", LargeBinary(32), nullable=False, unique=True),  # SHA-256 of the normalised user code
+    Column("client_id", String(128), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("interval", Integer, nullable=False),
+    Column("last_poll", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | approved | denied | consumed
+    Column("grant_id", String(64)),
+    Column("expires_at", Integer, nullable=False, index=True),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class AccessTokenRow:
     digest: bytes
@@ -273,6 +290,58 @@ class TokenStore:
             for grant_id in (await conn.execute(select(grants.c.id).where(grants.c.subject == subject))).scalars():
                 await _revoke_grant(conn, grant_id)
 
+    # -- device codes -------------------------------------------------------------------------------------
+    async def add_device_code(self, values: dict) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(device_codes).values(values))
+
+    async def find_device_code(self, *, digest: bytes | None = None, user_code: bytes | None = None) -> dict | None:
+        where = device_codes.c.digest == digest if digest is not None else device_codes.c.user_code == user_code
+        async with self.engine.connect() as conn:
+            found = (await conn.execute(select(device_codes).where(where))).first()
+        return None if found is None else _row(found)
+
+    async def poll_device_code(self, digest: bytes, now: int, interval: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(device_codes).where(device_codes.c.digest == digest).values(last_poll=now, interval=interval)
+            )
+
+    async def decide_device_code(self, user_code: bytes, now: int, grant: dict | None) -> bool:
+        """Approve (with the grant the person gave) or deny a pending device code, once."""
+        async with self.engine.begin() as conn:
+            values = {"status": "approved", "grant_id": grant["id"]} if grant else {"status": "denied"}
+            won = await conn.execute(
+                update(device_codes)
+                .where(device_codes.c.user_code == user_code, device_codes.c.status == "pending",
+                       device_codes.c.expires_at >= now)
+                .values(values)
+            )
+            if won.rowcount != 1:
+                return False
+            if grant:
+                await conn.execute(insert(grants).values(grant))
+        return True
+
+    async def find_grant(self, grant_id: str) -> dict | None:
+        async with self.engine.connect() as conn:
+            found = (
+                await conn.execute(select(grants.c.id.label("grant_id"), *_GRANT_COLUMNS).where(grants.c.id == grant_id))
+            ).first()
+        return None if found is None else _row(found)
+
+    async def redeem_device_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> bool:
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(device_codes)
+                .where(device_codes.c.digest == digest, device_codes.c.status == "approved")
+                .values(status="consumed")
+            )
+            if won.rowcount != 1:
+                return False
+            await _add_tokens(conn, access, refresh)
+        return True
+
     # -- housekeeping -------------------------------------------------------------------------------------
     async def purge_expired(self, now: int, batch: int) -> int:
         """Delete at most `batch` expired rows per table: bounded work per call, so a backlog never locks a table."""
@@ -284,6 +353,7 @@ class TokenStore:
                 # Used codes stay a while after expiry, so a late replay still revokes what the code bought.
                 (codes, codes.c.digest, codes.c.expires_at, CODE_REPLAY_MEMORY),
                 (authorization_requests, authorization_requests.c.id, authorization_requests.c.expires_at, 0),
+                (device_codes, device_codes.c.digest, device_codes.c.expires_at, 0),
             ):
                 doomed = select(key).where(expiry < now - keep).limit(batch)
                 total += (await conn.execute(delete(table).where(key.in_(doomed)))).rowcount

@@ -1,4 +1,4 @@
-"""token store: grants, pending authorization requests, codes, refresh tokens
+"""token store: grants, pending authorization requests, codes, refresh tokens, device codes
 
 Revision ID: token_0002
 Revises: token_0001
@@ -73,11 +73,24 @@ def upgrade() -> None:
         sa.Column("successor", sa.LargeBinary),
     )
     op.create_index("ix_refresh_tokens_grant_id", "refresh_tokens", ["grant_id"])
+    op.create_table(
+        "device_codes",
+        sa.Column("digest", sa.LargeBinary(32), primary_key=True),
+        sa.Column("user_code", sa.LargeBinary(32), nullable=False, unique=True),
+        sa.Column("client_id", sa.String(128), nullable=False),
+        sa.Column("scope", sa.Text, nullable=False),
+        sa.Column("interval", sa.Integer, nullable=False),
+        sa.Column("last_poll", sa.Integer, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("grant_id", sa.String(64)),
+        sa.Column("expires_at", sa.Integer, nullable=False),
+    )
+    op.create_index("ix_device_codes_expires_at", "device_codes", ["expires_at"])
     op.create_index("ix_refresh_tokens_expires_at", "refresh_tokens", ["expires_at"])
 
 
 def downgrade() -> None:
-    for table in ("refresh_tokens", "codes", "authorization_requests", "grants"):
+    for table in ("device_codes", "refresh_tokens", "codes", "authorization_requests", "grants"):
         op.drop_table(table)
     with op.batch_alter_table("access_tokens") as batch:
         batch.drop_index("ix_access_tokens_grant_id")

@@ -1,0 +1,70 @@
+"""The verification page of the device authorization grant (RFC 8628 §3.3): enter the code, sign in,
+approve or deny. The decision goes to the token role, which owns the device code."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from iam.authn.login import Flow, csrf_ok, current_session, login_form, page
+from iam.errors import OAuthError
+from iam.http import client_address, parse_params, read_form
+from iam.pages import error_page
+from iam.token.device import normalise_user_code
+
+router = APIRouter()
+
+
+def _client_name(request: Request, client_id: str) -> str:
+    for client in request.app.state.iam.settings.clients:
+        if client.client_id == client_id:
+            return client.client_name or client.client_id
+    return client_id
+
+
+@router.get("/authn/device")
+async def device_page(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        user_code = parse_params(request.url.query).get("user_code")
+    except OAuthError:
+        user_code = None
+    if not user_code:
+        return page(request, "device.html")
+    # User codes are short: guessing them is throttled per client address like passwords.
+    key = [f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
+    if await iam.throttle.locked_for(key):
+        return page(request, "device.html", 429, error="Too many attempts. Try again later.")
+    found = await iam.device_approvals.device_lookup(user_code)
+    if found is None:
+        await iam.throttle.fail(key)
+        return page(request, "device.html", 400, user_code=user_code,
+                    error="That code is not valid or has expired. Check it and try again.")
+    code = normalise_user_code(user_code)
+    session = await current_session(request)
+    if session is None:
+        flow = Flow(request=None, client_id=found["client_id"], prompt=frozenset(), max_age=None, login_hint=None,
+                    device=code)
+        return login_form(request, flow)
+    user = await iam.directory.claims(session.subject)
+    return page(request, "device_confirm.html", user_code=f"{code[:4]}-{code[4:]}", user=user,
+                client_name=_client_name(request, found["client_id"]), scopes=found["scope"].split())
+
+
+@router.post("/authn/device")
+async def device_decision(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        form = await read_form(request)
+    except OAuthError:
+        form = {}
+    session = await current_session(request)
+    if not form or not csrf_ok(request, form) or session is None:
+        return error_page("Session expired", "Sign in again and re-enter the code.", 403)
+    approve = form.get("decision") == "approve"
+    decided = await iam.device_approvals.device_decide(
+        form.get("user_code", ""), approve,
+        {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid},
+    )
+    if not decided:
+        return page(request, "device.html", 400, error="That code has expired or was already used.")
+    return page(request, "device_done.html", approved=approve)
