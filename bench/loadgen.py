@@ -25,6 +25,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+REQUEST_TIMEOUT = 5  # seconds; a request without its answer by then is an error (and its connection reset)
 DRAIN_SECONDS = 10  # after the last request is due, wait at most this long for outstanding answers
 
 
@@ -34,7 +35,10 @@ def build_request(url: str) -> tuple[str, int, bytes]:
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     method = os.environ.get("BENCH_METHOD", "GET")
     body = os.environ.get("BENCH_BODY", "").encode()
-    lines = [f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1", f"Host: {host}:{port}"]
+    lines = [
+        f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
+        f"Host: {host}:{port}",
+    ]
     lines += [line for line in os.environ.get("BENCH_HEADERS", "").split("\n") if line.strip()]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
@@ -90,9 +94,11 @@ class Stats:
 
 
 async def _send(conn: Connection, request: bytes) -> int | BaseException:
+    """The response status, or the exception that stands for a failed exchange."""
     try:
-        return await conn.exchange(request)
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            return await conn.exchange(request)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         return exc
 
 
@@ -155,13 +161,17 @@ async def main_async(args: argparse.Namespace) -> dict:
     host, port, request = build_request(args.url)
     stats = Stats()
     started = time.monotonic()
+    common = (host, port, request, args.connections, args.duration)
     if args.rate:
-        sent = await open_loop(host, port, request, args.connections, args.duration, args.rate, args.max_requests, stats)
+        sent = await open_loop(*common, args.rate, args.max_requests, stats)
     else:
-        sent = await closed_loop(host, port, request, args.connections, args.duration, args.max_requests, stats)
+        sent = await closed_loop(*common, args.max_requests, stats)
     elapsed = time.monotonic() - started
     lat = sorted(stats.latencies)
-    ms = lambda value: None if value is None else round(value * 1000, 3)  # noqa: E731
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 3)
+
     return {
         "tool": "bench/loadgen.py",
         "mode": "open-loop" if args.rate else "closed-loop",
@@ -180,12 +190,15 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--rate", type=float, default=0.0, help="requests/s, open loop (default: closed loop)")
-    parser.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap on requests sent")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("url")
+    add("--connections", type=int, default=32)
+    add("--duration", type=float, default=10.0, help="seconds")
+    add("--rate", type=float, default=0.0, help="requests/s, open loop (default: closed loop)")
+    add("--max-requests", type=int, default=2_000_000, help="hard cap on requests sent")
     args = parser.parse_args()
     try:
         import uvloop  # installed with uvicorn[standard]; a faster client leaves more CPU to the server

@@ -92,33 +92,47 @@ def as_postgres(*cmd: str | Path) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def start_postgres(tmp: Path, stack: contextlib.ExitStack) -> str:
-    """initdb + pg_ctl start in tmp; return the SQLAlchemy URL prefix of the cluster (no database name)."""
+def start_postgres(tmp: Path, stack: contextlib.ExitStack) -> int:
+    """initdb + pg_ctl start in tmp, create the three databases; return the cluster's port."""
     data, pg_log, port = tmp / "pgdata", tmp / "postgres.log", free_port()
     run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
     log(f"initdb in {data}")
-    # --no-sync only skips initdb's own final fsync; the server runs with its default fsync=on.
-    run(as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"))
+    # -N (--no-sync) only skips initdb's own final fsync; the server runs with its default fsync=on.
+    run(as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N"))
     options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={tmp}"
     try:
-        run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", pg_log, "-o", options, "-w", "-t", "60", "start"))
+        run(
+            as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", pg_log, "-o", options, "-w", "-t", "60", "start")
+        )
     except subprocess.CalledProcessError:
         raise BenchError(f"PostgreSQL did not start:\n{tail(pg_log)}") from None
     stack.callback(stop_postgres, data)
     for name in ("iam_token", "iam_authn", "iam_users"):
         run([PG_BIN / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name])
     log(f"PostgreSQL 15 on 127.0.0.1:{port}")
-    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+    return port
+
+
+def db_sessions(port: int) -> int | None:
+    """Sessions ever opened on iam_token (pg_stat_database): shows how often the server's pool reconnects."""
+    sql = "SELECT sessions FROM pg_stat_database WHERE datname = 'iam_token'"
+    command = [PG_BIN / "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "iam_token"]
+    done = subprocess.run([*command, "-Atc", sql], capture_output=True, text=True, timeout=30)
+    return int(done.stdout) if done.returncode == 0 and done.stdout.strip().isdigit() else None
 
 
 def stop_postgres(data: Path) -> None:
     log("stopping PostgreSQL")
-    subprocess.run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"), capture_output=True, timeout=60)
+    command = as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+    subprocess.run(command, capture_output=True, timeout=60)
 
 
 # -- the iam server ------------------------------------------------------------------------------------
 def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack) -> str:
-    """Write the bench config, start `iam serve` (its own session: Ctrl-C is ours to handle), wait for ready."""
+    """Write the bench config, start `iam serve` and wait until it is ready; return its base URL.
+
+    The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
+    """
     port = free_port()
     config = tmp / "iam-bench.yaml"
     config.write_text(
@@ -131,6 +145,10 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack) -
         "IAM_TOKEN_DATABASE_URL": f"{db}/iam_token",
         "IAM_CONFIG": str(config),
         SECRET_ENV: secret,
+        # A token role running apart must name its peer roles. The benchmarked endpoints never call them,
+        # so they point at a closed loopback port (an older iam without peers ignores these variables).
+        "IAM_USERS_URL": "http://127.0.0.1:9",
+        "IAM_AUTHN_URL": "http://127.0.0.1:9",
     }
     iam = shutil.which("iam")
     command = [iam] if iam else [sys.executable, "-c", "from iam.cli import main; main()"]
@@ -181,15 +199,14 @@ class Scenario:
 
 def scenarios(basic: str, token: str) -> dict[str, Scenario]:
     form = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": basic}
+    jwt_form = {**form, "Accept": "application/jwt"}  # the phantom JWT instead of RFC 7662 JSON
     return {
         s.name: s
         for s in [
             Scenario("health", "GET", "/health/live"),
             Scenario("client_credentials", "POST", "/oauth/v2/token", form, "grant_type=client_credentials"),
             Scenario("introspect_json", "POST", "/oauth/v2/introspect", form, f"token={token}"),
-            Scenario(
-                "introspect_jwt", "POST", "/oauth/v2/introspect", {**form, "Accept": "application/jwt"}, f"token={token}"
-            ),
+            Scenario("introspect_jwt", "POST", "/oauth/v2/introspect", jwt_form, f"token={token}"),
             Scenario("phantom", "GET", "/oauth/v2/phantom", {"Authorization": f"Bearer {token}"}),
         ]
     }
@@ -209,24 +226,25 @@ def get_token(base: str, basic: str) -> str:
 
 def sanity_check(base: str, scenario: Scenario) -> None:
     """One request per scenario before any load: 200 and the expected shape, or stop here."""
-    r = httpx.request(
-        scenario.method, base + scenario.path, headers=scenario.headers, content=scenario.body or None, timeout=10
-    )
+    url, body = base + scenario.path, scenario.body or None
+    r = httpx.request(scenario.method, url, headers=scenario.headers, content=body, timeout=10)
     checks = {
         "health": lambda: r.json() == {"status": "ok"},
         "client_credentials": lambda: "access_token" in r.json(),
         "introspect_json": lambda: r.json().get("active") is True,
-        "introspect_jwt": lambda: r.headers["content-type"].startswith("application/jwt") and r.text.count(".") == 2,
+        "introspect_jwt": lambda: (
+            r.headers["content-type"].startswith("application/jwt") and r.text.count(".") == 2
+        ),
         "phantom": lambda: r.headers.get("authorization", "").startswith("Bearer ey"),
     }
     if r.status_code != 200 or not checks[scenario.name]():
-        raise BenchError(f"sanity check failed for {scenario.name}: {r.status_code} {r.headers} {r.text[:300]}")
+        raise BenchError(f"sanity check failed for {scenario.name}: {r.status_code} {r.text[:300]}")
 
 
 # -- load tools (separate processes) -------------------------------------------------------------------
-def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: float) -> dict:
+def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: int) -> dict:
     command = [
-        args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(duration))}s",
+        args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{duration}s",
         "--timeout", "5s", "-s", str(BENCH / "wrk.lua"), base + scenario.path,
     ]  # fmt: skip
     done = subprocess.run(command, env=scenario.env(), capture_output=True, text=True, timeout=duration + 60)
@@ -246,7 +264,9 @@ def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: f
     }
 
 
-def run_loadgen(base: str, scenario: Scenario, args: argparse.Namespace, duration: float, rate: float = 0) -> dict:
+def run_loadgen(
+    base: str, scenario: Scenario, args: argparse.Namespace, duration: int, rate: float = 0.0
+) -> dict:
     command = [
         sys.executable, str(BENCH / "loadgen.py"), base + scenario.path,
         "--connections", str(args.connections), "--duration", str(duration),
@@ -259,16 +279,21 @@ def run_loadgen(base: str, scenario: Scenario, args: argparse.Namespace, duratio
     return json.loads(done.stdout)
 
 
-def max_throughput(base: str, scenario: Scenario, args: argparse.Namespace, duration: float) -> dict:
+def max_throughput(base: str, scenario: Scenario, args: argparse.Namespace, duration: int) -> dict:
     if args.wrk:
         return run_wrk(base, scenario, args, duration)
     return run_loadgen(base, scenario, args, duration)
 
 
-def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace) -> dict:
+def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_port: int) -> dict:
     if args.warmup > 0:  # fills the DB pool and warms caches; not recorded
         max_throughput(base, scenario, args, args.warmup)
+    before = db_sessions(pg_port)
     peak = max_throughput(base, scenario, args, args.duration)
+    after = db_sessions(pg_port)
+    # Diagnostic: PostgreSQL sessions opened during the max run (less the psql that asked). Counts are
+    # flushed by PostgreSQL about once a second, so this is approximate; near 0 means a stable pool.
+    peak["db_sessions_opened"] = None if before is None or after is None else max(0, after - before - 1)
     log(f"{scenario.name}: {peak['rps']:.0f} req/s max ({peak['tool']})")
     half = run_loadgen(base, scenario, args, args.duration, rate=peak["rps"] * args.load_ratio)
     log(f"{scenario.name}: {half['rps']:.0f} req/s paced, p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms")
@@ -276,62 +301,76 @@ def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace) -> d
 
 
 # -- output --------------------------------------------------------------------------------------------
+def short(half: dict) -> bool:
+    return half["rps"] < 0.95 * half["target_rps"]
+
+
 def table(results: list[dict], args: argparse.Namespace) -> str:
     baseline = next((r["max"]["rps"] for r in results if r["scenario"] == "health"), None)
     pct = round(args.load_ratio * 100)
     head = ["scenario", "req/s max", "vs health", f"req/s @{pct}%", "p50 ms", "p99 ms", "non-2xx", "sock err"]
-    rows = [head]
+    rows = [[*head, "new db conns"]]
     for r in results:
         peak, half = r["max"], r["half_load"]
         ratio = f"{peak['rps'] / baseline:.2f}" if baseline else "-"
         rows.append([
-            r["scenario"], f"{peak['rps']:.0f}", ratio, f"{half['rps']:.0f}",
+            # "*": the paced run fell short of its target rate, so its latencies include a backlog
+            r["scenario"], f"{peak['rps']:.0f}", ratio, f"{half['rps']:.0f}" + ("*" if short(half) else ""),
             f"{half['p50_ms']:.2f}" if half["p50_ms"] is not None else "-",
             f"{half['p99_ms']:.2f}" if half["p99_ms"] is not None else "-",
             f"{peak['non2xx']}/{half['non2xx']}", f"{peak['errors']}/{half['errors']}",
+            str(peak.get("db_sessions_opened", "-")),
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths]), *map(fmt, rows[1:])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return "\n".join([line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])])
 
 
 def tools_note(args: argparse.Namespace) -> str:
-    peak = (
-        f"wrk, {args.threads} thread, closed loop" if args.wrk else "bench/loadgen.py closed loop (wrk not found)"
-    )
-    return (
-        f"max req/s: {peak}, {args.connections} connections, {args.duration:g} s per scenario "
-        f"(after a {args.warmup:g} s warm-up).\n"
-        f"p50/p99: bench/loadgen.py open loop paced at {args.load_ratio:.0%} of max req/s, "
-        f"{args.connections} keep-alive connections, latency from each request's scheduled send time.\n"
-        f"non-2xx and sock err: max run / half-load run. Server: 1 uvicorn worker, role token, PostgreSQL 15 "
-        f"(fsync on), all on this {os.cpu_count()}-CPU machine."
-    )
+    peak = f"wrk, {args.threads} thread(s)" if args.wrk else "bench/loadgen.py closed loop"
+    pct = f"{args.load_ratio:.0%}"
+    return "\n".join([
+        f"req/s max: {peak}, {args.connections} connections, {args.duration:g} s per scenario after a "
+        f"{args.warmup:g} s warm-up; vs health: req/s max / health req/s max of this run.",
+        f"req/s @{pct}, p50, p99: bench/loadgen.py open loop paced at {pct} of req/s max, "
+        f"{args.connections} keep-alive connections; latency from each request's scheduled send time.",
+        "non-2xx, sock err: max run / paced run. new db conns: PostgreSQL sessions opened during the max run "
+        "(pg_stat_database, approximate). *: paced run below 95% of its target rate.",
+        f"Server: `iam serve`, 1 uvicorn worker, role token, PostgreSQL 15 (fsync on); load generators, "
+        f"server and database share this {os.cpu_count()}-CPU machine.",
+    ])  # fmt: skip
 
 
 # -- main ----------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--warmup", type=float, default=1, help="unrecorded warm-up seconds per scenario (0: none)")
-    parser.add_argument("--load-ratio", type=float, default=0.5, help="latency-run rate / max rate (default 0.5)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
-    parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto",
-                        help="max-throughput generator: wrk if installed (auto), or force one")  # fmt: skip
-    parser.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    add("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    add("--threads", type=int, default=1, help="wrk threads (default 1)")
+    add("--warmup", type=int, default=1, help="unrecorded warm-up seconds per scenario (default 1)")
+    add("--load-ratio", type=float, default=0.5, help="paced rate / max rate (default 0.5)")
+    add("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset (default: all)")
+    add("--tool", choices=["auto", "wrk", "python"], default="auto", help="max-throughput generator")
+    add("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
     args = parser.parse_args()
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if unknown := set(args.scenarios) - set(SCENARIOS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    if not 0 < args.load_ratio <= 1 or args.duration <= 0 or args.connections < 1:
-        parser.error("need --duration > 0, --connections >= 1 and 0 < --load-ratio <= 1")
+    if not 0 < args.load_ratio <= 1 or args.duration < 1 or args.connections < 1:
+        parser.error("need --duration >= 1, --connections >= 1 and 0 < --load-ratio <= 1")
     args.wrk = shutil.which("wrk") if args.tool != "python" else None
     if args.tool == "wrk" and not args.wrk:
         parser.error("wrk is not installed (Debian: apt-get install -y wrk)")
     if args.tool == "auto" and not args.wrk:
-        log("wrk not found (Debian: apt-get install -y wrk): max req/s measured with bench/loadgen.py instead")
+        log("wrk not found (Debian: apt-get install -y wrk): measuring max req/s with bench/loadgen.py")
     return args
 
 
@@ -342,14 +381,16 @@ def _interrupt(*_) -> None:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="iam-bench-"))
     with contextlib.ExitStack() as stack:
         try:
-            tmp = Path(tempfile.mkdtemp(prefix="iam-bench-"))
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # runs last: after server and cluster stop
             if os.geteuid() == 0:
                 shutil.chown(tmp, "postgres", "postgres")  # the cluster lives inside and runs as postgres
-            db = start_postgres(tmp, stack)
+            pg_port = start_postgres(tmp, stack)
+            db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}"
             secret = secrets.token_urlsafe(24)
             base = start_server(tmp, db, secret, stack)
             basic = "Basic " + base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
@@ -357,9 +398,11 @@ def main() -> None:
             for name in args.scenarios:
                 sanity_check(base, all_scenarios[name])
             log(f"sanity checks passed; running {', '.join(args.scenarios)} ({args.duration:g} s each)")
-            results = [bench_scenario(base, all_scenarios[name], args) for name in args.scenarios]
+            results = [bench_scenario(base, all_scenarios[name], args, pg_port) for name in args.scenarios]
         except BenchError as exc:
             log(f"error: {exc}")
+            if (tmp / "server.log").exists():
+                log(f"server log (last lines):\n{tail(tmp / 'server.log')}")
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             log("interrupted: cleaning up")
@@ -369,23 +412,26 @@ def main() -> None:
     print(table(results, args))
     print()
     print(tools_note(args))
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "wrk_threads": args.threads,
+            "warmup_s": args.warmup,
+            "load_ratio": args.load_ratio,
+            "max_tool": "wrk" if args.wrk else "loadgen",
+        },  # fmt: skip
+        "notes": tools_note(args),
+        "results": results,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                "settings": {
-                    "duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
-                    "warmup_s": args.warmup, "load_ratio": args.load_ratio, "max_tool": "wrk" if args.wrk else "loadgen",
-                },  # fmt: skip
-                "notes": tools_note(args),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults written to {args.output}")
 
 
