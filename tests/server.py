@@ -35,13 +35,15 @@ def iam(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, 
 
 
 @contextmanager
-def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready_timeout: float = 30):
-    """Start `iam serve` on a free port; yield its base URL and process once `wait_for` answers 200."""
-    port = free_port()
+def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready_timeout: float = 30,
+          port: int | None = None):
+    """Start `iam serve` (on `port`, or a free one); yield its base URL and process once `wait_for` answers 200."""
+    port = port or free_port()
     log = open(cwd / "server.log", "w+")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "iam.cli", "serve", "--port", str(port)],
-        env={**os.environ, **env},
+        # No drain delay when the test terminates the server, unless the test sets one.
+        env={**os.environ, "IAM_DRAIN_DELAY": "0", **env},
         cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -70,3 +72,18 @@ def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready
             except subprocess.TimeoutExpired:
                 process.kill()
         log.close()
+
+
+def token_role_env(directory: Path, **settings) -> dict[str, str]:
+    """Environment for a token-role process on SQLite with the test clients (its peers are never called)."""
+    from tests.conftest import ISSUER, client_config
+
+    config = write_config(directory, **{"issuer": ISSUER, "keys": {"dir": str(directory / "keys")},
+                                        "clients": client_config(), "purge_interval": 0, **settings})
+    unused = f"http://127.0.0.1:{free_port()}"
+    return {
+        "IAM_CONFIG": str(config),
+        "SERVICE_ROLE": "token",
+        "IAM_TOKEN_DATABASE_URL": f"sqlite+aiosqlite:///{directory}/token.db",
+        **{var: unused for var in ("IAM_AUTHN_URL", "IAM_TOKEN_URL", "IAM_USERS_URL")},
+    }

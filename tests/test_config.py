@@ -55,7 +55,15 @@ def test_shipped_config_is_valid_and_has_no_secrets():
         ("issuer: https://iam.example.com/?x=1\n", "issuer: must have no query"),
         (BASE + "stores:\n  token: mysql://x\n", "stores.token"),
         (BASE + "clients:\n  - client_id: a\n    scope: 'ok bad\"'\n", "clients.0.scope"),
-        (BASE + "clients:\n  - {client_id: a, client_secret: s}\n  - {client_id: a, client_secret: t}\n", "duplicate"),
+        (BASE + "clients:\n  - {client_id: a, client_secret: s, grant_types: [client_credentials]}\n"
+         "  - {client_id: a, client_secret: t, grant_types: [client_credentials]}\n", "duplicate"),
+        (BASE + "clients:\n  - {client_id: a, client_secret: s}\n", "needs at least one redirect_uri"),
+        (BASE + "clients:\n  - {client_id: a, client_secret: s, redirect_uris: ['http://app.test/cb']}\n",
+         "http is allowed for loopback redirect URIs only"),
+        (BASE + "clients:\n  - {client_id: a, client_secret: s, redirect_uris: ['https://app.test/cb#x']}\n",
+         "no fragment"),
+        (BASE + "clients:\n  - {client_id: p, token_endpoint_auth_method: none, redirect_uris: ['http://127.0.0.1/cb'],"
+         " require_pkce: false}\n", "public clients must use PKCE"),
         (BASE + "clients:\n  - {client_id: p, token_endpoint_auth_method: none, client_secret: s}\n", "public client"),
         (BASE + "clients:\n  - {client_id: a, client_secret_hash: plain}\n", "argon2id"),
         (BASE + "unknown_key: 1\n", "unknown_key"),

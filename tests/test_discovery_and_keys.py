@@ -22,12 +22,22 @@ async def test_metadata_describes_what_is_implemented(client, path):
     meta = response.json()
     assert meta["issuer"] == ISSUER  # byte for byte
     assert meta["token_endpoint"] == f"{ISSUER}/oauth/v2/token"
-    assert meta["grant_types_supported"] == ["client_credentials"]
+    assert set(meta["grant_types_supported"]) == {
+        "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code"}
     assert "password" not in meta["grant_types_supported"] and "implicit" not in meta["grant_types_supported"]
-    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post"}
+    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post", "none"}
+    # OIDC Discovery §3 required members, and what RFC 9700 / RFC 9207 ask to advertise.
+    assert meta["response_types_supported"] == ["code"] and meta["subject_types_supported"] == ["public"]
+    assert meta["id_token_signing_alg_values_supported"] == ["RS256"]  # never "none"
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert meta["authorization_response_iss_parameter_supported"] is True
+    assert meta["request_uri_parameter_supported"] is False and "openid" in meta["scopes_supported"]
     # Every advertised endpoint answers (not 404) on this server.
-    for key in ("token_endpoint", "introspection_endpoint", "revocation_endpoint"):
+    for key in ("token_endpoint", "introspection_endpoint", "revocation_endpoint", "device_authorization_endpoint",
+                "userinfo_endpoint"):
         assert (await client.post(meta[key].removeprefix(ISSUER))).status_code != 404
+    for key in ("authorization_endpoint", "end_session_endpoint"):
+        assert (await client.get(meta[key].removeprefix(ISSUER))).status_code != 404
     assert (await client.get(meta["jwks_uri"].removeprefix(ISSUER))).status_code == 200
 
 
