@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from iam import __version__, errors, health, internal, pages
 from iam.config import PEERS_NEEDED, Settings
 from iam.keys import KeyRing, KeyRingError
+from iam.observability import SSO_SESSIONS, Observability, instrument_store, setup_tracing, shutdown_tracing
 from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, RemoteTokens, ServiceIdentity
 from iam.roles import Role
 from iam.store import Store, StoreError, StoreUnreachable
@@ -32,9 +33,12 @@ class Runtime:
         self.settings = settings
         self.role = role = settings.role
         self.stores = {name: Store(name, getattr(settings.stores, name)) for name in role.stores}
+        for store in self.stores.values():
+            instrument_store(store)
         self.draining = False
         self._started = False
         self._tasks: list[asyncio.Task] = []
+        self.revocation_listener = None  # the token role's, on PostgreSQL (below)
 
         # Every role signs something (tokens, handoffs, service assertions) with its own key ring.
         self.keys = KeyRing(settings.keys.dir, settings.keys.activation_delay)
@@ -57,6 +61,8 @@ class Runtime:
             self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
             self.throttle = Throttle(engine)
             self.totp = Totp(engine)
+            self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
+                                  if settings.kubernetes.clusters else [])
         if role.serves(Role.USER_MANAGEMENT):
             from iam.users.directory import Directory
 
@@ -71,11 +77,22 @@ class Runtime:
             from iam.token.clients import ClientRegistry
             from iam.token.discovery import metadata_json
             from iam.token.endpoint import GRANTS
+            from iam.token.hot_cache import HotCache, RevocationListener
             from iam.token.store import TokenStore
 
             self.clients = ClientRegistry(settings.clients)
-            self.token_store = TokenStore(self.stores["token"].engine)
-            self.access_tokens = AccessTokens(settings, self.keys, self.token_store)
+            token_store = self.stores["token"]
+            # Live token rows for introspection and forward-auth. On PostgreSQL the cache is on only while
+            # the revocation listener is connected (other replicas revoke too); on SQLite (one process)
+            # always.
+            seconds = settings.introspection_cache_seconds
+            self.hot_cache = HotCache(seconds, enabled=not token_store.is_postgresql)
+            if token_store.is_postgresql and seconds:
+                listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
+                self.revocation_listener = RevocationListener(
+                    self.hot_cache, lambda: token_store.connect_driver(server_settings=listener_name))
+            self.token_store = TokenStore(token_store.engine, self.hot_cache)
+            self.access_tokens = AccessTokens(settings, self.keys, self.token_store, cache=self.hot_cache)
             self.metadata_json = metadata_json(settings, sorted(GRANTS))
             from iam.token.device import DeviceApprovals
 
@@ -106,6 +123,8 @@ class Runtime:
         except (KeyRingError, OSError) as exc:
             raise StartupError(f"signing keys: {exc}") from None
         self._tasks.append(asyncio.create_task(self._maintain()))
+        if self.revocation_listener is not None:
+            self.revocation_listener.start()
         self._started = True
 
     async def _maintain(self) -> None:
@@ -116,20 +135,31 @@ class Runtime:
             await asyncio.sleep(10)
             try:
                 self.keys.reload_if_changed()
+                if self.role.serves(Role.TOKEN):
+                    self.hot_cache.sweep(time.time())
+                await self.update_gauges()
                 if interval and time.monotonic() - last_purge >= interval:
                     last_purge = time.monotonic()
                     await self.token_store.purge_expired(int(time.time()), self.settings.purge_batch)
             except Exception:
                 log.warning("maintenance failed; retrying later", exc_info=True)
 
+    async def update_gauges(self) -> None:
+        """Gauges that need a store query are refreshed by the maintenance loop, not on every scrape."""
+        if self.role.serves(Role.AUTHENTICATION):
+            SSO_SESSIONS.set(await self.sessions.count_live())
+
     async def stop(self) -> None:
         self.draining = True
+        shutdown_tracing()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.revocation_listener is not None:
+            await self.revocation_listener.stop()
         if self.http is not None:
             await self.http.aclose()
         for store in self.stores.values():
@@ -138,6 +168,7 @@ class Runtime:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    setup_tracing(f"iam-{settings.role.value}")
     runtime = Runtime(settings)
 
     @contextlib.asynccontextmanager
@@ -149,16 +180,23 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.iam = runtime
+    app.add_middleware(Observability)
     errors.install(app)
     app.include_router(health.router)
+    if settings.role.serves(Role.TOKEN):
+        # The hot paths right after the probes: routes are tried in order, and these carry most of the traffic.
+        # Plain routes on the app's own router (iam.http.PlainRoute): no FastAPI per-request machinery.
+        from iam.token import endpoint, introspection, phantom
+
+        app.router.routes.extend([*phantom.routes, *introspection.routes, *endpoint.routes])
     app.include_router(internal.router)
     app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
-        from iam.authn import account, device, login
+        from iam.authn import account, device, kubeconfig, login
         from iam.authn import internal as authn_internal
 
-        for module in (login, account, device, authn_internal):
+        for module in (login, account, device, kubeconfig, authn_internal):
             app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal
@@ -167,9 +205,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(users_internal.router)
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import (authorize, device, discovery, endpoint, introspection, logout, phantom, revocation,
+        from iam.token import (authorize, device, discovery, endpoint, introspection, logout, revocation,
                                userinfo)
 
-        for module in (authorize, endpoint, device, introspection, phantom, revocation, userinfo, logout, discovery):
+        for module in (authorize, endpoint, device, introspection, revocation, userinfo, logout, discovery):
             app.include_router(module.router)
     return app

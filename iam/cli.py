@@ -22,9 +22,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def _logging(settings: Settings) -> None:
+    from iam.observability import setup_logging
+
+    setup_logging(settings.log_level, settings.audit_log)
 
 
 # -- serve ---------------------------------------------------------------------------------------------
@@ -33,15 +34,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from iam.server import serve
 
     settings = _settings(args)
-    _logging(settings.log_level)
-    serve(create_app(settings), args.host, args.port, args.grace, args.drain_delay, settings.log_level)
+    _logging(settings)
+    tls = _tls_files(args)
+    serve(create_app(settings), args.host, args.port, args.grace, args.drain_delay, settings.log_level, **tls)
+
+
+def _tls_files(args: argparse.Namespace) -> dict[str, str]:
+    """`--tls-cert` and `--tls-key` (both or neither), checked before the port opens."""
+    import ssl
+
+    if not args.tls_cert and not args.tls_key:
+        return {}
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together ($IAM_TLS_CERT, $IAM_TLS_KEY)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
+    return {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     from iam.store import Store
 
     settings = _settings(args)
-    _logging(settings.log_level)
+    _logging(settings)
 
     async def migrate() -> None:
         for name in settings.role.stores:
@@ -64,8 +81,11 @@ def _ring(args: argparse.Namespace):
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> None:
+    from iam.observability import audit
+
     ring = _ring(args)
     for kid in ring.rotate():
+        audit("key.rotated", actor="operator", kid=kid)
         print(f"added {kid}")
     print("older keys stay published; remove one with `iam keys remove KID` once its tokens have expired")
 
@@ -79,7 +99,10 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_remove(args: argparse.Namespace) -> None:
+    from iam.observability import audit
+
     _ring(args).load().remove(args.kid)
+    audit("key.removed", actor="operator", kid=args.kid)
     print(f"removed {args.kid}")
 
 
@@ -151,6 +174,14 @@ def cmd_users_disable(args: argparse.Namespace) -> None:
     _with_directory(args, disable)
 
 
+def cmd_users_delete(args: argparse.Namespace) -> None:
+    async def remove(directory) -> None:
+        await directory.delete_user(await _by_name(directory, args.username))
+        print(f"{args.username}: deleted")
+
+    _with_directory(args, remove)
+
+
 def cmd_users_set_password(args: argparse.Namespace) -> None:
     password = _read_password(args) if args.password_stdin else getpass.getpass("new password: ")
 
@@ -196,6 +227,65 @@ def cmd_config_check(args: argparse.Namespace) -> None:
     print(f"ok: role {settings.role.value}, issuer {settings.issuer}, {len(settings.clients)} clients")
 
 
+# -- kubernetes ------------------------------------------------------------------------------------------
+def cmd_kubectl_credential(args: argparse.Namespace) -> int:
+    """The kubectl exec credential plugin: stdout carries only the ExecCredential (no logging is set up)."""
+    from pathlib import Path
+
+    from iam.kube.credential import Options, main
+
+    options = Options(issuer=args.issuer, client_id=args.client_id, scope=" ".join(args.scope.split()),
+                      grant=args.grant, certificate_authority=args.certificate_authority,
+                      cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)
+    return main(options)
+
+
+def cmd_kube_apiserver_config(args: argparse.Namespace) -> None:
+    from iam.kube import find_cluster
+    from iam.kube.apiserver import render
+
+    settings = _settings(args)
+    cluster = find_cluster(settings, args.cluster)
+    sys.stdout.write(render(settings, cluster, args.format, args.certificate_authority))
+
+
+def cmd_kube_kubeconfig(args: argparse.Namespace) -> None:
+    from iam.kube import find_cluster, kubeconfig
+
+    settings = _settings(args)
+    clusters = [find_cluster(settings, args.cluster)] if args.cluster else settings.kubernetes.clusters
+    if not clusters:
+        raise ConfigError("no Kubernetes clusters are configured (kubernetes.clusters)")
+    if args.commands:
+        print("\n".join(kubeconfig.commands(settings, args.user, clusters, args.command)))
+    else:
+        sys.stdout.write(kubeconfig.dump(kubeconfig.build(settings, args.user, clusters, args.command)))
+
+
+def cmd_kube_selftest(args: argparse.Namespace) -> None:
+    from iam.kube import find_cluster
+    from iam.kube.selftest import Target, run
+
+    settings = _settings(args)
+    cluster = None
+    if args.cluster or (len(settings.kubernetes.clusters) == 1 and not args.client_id):
+        cluster = find_cluster(settings, args.cluster)
+    target = Target(
+        issuer=args.issuer or settings.issuer,
+        client_id=args.client_id or (cluster.client_id if cluster else None),
+        username_claim=cluster.username_claim if cluster else "email",
+        groups_claim=cluster.groups_claim if cluster else "groups",
+    )
+    id_token = args.id_token
+    if id_token == "-":
+        id_token = sys.stdin.readline().strip()
+    checks = run(target, certificate_authority=args.certificate_authority, id_token=id_token, out=sys.stdout)
+    failed = sum(check.status == "FAIL" for check in checks)
+    print(f"{failed} check(s) failed" if failed else "all checks passed")
+    if failed:
+        raise SystemExit(1)
+
+
 # -- parser --------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
@@ -217,6 +307,10 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("IAM_DRAIN_DELAY", "5"),  # a string default goes through type=, so errors are clean
         help="seconds to keep serving, not ready, after SIGTERM before the graceful shutdown ($IAM_DRAIN_DELAY)",
     )
+    serve.add_argument("--tls-cert", default=os.environ.get("IAM_TLS_CERT"),
+                       help="serve https with this PEM certificate chain ($IAM_TLS_CERT)")
+    serve.add_argument("--tls-key", default=os.environ.get("IAM_TLS_KEY"),
+                       help="the certificate's PEM private key ($IAM_TLS_KEY)")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="apply database migrations to the role's store(s)").set_defaults(func=cmd_migrate)
@@ -247,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
         toggle = users.add_parser(name, help=f"{text} for a user")
         toggle.add_argument("username")
         toggle.set_defaults(func=cmd_users_disable, enable=enable)
+    delete = users.add_parser("delete", help="delete a user, with its group memberships and its password")
+    delete.add_argument("username")
+    delete.set_defaults(func=cmd_users_delete)
     set_password = users.add_parser("set-password", help="set a user's password (prompted, or --password-stdin)")
     set_password.add_argument("username")
     set_password.add_argument("--password-stdin", action="store_true")
@@ -264,11 +361,60 @@ def parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration helpers").add_subparsers(dest="config_cmd", required=True)
     config.add_parser("check", help="validate the configuration").set_defaults(func=cmd_config_check)
+    credential = sub.add_parser(
+        "kubectl-credential", help="kubectl exec credential plugin: print an ExecCredential with an ID token",
+        description="A kubectl exec credential plugin (client.authentication.k8s.io/v1): prints the cached "
+        "ID token, refreshes it, or logs in (device flow, or a loopback redirect). Only the ExecCredential "
+        "goes to stdout.")
+    credential.add_argument("--issuer", required=True, help="the issuer URL, exactly as in the tokens' iss")
+    credential.add_argument("--client-id", required=True, help="the public iam client for kubectl")
+    credential.add_argument("--scope", default="openid email groups offline_access")
+    credential.add_argument("--grant", choices=["device", "loopback"], default="device",
+                            help="how to log in: device code (default) or a browser redirect to 127.0.0.1")
+    credential.add_argument("--certificate-authority", metavar="PATH",
+                            help="CA bundle to trust for the issuer")
+    credential.add_argument("--cache-dir", metavar="DIR",
+                            help="token cache (default: $XDG_CACHE_HOME/iam or ~/.kube/cache/iam)")
+    credential.set_defaults(func=cmd_kubectl_credential, light=True)
+
+    kube = sub.add_parser("kube", help="Kubernetes: kube-apiserver configuration, kubeconfigs, self-test")
+    kube_sub = kube.add_subparsers(dest="kube", required=True)
+    apiserver = kube_sub.add_parser("apiserver-config", help="print the kube-apiserver OIDC configuration")
+    apiserver.add_argument("--cluster", help="a name from kubernetes.clusters (optional when there is one)")
+    apiserver.add_argument("--format", choices=["structured", "flags"], default="structured",
+                           help="structured: an AuthenticationConfiguration (default); flags: --oidc-* flags")
+    apiserver.add_argument("--certificate-authority", metavar="PATH",
+                           help="the issuer's CA, when kube-apiserver does not trust it already")
+    apiserver.set_defaults(func=cmd_kube_apiserver_config, light=True)
+    kubeconfig_cmd = kube_sub.add_parser("kubeconfig", help="print a kubeconfig that logs in with iam")
+    kubeconfig_cmd.add_argument("--cluster", help="only this cluster (default: every configured cluster)")
+    kubeconfig_cmd.add_argument("--user", help="a name for the kubeconfig's user entries")
+    kubeconfig_cmd.add_argument("--command", default="iam", help="the plugin command (default: iam)")
+    kubeconfig_cmd.add_argument("--commands", action="store_true",
+                                help="print the equivalent `kubectl config` commands instead")
+    kubeconfig_cmd.set_defaults(func=cmd_kube_kubeconfig, light=True)
+    selftest = kube_sub.add_parser("selftest", help="check a running issuer as kube-apiserver will")
+    selftest.add_argument("--issuer", help="the issuer URL (default: the configured issuer)")
+    selftest.add_argument("--cluster", help="a name from kubernetes.clusters: client id and claims to check")
+    selftest.add_argument("--client-id", help="the client id the ID token's aud must contain")
+    selftest.add_argument("--certificate-authority", metavar="PATH", help="CA bundle to trust for the issuer")
+    selftest.add_argument("--id-token", help="also check this ID token (`-`: read it from stdin)")
+    selftest.set_defaults(func=cmd_kube_selftest, light=True)
     return top
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from iam.observability import setup_logging
+
+    setup_logging("warning")  # until a command loads its settings: JSON lines on stderr, audit events too
+    # kubectl-credential (run at every kubectl call) and `iam kube`: no server imports, so they start fast.
+    if getattr(args, "light", False):
+        try:
+            raise SystemExit(args.func(args))
+        except ConfigError as exc:
+            print(f"iam: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     from iam.app import StartupError
     from iam.authn.credentials import PasswordRejected
     from iam.keys import KeyRingError

@@ -7,6 +7,8 @@ the environment they win over the file.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -169,6 +171,56 @@ class Peers(_Strict):
         return getattr(self, role.value.replace("-", "_"))
 
 
+class KubeCluster(_Strict):
+    """A Kubernetes cluster whose API server trusts this issuer's ID tokens (`iam kube`, /authn/kubeconfig)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+    server: str  # the API server URL, as kubectl reaches it
+    certificate_authority_data: str | None = None  # base64 PEM of the API server's CA (public)
+    client_id: str  # the public iam client kubectl uses
+    username_claim: str = "email"
+    groups_claim: str = "groups"
+    username_prefix: str = "oidc:"
+    groups_prefix: str = "oidc:"
+    audiences: list[str] = []  # default: [client_id]
+    discovery_url: str | None = None  # an in-cluster discovery URL (structured authentication config only)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_audiences(cls, data: object) -> object:
+        if isinstance(data, dict) and not data.get("audiences") and data.get("client_id"):
+            return {**data, "audiences": [data["client_id"]]}
+        return data
+
+    @field_validator("server", "discovery_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        # kubectl sends bearer tokens over https only, and kube-apiserver fetches discovery over https only.
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.fragment:
+            raise ValueError("must be an absolute https URL")
+        return value
+
+    @field_validator("certificate_authority_data")
+    @classmethod
+    def _pem_base64(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            pem = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64 (of a PEM certificate)") from None
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ValueError("must be the base64 of a PEM certificate")
+        return "".join(value.split())
+
+
+class Kubernetes(_Strict):
+    clusters: list[KubeCluster] = []
+
+
 # Which other roles a role calls, when they run in other processes.
 PEERS_NEEDED = {
     Role.TOKEN: (Role.USER_MANAGEMENT, Role.AUTHENTICATION),
@@ -194,8 +246,13 @@ class Settings(_Strict):
     # Expired tokens are deleted in batches of this size every purge_interval seconds (0: never in-process).
     purge_interval: int = Field(default=300, ge=0)
     purge_batch: int = Field(default=1000, ge=1)
+    # Introspection / forward-auth keep live token rows in memory at most this long (the staleness bound if a
+    # revocation notice were ever lost; revocations themselves evict at once, iam/token/hot_cache.py). 0: off.
+    introspection_cache_seconds: int = Field(default=5, ge=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    audit_log: str = "stderr"  # where audit events go: stderr, stdout, or a file path
     clients: list[ClientConfig] = []
+    kubernetes: Kubernetes = Kubernetes()
 
     @field_validator("issuer")
     @classmethod
@@ -216,6 +273,25 @@ class Settings(_Strict):
             if not self.peers.url(peer):
                 field_name = peer.value.replace("-", "_")
                 raise ValueError(f"peers.{field_name} is required when SERVICE_ROLE is {self.role.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _kubernetes_clients(self) -> Settings:
+        clients = {client.client_id: client for client in self.clients}
+        names: set[str] = set()
+        for i, cluster in enumerate(self.kubernetes.clusters):
+            where = f"kubernetes.clusters.{i}"
+            if cluster.name in names:
+                raise ValueError(f"{where}.name: duplicate cluster name {cluster.name!r}")
+            names.add(cluster.name)
+            client = clients.get(cluster.client_id)
+            if client is None:
+                raise ValueError(f"{where}.client_id: no client {cluster.client_id!r} in clients")
+            if not client.is_public:
+                raise ValueError(f"{where}.client_id: client {cluster.client_id!r} must be public "
+                                 "(token_endpoint_auth_method: none): kubectl cannot keep a secret")
+            if "openid" not in client.scopes:
+                raise ValueError(f"{where}.client_id: client {cluster.client_id!r} needs the openid scope")
         return self
 
     @property

@@ -5,6 +5,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import json_response
+from iam.observability import metrics_response
 from iam.store import StoreError
 
 router = APIRouter()
@@ -15,6 +16,11 @@ _NO_CACHE = {"Cache-Control": "no-store"}
 @router.get("/health/live")
 async def live() -> Response:
     return Response(b'{"status":"ok"}', headers=_NO_CACHE, media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    return metrics_response()
 
 
 @router.get("/health/ready")

@@ -6,6 +6,7 @@ import ipaddress
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import Request
+from starlette.routing import Match, Route
 
 from iam.errors import OAuthError
 
@@ -93,3 +94,17 @@ def with_params(uri: str, params: dict[str, str]) -> str:
     """Add response parameters to a redirect URI, keeping the query it was registered with (RFC 6749 §3.1.2)."""
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return f"{uri}{'&' if urlsplit(uri).query else '?'}{query}"
+
+
+class PlainRoute(Route):
+    """A route without FastAPI's per-request machinery (body inspection, dependency solving), for the hot
+    endpoints (introspection, forward-auth) whose handlers take the Request and nothing else. Errors go to the
+    app's exception handlers as for any route; like FastAPI's routes it puts itself in scope["route"], so
+    metrics are labelled with its path template.
+    """
+
+    def matches(self, scope):
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope

@@ -22,6 +22,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from iam.keys import KeyRing
+from iam.observability import inject_trace_context
 from iam.roles import Role
 
 log = logging.getLogger("iam.peers")
@@ -183,6 +184,7 @@ class _Remote:
 
     async def call(self, method: str, path: str, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.identity.assertion(self.role)}"}
+        inject_trace_context(headers)
         try:
             response = await self.http.request(method, f"{self.base}{path}", headers=headers, timeout=10, **kwargs)
         except httpx.HTTPError as exc:

@@ -52,7 +52,8 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, log_level: str) -> None:
+def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, log_level: str, *,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     import uvloop
 
     async def main() -> None:
@@ -67,6 +68,8 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
             proxy_headers=False,
             timeout_graceful_shutdown=grace,
             loop="none",
+            ssl_certfile=ssl_certfile,  # https directly (kube-apiserver accepts only an https issuer)
+            ssl_keyfile=ssl_keyfile,
         )
         await DrainingServer(config, app, drain_delay).serve()
 

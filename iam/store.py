@@ -66,14 +66,32 @@ class Store:
             self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 5})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
+            self._connect_args = {"timeout": 5, "command_timeout": 10, **_no_tls_on_loopback(self.url)}
             self.engine = create_async_engine(
                 self.url,
                 # A fixed pool: overflow connections would be opened and closed under load (connection churn).
                 pool_size=pool_size,
                 max_overflow=0,
                 pool_timeout=5,
-                connect_args={"timeout": 5, "command_timeout": 10, **_no_tls_on_loopback(self.url)},
+                connect_args=self._connect_args,
             )
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.url.get_backend_name() == "postgresql"
+
+    async def connect_driver(self, **options):
+        """A new asyncpg connection to this (PostgreSQL) store, outside the pool: same URL, same options.
+
+        For a long-lived connection of its own, such as the token role's LISTEN connection.
+        """
+        import asyncpg
+
+        _, kwargs = self.engine.dialect.create_connect_args(self.url)
+        for name in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback",
+                     "async_creator_fn"):
+            kwargs.pop(name, None)  # SQLAlchemy's own options, not asyncpg's
+        return await asyncpg.connect(**{**kwargs, **self._connect_args, **options})
 
     @property
     def describe(self) -> str:

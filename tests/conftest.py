@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from argon2 import PasswordHasher
 
 from iam.app import create_app
 from iam.config import Settings
+from iam.observability import JsonFormatter
 from tests.postgres import cluster
 
 ISSUER = "https://iam.test"
@@ -168,3 +171,48 @@ async def alice(app) -> str:
                   family_name="Liddell")
     return await app.state.iam.directory_service.create_user(new, password=PASSWORD,
                                                              group_names=("admins", "developers"))
+
+
+# -- no secret ever reaches a log ----------------------------------------------------------------------------
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that cannot be formatted is a bug elsewhere; keep its message
+            self.lines.append(str(record.msg))
+
+
+_captured = _Captured()
+# What a secret looks like here: opaque tokens and codes (43 base64url characters), JWTs, password hashes.
+LEAK_PATTERNS = [re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"),
+                 re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ"), re.compile(r"\$argon2")]
+
+
+def pytest_sessionstart(session):
+    logging.getLogger().addHandler(_captured)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the tests' own HTTP client, as the server sets it
+
+
+def find_leaks(lines: list[str]) -> list[str]:
+    secrets_used = [*SECRETS.values(), PASSWORD]
+    return [line for line in lines
+            if any(secret in line for secret in secrets_used) or any(p.search(line) for p in LEAK_PATTERNS)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Grep every log line of the run (in-process, and every server process's log) for secrets."""
+    lines = list(_captured.lines)
+    base = session.config._tmp_path_factory.getbasetemp() if hasattr(session.config, "_tmp_path_factory") else None
+    if base is not None:
+        for log in Path(base).rglob("server.log"):
+            lines += log.read_text(errors="replace").splitlines()
+    leaks = find_leaks(lines)
+    if leaks:
+        print("\nSECRETS IN LOGS:\n" + "\n".join(leaks[:20]))
+        session.exitstatus = 1

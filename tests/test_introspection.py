@@ -153,26 +153,52 @@ async def test_revocation_requires_client_authentication(client):
 
 
 async def test_introspection_and_forward_auth_are_one_query_without_signing(client, app, monkeypatch):
+    """The first call is one indexed lookup; the next ones are served from the hot cache: no query at all.
+
+    Never a signature. Every statement sent to the token store is recorded: SQLAlchemy's, and (PostgreSQL)
+    what runs straight on the pooled asyncpg connections, as the hot lookup does there.
+    """
+    from tests.test_hot_cache import cache_on
+
     token = (await get_token(client))["access_token"]
+    await cache_on(app)
     statements: list[str] = []
     engine = app.state.iam.stores["token"].engine.sync_engine
 
     def record(conn, cursor, statement, *args):
         statements.append(statement)
 
+    def log_driver_queries(dbapi_connection, record_, proxy):
+        if hasattr(dbapi_connection.driver_connection, "add_query_logger"):  # asyncpg
+            dbapi_connection.driver_connection.add_query_logger(driver_query)
+
+    def driver_query(logged):
+        statements.append(logged.query)
+
     def no_signing(*args, **kwargs):
         raise AssertionError("the hot path must not sign")
 
+    async def settled() -> list[str]:
+        await asyncio.sleep(0.05)  # asyncpg calls query loggers soon after, not during, the query
+        return list(statements)
+
     event.listen(engine, "before_cursor_execute", record)
+    event.listen(engine, "checkout", log_driver_queries)
     monkeypatch.setattr(app.state.iam.keys, "sign", no_signing)
     try:
         assert (await introspect(client, token)).json()["active"] is True
+        first = await settled()
         assert (await introspect(client, token, accept="application/jwt")).status_code == 200
-        assert (await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+        phantom = await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})
+        assert phantom.status_code == 200
+        assert (await introspect(client, token)).json()["active"] is True
+        warm = await settled()
     finally:
         event.remove(engine, "before_cursor_execute", record)
-    assert len(statements) == 3, statements
-    assert all(s.lstrip().upper().startswith("SELECT") and "digest" in s for s in statements)
+        event.remove(engine, "checkout", log_driver_queries)
+    assert len(first) == 1, first
+    assert first[0].lstrip().upper().startswith("SELECT") and "digest" in first[0]
+    assert warm == first  # served from the cache: not one more statement
 
 
 async def test_concurrent_revocation_and_introspection_never_fail(client):

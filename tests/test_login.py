@@ -244,3 +244,26 @@ async def test_open_redirect_parameters_are_ignored(client, alice):
         assert done.headers["location"] == "/authn/account"
         signed_in = await client.get("/authn/login", params={name: "https://evil.test"})
         assert signed_in.headers["location"] == "/authn/account"
+
+
+async def test_logout_for_another_session_asks_and_ends_only_this_browsers_session(app, alice):
+    """OIDC RP-Initiated Logout §2: a hint that does not name this browser's session is confirmed first."""
+    import httpx
+
+    from tests.oauth import authorize as start
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as victim, \
+            httpx.AsyncClient(transport=transport, base_url=ISSUER) as other:
+        theirs = await tokens_for(other)  # another browser's session and ID token
+        await tokens_for(victim)
+        response = await victim.get("/oauth/v2/end_session", params={"id_token_hint": theirs["id_token"]})
+        confirm = await victim.get(response.headers["location"])
+        assert confirm.status_code == 200 and "Sign out?" in confirm.text  # asked, not signed out
+        # Still signed in until the person confirms.
+        silent = await follow(victim, await start(victim, challenge=pkce()[1], prompt="none"), "https://app.test/")
+        assert "code" in query(silent.headers["location"])
+        # The other browser's SSO session is untouched by the victim's confirmation.
+        await victim.post("/authn/logout", data=hidden_fields(confirm.text))
+        still = await follow(other, await start(other, challenge=pkce()[1], prompt="none"), "https://app.test/")
+        assert "code" in query(still.headers["location"])

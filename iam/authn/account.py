@@ -9,6 +9,7 @@ from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session,
 from iam.authn.totp import provisioning
 from iam.errors import OAuthError
 from iam.http import parse_params, read_form, with_params
+from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render
 from iam.peers import LOGOUT_TYP, PeerRejected, role_id
 from iam.roles import Role
@@ -65,6 +66,7 @@ async def totp_confirm(request: Request) -> Response:
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to set up two-step verification.", 403)
     if await iam.totp.verify(session.subject, form.get("code", ""), confirming=True):
+        audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="totp")
         return await account(request, notice="Two-step verification is on.")
     secret = await iam.totp.pending_secret(session.subject)
     if secret is None:
@@ -91,8 +93,10 @@ async def logout_page(request: Request) -> Response:
     except OAuthError:
         token = None
     logout = await _logout_request(request, token)
-    if logout is not None and logout.get("sid"):
-        # The client proved the session with its id_token_hint: sign out without asking (OIDC RP-Initiated §2).
+    session = await current_session(request)
+    if logout is not None and logout.get("sid") and session is not None and session.sid == logout["sid"]:
+        # The client's id_token_hint names this browser's session: sign out without asking. Otherwise
+        # the person is asked first (OIDC RP-Initiated Logout §2).
         return await _sign_out(request, logout)
     return page(request, "logout.html", logout=token if logout is not None else None)
 
@@ -107,11 +111,12 @@ async def logout_submit(request: Request) -> Response:
 
 async def _sign_out(request: Request, logout: dict) -> Response:
     iam = request.app.state.iam
+    # Only this browser's session ends: a logout request for another session was confirmed by this person
+    # for their own session, and must not sign out someone else.
     value = request.cookies.get(cookie_name(request, "iam_session"))
-    if logout.get("sid"):
-        await iam.sessions.end(sid=logout["sid"])
     if value:
         await iam.sessions.end(value)
+    audit("session.ended", source=source_of(request), sid=logout.get("sid"), reason="logout")
     redirect = logout.get("redirect")
     if redirect:
         response = RedirectResponse(with_params(redirect, {"state": logout.get("state")}), 303, headers=HARDENING)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from iam.authn.login import Flow, csrf_ok, current_session, login_form, page
 from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form
+from iam.observability import audit, source_of
 from iam.pages import error_page
 from iam.token.device import normalise_user_code
 
@@ -67,4 +68,5 @@ async def device_decision(request: Request) -> Response:
     )
     if not decided:
         return page(request, "device.html", 400, error="That code has expired or was already used.")
+    audit("device.approved" if approve else "device.denied", actor=session.subject, source=source_of(request))
     return page(request, "device_done.html", approved=approve)

@@ -16,6 +16,7 @@ from fastapi.responses import RedirectResponse
 
 from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form
+from iam.observability import LOGINS, audit, source_of
 from iam.pages import HARDENING, error_page, render
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
@@ -190,13 +191,18 @@ async def login_submit(request: Request) -> Response:
     password = form.get("password", "")
     keys = [f"user:{username.casefold()}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
     wait = await iam.throttle.locked_for(keys)
+    source = source_of(request)
     if wait:
+        LOGINS.labels("locked").inc()
+        audit("login.locked", "failure", source=source, username=username, client_id=flow.client_id)
         minutes = max(1, round(wait / 60))
         return login_form(request, flow, 429, f"Too many attempts. Try again in {minutes} minute(s).", username)
     user = await iam.directory.find(username) if username else None
     subject = user.sub if user is not None and user.active else None
     if not await iam.credentials.verify(subject, password) or subject is None:
         await iam.throttle.fail(keys)
+        LOGINS.labels("failure").inc()
+        audit("login.failed", "failure", actor=subject, source=source, username=username, client_id=flow.client_id)
         return login_form(request, flow, 401, "Incorrect username or password.", username)
     await iam.throttle.clear(keys[0])
     if await iam.totp.enabled(subject):
@@ -212,6 +218,9 @@ async def _start_session(request: Request, flow: Flow, subject: str, amr: list[s
     if old:
         await iam.sessions.end(old)  # a new id at every sign-in (ASVS V7.2.4)
     value, session = await iam.sessions.create(subject, amr)
+    LOGINS.labels("success").inc()
+    audit("login.succeeded", actor=subject, source=source_of(request), client_id=flow.client_id, amr=amr,
+          sid=session.sid)
     response = _signed_in(request, flow, session)
     set_cookie(request, response, "iam_session", value)
     return response
@@ -238,6 +247,8 @@ async def totp_submit(request: Request) -> Response:
         return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
     if not await iam.totp.verify(subject, form.get("code", "")):
         await iam.throttle.fail(keys)
+        LOGINS.labels("mfa_failure").inc()
+        audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)
         return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
     await iam.throttle.clear(keys[0])
     return await _start_session(request, flow, subject, ["pwd", "otp"])

@@ -7,7 +7,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import sessions
@@ -60,6 +60,15 @@ class Sessions:
             async with self.engine.begin() as conn:
                 await conn.execute(update(sessions).where(sessions.c.digest == row.digest).values(last_seen=now))
         return Session(sid=row.sid, subject=row.subject, auth_time=row.auth_time, amr=row.amr.split())
+
+    async def count_live(self) -> int:
+        now = int(self.clock())
+        async with self.engine.connect() as conn:
+            return (await conn.execute(
+                select(func.count()).select_from(sessions)
+                .where(sessions.c.revoked.is_(False), sessions.c.expires_at > now,
+                       sessions.c.last_seen > now - self.idle_ttl)
+            )).scalar_one()
 
     async def end(self, value: str | None = None, *, sid: str | None = None) -> None:
         condition = sessions.c.digest == _digest(value) if value else sessions.c.sid == sid

@@ -1,7 +1,8 @@
 """The phantom pair: an opaque access token for the client, and the JWT (RFC 9068) that the ingress gets for it.
 
 The JWT is signed once, at issuance, and stored beside the token's digest. Introspection and forward-auth
-are then one indexed lookup: no signing and no second query on the hot path.
+are then at most one indexed lookup: no signing and no second query on the hot path, and no query at all
+while the token's row is in the hot cache (iam/token/hot_cache.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from iam.config import ClientConfig, Settings
 from iam.keys import KeyRing
+from iam.token.hot_cache import HotCache
 from iam.token.store import AccessTokenRow, TokenStore
 
 TOKEN_BYTES = 32  # 256 bits of randomness
@@ -42,6 +44,28 @@ def introspection_members(jwt: str) -> dict:
     return {"active": True, **jwt_claims(jwt), "token_type": "Bearer"}
 
 
+class LiveToken:
+    """A live token's row, and what the hot path derives from it, each built at most once per cache entry."""
+
+    __slots__ = ("row", "until", "_introspection")
+
+    def __init__(self, row: AccessTokenRow, until: float) -> None:
+        self.row = row
+        self.until = until  # epoch seconds it may be served from the cache until
+        self._introspection: bytes | None = None
+
+    @property
+    def jwt(self) -> str:
+        return self.row.jwt
+
+    @property
+    def introspection_json(self) -> bytes:
+        """The RFC 7662 answer, serialised: the JWT payload is parsed once, not per request."""
+        if self._introspection is None:
+            self._introspection = json.dumps(introspection_members(self.row.jwt), separators=(",", ":")).encode()
+        return self._introspection
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
     token: str
@@ -52,12 +76,15 @@ class IssuedToken:
 
 
 class AccessTokens:
-    def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore, clock=time.time) -> None:
+    def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore, clock=time.time,
+                 cache: HotCache | None = None) -> None:
         self.issuer = settings.issuer
         self.alg = settings.keys.access_token_alg
         self.keys = keys
         self.store = store
         self.clock = clock
+        # Live rows by digest; None, or a disabled cache, means every lookup goes to the store.
+        self.cache = cache if cache is not None else HotCache(enabled=False)
 
     def mint(
         self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None, claims: dict | None = None
@@ -96,14 +123,33 @@ class AccessTokens:
         await self.store.add_access_token(issued.row)
         return issued
 
-    async def active(self, token: str) -> AccessTokenRow | None:
-        """The stored row of a live token; None for unknown, malformed, expired or revoked ones."""
+    async def live(self, token: str) -> LiveToken | None:
+        """A live token (its stored row); None for unknown, malformed, expired or revoked ones.
+
+        From the hot cache when it holds the token and is on; else one indexed lookup, whose live result is
+        cached (never a negative one).
+        """
         if not TOKEN_SHAPE.match(token):
             return None  # not one of ours: no store lookup for garbage
-        row = await self.store.find_access_token(digest(token))
-        if row is None or row.revoked or row.expires_at <= self.clock():
+        key = hashlib.sha256(token.encode()).digest()
+        cache = self.cache
+        now = self.clock()
+        entry = cache.get(key, now)
+        if entry is not None:
+            return entry
+        generation = cache.generation  # read before the lookup: an eviction meanwhile voids this fill
+        row = await self.store.find_access_token(key)
+        now = self.clock()
+        if row is None or row.revoked or row.expires_at <= now:
             return None
-        return row
+        entry = LiveToken(row, cache.until(row.expires_at, now))
+        cache.put(key, entry, generation, now)
+        return entry
+
+    async def active(self, token: str) -> AccessTokenRow | None:
+        """The stored row of a live token; None for unknown, malformed, expired or revoked ones."""
+        found = await self.live(token)
+        return None if found is None else found.row
 
     async def introspect(self, token: str) -> dict | None:
         """RFC 7662 members of a live token, or None."""

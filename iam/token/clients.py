@@ -20,6 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError, invalid_client
+from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
 
 log = logging.getLogger("iam.clients")
 
@@ -96,6 +97,18 @@ class ClientRegistry:
                 return False
         self._digests[client_id] = presented
         return True
+
+
+async def authenticate(request, form: dict[str, str]) -> ClientConfig:
+    """Authenticate the calling client of an endpoint; failures are counted and audited."""
+    try:
+        return await request.app.state.iam.clients.authenticate(request.headers.get("authorization"), form)
+    except OAuthError as exc:
+        if exc.error == "invalid_client":
+            CLIENT_AUTH_FAILURES.inc()
+            audit("client.auth_failed", "failure", client_id=form.get("client_id"), source=source_of(request),
+                  reason=exc.description)
+        raise
 
 
 def _parse_basic(authorization: str) -> tuple[str, str]:

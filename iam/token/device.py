@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import read_form
+from iam.token.clients import authenticate
 from iam.internal import require_peer
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
@@ -40,7 +41,7 @@ def user_code_digest(code: str) -> bytes:
 async def device_authorization(request: Request) -> Response:
     iam = request.app.state.iam
     form = await read_form(request)
-    client = await iam.clients.authenticate(request.headers.get("authorization"), form)
+    client = await authenticate(request, form)
     if DEVICE_GRANT not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use the device authorization grant")
     scope = granted_scope(form.get("scope"), client.scopes)

@@ -3,7 +3,9 @@
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
-from iam.http import read_form
+from iam.observability import TOKENS_ISSUED, audit, source_of
+from iam.http import PlainRoute, read_form
+from iam.token.clients import authenticate
 from iam.token.device import DEVICE_GRANT
 from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token
 
@@ -17,11 +19,10 @@ GRANTS = {
 }
 
 
-@router.post("/oauth/v2/token")
 async def token(request: Request) -> Response:
     iam = request.app.state.iam
     form = await read_form(request)
-    client = await iam.clients.authenticate(request.headers.get("authorization"), form)
+    client = await authenticate(request, form)
     grant_type = form.get("grant_type")
     if grant_type is None:
         raise OAuthError("invalid_request", "grant_type is required")
@@ -30,4 +31,12 @@ async def token(request: Request) -> Response:
         raise OAuthError("unsupported_grant_type", "this server does not support that grant_type")
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
-    return json_response(await handler(iam, client, form), 200, NO_STORE)
+    body, subject = await handler(iam, client, form)
+    TOKENS_ISSUED.labels(grant_type, client.client_id).inc()
+    audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
+          client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))
+    return json_response(body, 200, NO_STORE)
+
+
+# A plain route, mounted on the app itself (iam/app.py): issuance skips FastAPI's per-request machinery.
+routes = [PlainRoute("/oauth/v2/token", token, methods=["POST"], include_in_schema=False)]

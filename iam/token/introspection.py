@@ -1,6 +1,7 @@
 """Token introspection (RFC 7662), with the phantom JWT (`Accept: application/jwt`) and signed responses (RFC 9701).
 
-One indexed lookup per call; the JWT was signed at issuance and is returned as stored.
+At most one indexed lookup per call, none while the token is in the hot cache (iam/token/hot_cache.py); the
+JWT was signed at issuance and is returned as stored.
 """
 
 import time
@@ -8,37 +9,45 @@ import time
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
-from iam.http import read_form
+from iam.http import PlainRoute, read_form
+from iam.token.clients import authenticate
 from iam.internal import require_peer
+from iam.observability import INTROSPECTIONS
 from iam.roles import Role
 from iam.token.access_tokens import introspection_members
 
 router = APIRouter()
 
 INACTIVE = {"active": False}
+INTROSPECT_ACTIVE = INTROSPECTIONS.labels("introspect", "active")
+INTROSPECT_INACTIVE = INTROSPECTIONS.labels("introspect", "inactive")
 JWT_RESPONSE = "application/token-introspection+jwt"
 
 
-@router.post("/oauth/v2/introspect")
 async def introspect(request: Request) -> Response:
     iam = request.app.state.iam
     form = await read_form(request)
-    caller = await iam.clients.authenticate(request.headers.get("authorization"), form)
+    caller = await authenticate(request, form)
     if caller.is_public:
         # RFC 7662 §2.1 / §4: the endpoint requires authorization, against token scanning.
         raise invalid_client("introspection requires a confidential client")
     token = form.get("token")
     if token is None:
         raise OAuthError("invalid_request", "token is required")
-    row = await iam.access_tokens.active(token)
+    live = await iam.access_tokens.live(token)
+    (INTROSPECT_INACTIVE if live is None else INTROSPECT_ACTIVE).inc()
     accept = request.headers.get("accept", "")
     if JWT_RESPONSE in accept:
-        return _signed_response(iam, caller.client_id, row)
-    if row is None:
+        return _signed_response(iam, caller.client_id, None if live is None else live.row)
+    if live is None:
         return json_response(INACTIVE, 200, NO_STORE)
     if "application/jwt" in accept:
-        return Response(row.jwt, 200, NO_STORE, media_type="application/jwt")
-    return json_response(introspection_members(row.jwt), 200, NO_STORE)
+        return Response(live.jwt, 200, NO_STORE, media_type="application/jwt")
+    return Response(live.introspection_json, 200, NO_STORE, media_type="application/json")
+
+
+# A plain route, mounted on the app itself (iam/app.py): the hot path skips FastAPI's per-request machinery.
+routes = [PlainRoute("/oauth/v2/introspect", introspect, methods=["POST"], include_in_schema=False)]
 
 
 @router.post("/internal/v1/introspect")
@@ -51,8 +60,10 @@ async def introspect_for_peer(request: Request) -> Response:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         raise OAuthError("invalid_request", "body must be {\"token\": string}") from None
-    members = await request.app.state.iam.access_tokens.introspect(token)
-    return json_response(members or INACTIVE, 200, NO_STORE)
+    live = await request.app.state.iam.access_tokens.live(token)
+    if live is None:
+        return json_response(INACTIVE, 200, NO_STORE)
+    return Response(live.introspection_json, 200, NO_STORE, media_type="application/json")
 
 
 def _signed_response(iam, audience: str, row) -> Response:

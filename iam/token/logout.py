@@ -18,6 +18,7 @@ from joserfc.errors import JoseError
 from iam.errors import OAuthError
 from iam.http import parse_params, read_form
 from iam.pages import HARDENING, error_page
+from iam.observability import audit
 from iam.peers import LOGOUT_TYP
 from iam.roles import Role
 
@@ -48,7 +49,8 @@ async def end_session(request: Request) -> Response:
         return error_page("Invalid sign-out request", "The address to return to is not registered.")
     claims: dict = {"redirect": redirect, "state": params.get("state")}
     if hint is not None and client is not None and hint.get("sid"):
-        await iam.token_store.revoke_session_grants(hint["sid"], client.client_id)
+        revoked = await iam.token_store.revoke_session_grants(hint["sid"], client.client_id)
+        audit("token.revoked", actor=hint.get("sub"), client_id=client.client_id, grants=revoked, reason="logout")
         claims["sid"] = hint["sid"]
     logout = iam.identity.sign(Role.AUTHENTICATION, LOGOUT_TYP, claims, issuer=Role.TOKEN)
     return RedirectResponse(f"{iam.settings.login_base}/authn/logout?{urlencode({'logout': logout})}",

@@ -6,23 +6,29 @@ Envoy ext_authz (which appends the original path) all call it as they are, with 
 Serve it inside the cluster only: it hands the JWT to whoever holds the opaque token.
 """
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iam.errors import invalid_token
-from iam.http import bearer_token
+from iam.http import PlainRoute, bearer_token
+from iam.observability import INTROSPECTIONS
 
-router = APIRouter()
-
+ACTIVE = INTROSPECTIONS.labels("phantom", "active")
+INACTIVE = INTROSPECTIONS.labels("phantom", "inactive")
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-@router.api_route("/oauth/v2/phantom", methods=_METHODS)
-@router.api_route("/oauth/v2/phantom/{_path:path}", methods=_METHODS, include_in_schema=False)
 async def phantom(request: Request) -> Response:
     token = bearer_token(request)
     if token is None:
+        INACTIVE.inc()
         return invalid_token().response()
-    row = await request.app.state.iam.access_tokens.active(token)
-    if row is None:
+    live = await request.app.state.iam.access_tokens.live(token)
+    (INACTIVE if live is None else ACTIVE).inc()
+    if live is None:
         return invalid_token("the access token is invalid, expired or revoked").response()
-    return Response(status_code=200, headers={"Authorization": f"Bearer {row.jwt}", "Cache-Control": "no-store"})
+    return Response(status_code=200, headers={"Authorization": f"Bearer {live.jwt}", "Cache-Control": "no-store"})
+
+
+# Plain routes, mounted on the app itself (iam/app.py): the hot path skips FastAPI's per-request machinery.
+routes = [PlainRoute(path, phantom, methods=_METHODS, include_in_schema=False)
+          for path in ("/oauth/v2/phantom", "/oauth/v2/phantom/{_path:path}")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -15,11 +18,17 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
+    func,
     insert,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
+
+log = logging.getLogger("iam.token.store")
 
 metadata = MetaData()
 
@@ -136,7 +145,8 @@ class RefreshTokenRow:
     expires_at: int
 
 
-# Built once: the introspection hot path runs this statement and nothing else.
+# Built once: the introspection hot path runs this statement and nothing else. On PostgreSQL it runs as
+# _FIND_SQL, straight on the pooled asyncpg connection (prepared once per connection by asyncpg).
 _FIND = select(
     access_tokens.c.client_id,
     access_tokens.c.subject,
@@ -145,6 +155,15 @@ _FIND = select(
     access_tokens.c.jwt,
     access_tokens.c.grant_id,
 ).where(access_tokens.c.digest == bindparam("digest"))
+_FIND_SQL = (
+    "SELECT client_id, subject, expires_at, revoked, jwt, grant_id FROM access_tokens WHERE digest = $1"
+)
+_INSERT_ACCESS = insert(access_tokens)
+_INSERT_SQL = (
+    "INSERT INTO access_tokens (digest, client_id, subject, expires_at, revoked, jwt, grant_id)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
+_FAILED = object()
 
 _GRANT_COLUMNS = [grants.c[name] for name in (
     "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "nonce", "offline", "created_at"
@@ -156,33 +175,87 @@ def _row(values) -> dict:
 
 
 class TokenStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, cache: HotCache | None = None) -> None:
         self.engine = engine
-        # Single-statement reads run outside a transaction: no BEGIN/ROLLBACK round trips on the hot path.
+        # Single-statement reads and writes run outside a transaction: no BEGIN/COMMIT round trips.
         self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The token role's hot cache: every revocation below evicts from it once its transaction is over.
+        self.cache = cache
+        self._postgresql = engine.dialect.name == "postgresql"
 
     # -- access tokens ------------------------------------------------------------------------------------
     async def add_access_token(self, row: AccessTokenRow) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(access_tokens).values(_access_values(row)))
+        """The lone INSERT of a token issuance, in autocommit: one round trip instead of BEGIN, INSERT, COMMIT."""
+        if self._postgresql:
+            inserted = await self._on_driver(lambda driver: driver.execute(_INSERT_SQL, *_access_params(row)))
+            if inserted is not _FAILED:
+                return
+            # The direct attempt failed, and may still have committed (a connection lost after COMMIT):
+            # insert again the SQLAlchemy way. A duplicate digest can then only be that first attempt's row.
+            try:
+                await self._insert(row)
+            except IntegrityError:
+                if await self._find(row.digest) != row:
+                    raise
+            return
+        await self._insert(row)
+
+    async def _insert(self, row: AccessTokenRow) -> None:
+        async with self.reader.connect() as conn:
+            await conn.execute(_INSERT_ACCESS, _access_values(row))
 
     async def find_access_token(self, digest: bytes) -> AccessTokenRow | None:
+        if self._postgresql:
+            found = await self._on_driver(lambda driver: driver.fetchrow(_FIND_SQL, digest))
+            if found is not _FAILED:
+                return None if found is None else AccessTokenRow(digest, *found)
+        return await self._find(digest)
+
+    async def _find(self, digest: bytes) -> AccessTokenRow | None:
         async with self.reader.connect() as conn:
             found = (await conn.execute(_FIND, {"digest": digest})).first()
         return None if found is None else AccessTokenRow(digest, *found)
+
+    async def _on_driver(self, call):
+        """Run one statement straight on a pooled asyncpg connection (PostgreSQL), skipping SQLAlchemy's
+        per-statement work: the two hot statements (the token lookup, the issuance INSERT) use this.
+
+        An idle pooled connection has no transaction open, so the statement is one autocommit round trip.
+        Returns _FAILED if it raised: the connection is then dropped, and the caller runs the statement the
+        SQLAlchemy way, which handles (and reports) disconnects and store errors as everywhere else.
+        """
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            pooled = await self.engine.raw_connection()
+        except dbapi_error as exc:  # cannot connect: reported as SQLAlchemy reports it everywhere else
+            raise DBAPIError.instance(None, None, exc, dbapi_error, dialect=self.engine.dialect) from exc
+        done = False
+        try:
+            result = await call(pooled.driver_connection)
+            done = True
+        except Exception as exc:
+            log.debug("direct statement failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
+            result = _FAILED
+        finally:
+            if done:
+                pooled.close()  # back to the pool
+            else:
+                pooled.invalidate()  # failed or cancelled mid-statement: closed, its pool slot freed
+        return result
 
     async def revoke_token(self, digest: bytes, client_id: str) -> bool:
         """Revoke a token only for the client it was issued to (RFC 7009 §2.1).
 
         A refresh token takes its whole grant along (§2.1: "SHOULD also invalidate the access tokens").
         """
-        async with self.engine.begin() as conn:
+        async with self._revoking() as (conn, revoked):
             result = await conn.execute(
                 update(access_tokens)
                 .where(access_tokens.c.digest == digest, access_tokens.c.client_id == client_id)
                 .values(revoked=True)
             )
             if result.rowcount:
+                await revoked.digest(conn, digest)
                 return True
             grant_id = (
                 await conn.execute(
@@ -194,7 +267,20 @@ class TokenStore:
             if grant_id is None:
                 return False
             await _revoke_grant(conn, grant_id)
+            await revoked.grant(conn, grant_id)
             return True
+
+    @contextlib.asynccontextmanager
+    async def _revoking(self) -> AsyncIterator[tuple[AsyncConnection, _Revocations]]:
+        """A transaction that revokes: its notices go out with its commit, local evictions follow it."""
+        revoked = _Revocations(self._postgresql)
+        try:
+            async with self.engine.begin() as conn:
+                yield conn, revoked
+        finally:
+            # After the commit (or its failure: evicting too much is harmless). A concurrent lookup that
+            # read the row before the commit cannot put it back: eviction bumps the cache's generation.
+            revoked.evict(self.cache)
 
     # -- pending authorization requests -------------------------------------------------------------------
     async def add_request(self, values: dict) -> None:
@@ -271,24 +357,28 @@ class TokenStore:
         return True
 
     async def revoke_grant(self, grant_id: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._revoking() as (conn, revoked):
             await _revoke_grant(conn, grant_id)
+            await revoked.grant(conn, grant_id)
 
     async def revoke_session_grants(self, sid: str, client_id: str) -> int:
         """Logout: revoke what this client was granted in this session, and nothing of other clients."""
-        async with self.engine.begin() as conn:
+        async with self._revoking() as (conn, revoked):
             ids = (
                 await conn.execute(select(grants.c.id).where(grants.c.sid == sid, grants.c.client_id == client_id))
             ).scalars().all()
             for grant_id in ids:
                 await _revoke_grant(conn, grant_id)
+                await revoked.grant(conn, grant_id)
         return len(ids)
 
     async def revoke_subject(self, subject: str) -> None:
         """A disabled or deleted user: every grant and token of theirs stops working."""
-        async with self.engine.begin() as conn:
-            for grant_id in (await conn.execute(select(grants.c.id).where(grants.c.subject == subject))).scalars():
+        async with self._revoking() as (conn, revoked):
+            ids = (await conn.execute(select(grants.c.id).where(grants.c.subject == subject))).scalars().all()
+            for grant_id in ids:
                 await _revoke_grant(conn, grant_id)
+            await revoked.subject(conn, subject)  # one notice covers all of them
 
     # -- device codes -------------------------------------------------------------------------------------
     async def add_device_code(self, values: dict) -> None:
@@ -368,6 +458,11 @@ class TokenStore:
         return total
 
 
+def _access_params(row: AccessTokenRow) -> tuple:
+    """_INSERT_SQL's parameters, in its column order."""
+    return (row.digest, row.client_id, row.subject, row.expires_at, row.revoked, row.jwt, row.grant_id)
+
+
 def _access_values(row: AccessTokenRow) -> dict:
     return {
         "digest": row.digest,
@@ -395,6 +490,47 @@ async def _add_tokens(conn, access: AccessTokenRow, refresh: RefreshTokenRow | N
 
 
 async def _revoke_grant(conn, grant_id: str) -> None:
+    """Revoke a grant and every token of it; the caller tells the caches (`_Revocations.grant`)."""
     await conn.execute(update(grants).where(grants.c.id == grant_id).values(revoked=True))
     await conn.execute(update(refresh_tokens).where(refresh_tokens.c.grant_id == grant_id).values(revoked=True))
     await conn.execute(update(access_tokens).where(access_tokens.c.grant_id == grant_id).values(revoked=True))
+
+
+class _Revocations:
+    """What one revoking transaction revoked: notices for the other processes, evictions for this one.
+
+    On PostgreSQL each notice is `pg_notify` inside the transaction, so listeners get it on commit and never
+    for a rollback. On SQLite (one process) the local eviction is all there is to do.
+    """
+
+    def __init__(self, notify: bool) -> None:
+        self._notify = notify
+        self._digests: list[bytes] = []
+        self._grants: list[str] = []
+        self._subjects: list[str] = []
+
+    async def digest(self, conn, digest: bytes) -> None:
+        self._digests.append(digest)
+        await self._send(conn, digest_payload(digest))
+
+    async def grant(self, conn, grant_id: str) -> None:
+        self._grants.append(grant_id)
+        await self._send(conn, grant_payload(grant_id))
+
+    async def subject(self, conn, subject: str) -> None:
+        self._subjects.append(subject)
+        await self._send(conn, subject_payload(subject))
+
+    async def _send(self, conn, payload: str) -> None:
+        if self._notify:
+            await conn.execute(select(func.pg_notify(CHANNEL, payload)))
+
+    def evict(self, cache: HotCache | None) -> None:
+        if cache is None:
+            return
+        for digest in self._digests:
+            cache.evict_digest(digest)
+        for grant_id in self._grants:
+            cache.evict_grant(grant_id)
+        for subject in self._subjects:
+            cache.evict_subject(subject)

@@ -208,7 +208,8 @@ class Directory:
                     .order_by(groups.c.display_name)
                 )
             ).scalars().all()
-        full = row.display_name or " ".join(p for p in (row.given_name, row.family_name) if p) or None
+        formatted = ((row.attributes or {}).get("name") or {}).get("formatted")  # SCIM name.formatted
+        full = row.display_name or formatted or " ".join(p for p in (row.given_name, row.family_name) if p) or None
         return UserClaims(
             sub=row.id,
             active=row.active,
@@ -439,8 +440,9 @@ class Directory:
     async def _update_group(self, current: Group, new: NewGroup) -> bool:
         old = [m.id for m in current.members or ()]
         wanted = _unique(new.members)
-        added = [m for m in wanted if m not in set(old)]
-        removed = [m for m in old if m not in set(wanted)]
+        old_set, wanted_set = set(old), set(wanted)
+        added = [m for m in wanted if m not in old_set]
+        removed = [m for m in old if m not in wanted_set]
         now = int(self.clock())
         try:
             async with self.engine.begin() as conn:

@@ -12,6 +12,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError
+from iam.observability import audit
 from iam.security import constant_time_equal
 from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.user_tokens import current_user, mint
@@ -23,7 +24,7 @@ def _invalid(description: str) -> OAuthError:
     return OAuthError("invalid_grant", description)
 
 
-async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
+async def grant(iam, client: ClientConfig, form: dict[str, str]) -> tuple[dict, str]:
     code = form.get("code")
     if code is None:
         raise OAuthError("invalid_request", "code is required")
@@ -37,7 +38,7 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     if found is None or found["client_id"] != client.client_id:
         raise _invalid("unknown code")
     if found["consumed"]:
-        await iam.token_store.revoke_grant(found["grant_id"])  # a replay: revoke what the first use bought
+        await _replayed(iam, found)
         raise _invalid("the code was already used")
     if found["expires_at"] < now or found["grant_revoked"]:
         raise _invalid("the code has expired")
@@ -55,6 +56,13 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     user = await current_user(iam, found)
     body, access, refresh = mint(iam, client, found, user, found["scope"], now, include_nonce=True)
     if not await iam.token_store.redeem_code(code_digest, access.row, refresh):
-        await iam.token_store.revoke_grant(found["grant_id"])  # lost a race with another use: that is a replay
+        await _replayed(iam, found)  # lost a race with another use: that is a replay
         raise _invalid("the code was already used")
-    return body
+    return body, user.sub
+
+
+async def _replayed(iam, found: dict) -> None:
+    """RFC 6749 §4.1.2: a second use of a code revokes what the first one bought."""
+    await iam.token_store.revoke_grant(found["grant_id"])
+    audit("code.replayed", "failure", actor=found["subject"], client_id=found["client_id"],
+          grant_id=found["grant_id"])

@@ -8,7 +8,7 @@ from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.user_tokens import current_user, mint
 
 
-async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
+async def grant(iam, client: ClientConfig, form: dict[str, str]) -> tuple[dict, str]:
     device_code = form.get("device_code")
     if device_code is None:
         raise OAuthError("invalid_request", "device_code is required")
@@ -36,4 +36,4 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     body, access, refresh = mint(iam, client, grant_row, user, grant_row["scope"], now, include_nonce=False)
     if not await iam.token_store.redeem_device_code(code_digest, access.row, refresh):
         raise OAuthError("invalid_grant", "the device code was already used")
-    return body
+    return body, user.sub

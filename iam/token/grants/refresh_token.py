@@ -7,19 +7,18 @@ kept only encrypted under a key derived from the spent token, which the server d
 """
 
 import json
-import logging
 import time
 
 from cryptography.exceptions import InvalidTag
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError
+from iam.observability import REFRESH_REUSE, audit
 from iam.security import seal, unseal
 from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.scopes import granted_scope
 from iam.token.user_tokens import current_user, mint
 
-log = logging.getLogger("iam.token.refresh")
 SUCCESSOR = b"iam refresh successor v1"
 
 
@@ -27,7 +26,7 @@ def _invalid(description: str) -> OAuthError:
     return OAuthError("invalid_grant", description)
 
 
-async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
+async def grant(iam, client: ClientConfig, form: dict[str, str]) -> tuple[dict, str]:
     token = form.get("refresh_token")
     if token is None:
         raise OAuthError("invalid_request", "refresh_token is required")
@@ -41,7 +40,7 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     if found["revoked"] or found["grant_revoked"]:
         raise _invalid("the refresh token was revoked")
     if found["used_at"] is not None:
-        return await _retry_or_revoke(iam, client, found, token, now)
+        return await _retry_or_revoke(iam, client, found, token, now), found["subject"]
     if found["expires_at"] < now or found["grant_expires_at"] < now:
         raise _invalid("the refresh token has expired")
     granted = set(found["scope"].split())
@@ -52,9 +51,10 @@ async def grant(iam, client: ClientConfig, form: dict[str, str]) -> dict:
     sealed = seal(token, SUCCESSOR, json.dumps(body).encode()) if client.refresh_reuse_window else None
     if not await iam.token_store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
         # Spent concurrently: the winner may have left its successor for us.
-        return await _retry_or_revoke(iam, client, await iam.token_store.find_refresh_token(token_digest),
-                                      token, now)
-    return body
+        retried = await _retry_or_revoke(iam, client, await iam.token_store.find_refresh_token(token_digest),
+                                         token, now)
+        return retried, user.sub
+    return body, user.sub
 
 
 async def _retry_or_revoke(iam, client: ClientConfig, found: dict | None, token: str, now: int) -> dict:
@@ -63,11 +63,15 @@ async def _retry_or_revoke(iam, client: ClientConfig, found: dict | None, token:
         now - found["used_at"] <= client.refresh_reuse_window
     ):
         try:
-            return json.loads(unseal(token, SUCCESSOR, found["successor"]))
+            body = json.loads(unseal(token, SUCCESSOR, found["successor"]))
         except (InvalidTag, ValueError):
             pass
+        else:
+            REFRESH_REUSE.labels("window_retry").inc()
+            return body
     if found is not None:
         await iam.token_store.revoke_grant(found["grant_id"])
-        log.warning("refresh token reuse: grant revoked",
-                    extra={"client_id": client.client_id, "grant_id": found["grant_id"]})
+        REFRESH_REUSE.labels("revoked").inc()
+        audit("refresh.reuse_detected", "failure", actor=found["subject"], client_id=client.client_id,
+              grant_id=found["grant_id"], action="grant revoked")
     raise _invalid("the refresh token was already used; the grant is revoked")

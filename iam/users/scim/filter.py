@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import and_, exists, false, func, not_, or_, select, true
 
-from iam.users.scim.errors import ScimError, invalid_filter
+from iam.users.scim.errors import ScimError, invalid_filter, invalid_value
 from iam.users.scim.schemas import GROUP, IAM_USER, USER, Attr, ResourceType
 from iam.users.store import groups, memberships, user_emails, users
 
@@ -413,8 +413,6 @@ _SORT = {
 
 def sort_column(text: str, rtype: ResourceType):
     """The column `sortBy` names, or a 400 invalidValue."""
-    from iam.users.scim.errors import invalid_value
-
     path = parse_attr_path(text.strip())
     resolved = resolve(path, rtype) if path else None
     column = _SORT[rtype.name].get(resolved.key) if resolved else None
@@ -563,7 +561,7 @@ def check_value_filter(node: Node, attr: Attr, error: Callable[[str], ScimError]
         raise error(f"{attr.name} has no sub-attribute {node.path}")
     if isinstance(node, Compare) and node.value is not None:
         expected = bool if sub.type == "boolean" else str
-        if not isinstance(node.value, expected) or (expected is str and node.op not in COMPARE):
+        if not isinstance(node.value, expected):
             raise error(f"{attr.name}.{sub.name} compares with a {'boolean' if expected is bool else 'string'}")
         if expected is bool and node.op not in ("eq", "ne"):
             raise error(f"{attr.name}.{sub.name} is a boolean: compare it with eq or ne")

@@ -97,7 +97,7 @@ def _s(name: str, **kw) -> Attr:
 
 def _multi_value(name: str, description: str, types: tuple[str, ...], value_length: int = 255) -> Attr:
     return Attr(name, "complex", multi=True, description=description, sub=(
-        _s("value", description=f"The {description.lower()} value.", max_length=value_length),
+        _s("value", required=True, description=f"The {description.lower()} value.", max_length=value_length),
         _s("display", description="A human-readable name, primarily used for display purposes."),
         _s("type", description="A label indicating the attribute's function.", canonical=types, max_length=64),
         Attr("primary", "boolean", description="The primary or preferred value; true at most once."),
@@ -163,7 +163,7 @@ GROUP_SCHEMA = Schema(CORE_GROUP, "Group", "Group", (
     _s("displayName", required=True, uniqueness="server",
        description="A human-readable name for the group; unique, compared case-insensitively."),
     Attr("members", "complex", multi=True, description="The members of the group (users).", sub=(
-        _s("value", mutability="immutable", description="The id of the member user.", max_length=64),
+        _s("value", required=True, mutability="immutable", description="The id of the member user.", max_length=64),
         Attr("$ref", "reference", mutability="immutable", reference_types=("User",), max_length=2048),
         _s("display", mutability="readOnly", description="The member's displayName or userName."),
         _s("type", mutability="immutable", canonical=("User",), max_length=64),
