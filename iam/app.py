@@ -102,6 +102,13 @@ class Runtime:
             self.tokens = peer(RemoteTokens, Role.TOKEN)
         if role is Role.AUTHENTICATION:
             self.device_approvals = peer(RemoteTokens, Role.TOKEN)
+        if role.serves(Role.USER_MANAGEMENT):
+            # A disabled or deleted user loses every grant and session at once, in whichever process they live.
+            local = role is Role.ALL
+            self.directory_service.on_disabled += [
+                self.token_store.revoke_subject if local else self.tokens.revoke_subject,
+                self.sessions.end_all if local else self.directory_service.credentials.end_sessions,
+            ]
 
     async def start(self) -> None:
         """Open stores (migrating them if configured), load keys, start background jobs. Idempotent."""

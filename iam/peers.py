@@ -215,6 +215,11 @@ class RemoteCredentials(_Remote):
             raise PasswordRejected(response.json().get("detail", "password rejected"))
         response.raise_for_status()
 
+    async def end_sessions(self, sub: str) -> None:
+        response = await self.call("DELETE", f"/internal/v1/sessions/{_segment(sub)}")
+        if response.status_code != 204:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
     async def remove(self, sub: str) -> None:
         response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}")
         if response.status_code not in (204, 404):
@@ -222,6 +227,11 @@ class RemoteCredentials(_Remote):
 
 
 class RemoteTokens(_Remote):
+    async def revoke_subject(self, sub: str) -> None:
+        response = await self.call("POST", f"/internal/v1/subjects/{_segment(sub)}/revoke")
+        if response.status_code != 204:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
     async def introspect(self, token: str) -> dict | None:
         response = await self.call("POST", "/internal/v1/introspect", json={"token": token})
         body = response.json()

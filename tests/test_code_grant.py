@@ -293,3 +293,14 @@ async def test_the_successor_is_stored_only_encrypted(client, app, alice):
         blobs = (await conn.execute(select(refresh_tokens.c.successor))).scalars().all()
     stored = b"".join(blob for blob in blobs if blob)
     assert stored and second["refresh_token"].encode() not in stored and second["access_token"].encode() not in stored
+
+
+async def test_disabling_a_user_revokes_their_tokens_and_sessions_at_once(client, app, alice):
+    """ASVS 5 V7.4.2: not only refresh, but live access tokens and the SSO session stop working too."""
+    body = await tokens_for(client)
+    assert (await introspect(client, body["access_token"]))["active"] is True
+    await app.state.iam.directory_service.set_active(alice, False)
+    assert await introspect(client, body["access_token"]) == {"active": False}
+    assert (await client.get("/oauth/v2/phantom",
+                             headers={"Authorization": f"Bearer {body['access_token']}"})).status_code == 401
+    assert (await client.get("/authn/account")).status_code == 303  # the session is gone

@@ -97,6 +97,10 @@ async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
         refreshed = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
             "grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
         assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+        # ... and the user-management role told the token role: the live access token is revoked too.
+        introspected = await http.post("/oauth/v2/introspect", auth=("webapp", "webapp-secret-0123456789abcdef"),
+                                       data={"token": body["access_token"]})
+        assert introspected.json() == {"active": False}
 
 
 async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):

@@ -27,6 +27,14 @@ async def set_password(sub: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+@router.delete("/internal/v1/sessions/{sub}")
+async def end_sessions(sub: str, request: Request) -> Response:
+    """A disabled or deleted user: every SSO session of theirs ends."""
+    await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
+    await request.app.state.iam.sessions.end_all(sub)
+    return Response(status_code=204)
+
+
 @router.delete("/internal/v1/credentials/{sub}")
 async def remove_password(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)

@@ -5,9 +5,19 @@ from fastapi import APIRouter, Request, Response
 from iam.errors import NO_STORE, OAuthError
 from iam.observability import audit, source_of
 from iam.http import read_form
+from iam.internal import require_peer
+from iam.roles import Role
 from iam.token.clients import authenticate
 
 router = APIRouter()
+
+
+@router.post("/internal/v1/subjects/{sub}/revoke")
+async def revoke_subject(sub: str, request: Request) -> Response:
+    """A disabled or deleted user (told by the user-management role): every grant and token of theirs ends."""
+    await require_peer(request, Role.TOKEN, Role.USER_MANAGEMENT)
+    await request.app.state.iam.token_store.revoke_subject(sub)
+    return Response(status_code=204)
 
 
 @router.post("/oauth/v2/revoke")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iam.observability import audit
 from iam.peers import Credentials, UserClaims
 from iam.users.store import groups, memberships, user_emails, users
 
@@ -133,10 +134,22 @@ def primary_email(emails: Sequence[Email]) -> str | None:
 
 
 class Directory:
-    def __init__(self, engine: AsyncEngine, credentials: Credentials, clock=time.time) -> None:
+    def __init__(self, engine: AsyncEngine, credentials: Credentials, clock=time.time,
+                 on_disabled: Sequence[Callable[[str], Awaitable[object]]] = ()) -> None:
         self.engine = engine
         self.credentials = credentials
         self.clock = clock
+        # Called when a user is disabled or deleted: the token role revokes their grants and the
+        # authentication role ends their sessions (ASVS 5 V7.4.2), so nothing issued before goes on working.
+        self.on_disabled = list(on_disabled)
+
+    async def _switched_off(self, sub: str, event: str) -> None:
+        audit(event, actor=sub, user=sub)
+        for hook in self.on_disabled:
+            try:
+                await hook(sub)
+            except Exception as exc:  # refresh and sign-in re-read `active` anyway; say what could not be done
+                log.warning("could not revoke the grants or sessions of %s: %s", sub, exc)
 
     @property
     def dialect(self) -> str:
@@ -181,6 +194,7 @@ class Directory:
             if password is not None:
                 await self._forget_credential(user_id)
             raise
+        audit("user.created", actor=user_id, user=user_id, groups=list(group_names))
         return user_id
 
     async def _forget_credential(self, sub: str) -> None:
@@ -277,6 +291,9 @@ class Directory:
                 updated = await self.get_user(sub)
                 if updated is None:
                     raise DirectoryError("not_found", f"no user {sub}")
+                audit("user.changed", actor=sub, user=sub)
+                if current.active and not updated.active:
+                    await self._switched_off(sub, "user.disabled")
                 return updated
         raise DirectoryError("conflict", "the user changed concurrently too often; retry")
 
@@ -306,6 +323,10 @@ class Directory:
             )
         if result.rowcount == 0:
             raise DirectoryError("not_found", f"no user {sub}")
+        if not active:
+            await self._switched_off(sub, "user.disabled")
+        else:
+            audit("user.changed", actor=sub, user=sub, active=True)
 
     async def set_password(self, sub: str, password: str) -> None:
         if await self.claims(sub) is None:
@@ -331,6 +352,7 @@ class Directory:
             if result.rowcount == 0:
                 raise DirectoryError("precondition" if if_match else "not_found", f"no user {sub} at that version")
             await _bump(conn, groups, group_ids, now)
+        await self._switched_off(sub, "user.deleted")
 
     async def count_users(self) -> int:
         async with self.engine.connect() as conn:
