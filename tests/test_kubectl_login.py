@@ -339,14 +339,15 @@ def test_kubectl_logs_in_refreshes_and_asks_to_log_in_again(kube, tmp_path):
     approve(kube, uri)
     assert_dana(run.finish(timeout=40))
 
-    # (d) The user is disabled: the refresh fails, the plugin asks to log in again (and the login would fail).
+    # (d) The user is disabled: disabling revokes their grants at once, so the refresh fails; the plugin asks to
+    # log in again (and the login would fail).
     disabled = iam("users", "disable", "dana", env=kube.env, cwd=kube.directory)
     assert disabled.returncode == 0, disabled.stderr
     wait_past_expiry(cache_dir)
     run = Kubectl(kubeconfig, kube.directory)
     try:
         run.wait_for(SESSION_ENDED)
-        run.wait_for("disabled")
+        run.wait_for(re.compile(r"the issuer said: .*(revoked|disabled)"))
         run.wait_for(DEVICE_PROMPT)
     finally:
         run.kill()
