@@ -1,7 +1,8 @@
 """The three roles as three processes, each with its own PostgreSQL database (DESIGN.md §1).
 
-The handoff, the user lookups at sign-in, the claims at code redemption and refresh, and the password
-that `iam users add` sets all cross process boundaries over the internal HTTP API, authenticated with
+The handoff, the user lookups at sign-in, the claims at code redemption and refresh, the SCIM user and its
+password (stored by the authentication role), and the revocation when `iam users disable` runs all cross
+process boundaries over the internal HTTP API, authenticated with
 service assertions. No role's database holds another role's tables.
 """
 
@@ -37,6 +38,9 @@ def cluster_of_roles(tmp_path_factory, postgres_server):
     clients = [{
         "client_id": "webapp", "client_secret": "${WEBAPP_SECRET}", "redirect_uris": [CALLBACK],
         "grant_types": ["authorization_code", "refresh_token"], "scope": "openid profile email groups",
+    }, {
+        "client_id": "provisioner", "client_secret": "${PROVISIONER_SECRET}", "grant_types": ["client_credentials"],
+        "scope": "scim:read scim:write",
     }]
     envs = {}
     with ExitStack() as stack:
@@ -52,6 +56,7 @@ def cluster_of_roles(tmp_path_factory, postgres_server):
                 "IAM_AUTHN_URL": urls["authentication"],
                 "IAM_USERS_URL": urls["user-management"],
                 "WEBAPP_SECRET": "webapp-secret-0123456789abcdef",
+                "PROVISIONER_SECRET": "provisioner-secret-0123456789",
                 "cwd": str(directory),
             }
             env = {k: v for k, v in envs[role].items() if k != "cwd"}
@@ -65,13 +70,31 @@ def run_cli(envs, role, *args, input=None):
     return iam(*args, env=env, cwd=cwd, input=input)
 
 
+async def scim_user(urls, user_name: str, group_names: list[str]) -> str:
+    """Create a user with a password and groups over SCIM, as a provisioning system would."""
+    async with httpx.AsyncClient() as http:
+        token = (await http.post(f"{urls['token']}/oauth/v2/token", auth=("provisioner", "provisioner-secret-0123456789"),
+                                 data={"grant_type": "client_credentials"})).json()["access_token"]
+        scim = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+        created = await http.post(f"{urls['user-management']}/scim/v2/Users", headers=scim, json={
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                        "urn:ietf:params:scim:schemas:extension:iam:2.0:User"],
+            "userName": user_name, "password": PASSWORD, "active": True,
+            "emails": [{"value": f"{user_name}@example.com", "primary": True}],
+            "urn:ietf:params:scim:schemas:extension:iam:2.0:User": {"emailVerified": True}})
+        assert created.status_code == 201, created.text
+        user_id = created.json()["id"]
+        for name in group_names:
+            group = await http.post(f"{urls['user-management']}/scim/v2/Groups", headers=scim, json={
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": name,
+                "members": [{"value": user_id}]})
+            assert group.status_code == 201, group.text
+        return user_id
+
+
 async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
     urls, envs, _ = cluster_of_roles
-    added = run_cli(envs, "user-management", "users", "add", "--username", "carol", "--email", "carol@example.com",
-                    "--email-verified", "--group", "platform", "--group", "sre", "--password-stdin",
-                    input=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    carol = added.stdout.strip()
+    carol = await scim_user(urls, "carol", ["platform", "sre"])
 
     async with httpx.AsyncClient(base_url=urls["token"]) as http:
         verifier, challenge = pkce()
