@@ -212,8 +212,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(users_internal.router)
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import (authorize, device, discovery, endpoint, introspection, logout, revocation,
-                               userinfo)
+        from iam.token import (
+            authorize,
+            device,
+            discovery,
+            endpoint,
+            introspection,
+            logout,
+            revocation,
+            userinfo,
+        )
 
         for module in (authorize, endpoint, device, introspection, revocation, userinfo, logout, discovery):
             app.include_router(module.router)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import sys
 import time
@@ -415,13 +414,14 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as exc:
             print(f"iam: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    from sqlalchemy.exc import DBAPIError
+
     from iam.app import StartupError
     from iam.authn.credentials import PasswordRejected
     from iam.keys import KeyRingError
     from iam.peers import PeerRejected, PeerUnavailable
     from iam.store import StoreError
     from iam.users.directory import DirectoryError
-    from sqlalchemy.exc import DBAPIError
 
     try:
         args.func(args)

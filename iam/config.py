@@ -17,7 +17,15 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from iam.roles import Role
 
@@ -386,7 +394,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
         return Settings.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        location = "".join(f"{part}: " if i == len(first["loc"]) - 1 else f"{part}." for i, part in enumerate(first["loc"]))
+        location = "".join(f"{part}." for part in first["loc"][:-1]) + (f"{first['loc'][-1]}: " if first["loc"] else "")
         message = first["msg"].removeprefix("Value error, ")
         if first["loc"] == ("role",):
             valid = ", ".join(role.value for role in Role)

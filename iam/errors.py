@@ -58,7 +58,10 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
 def temporarily_unavailable() -> Response:
     # A store outage is never the client's fault: no invalid_client / invalid_grant, nothing consumed.
     return OAuthError(
-        "temporarily_unavailable", "a store or service this request needs is unavailable; retry later", 503, {"Retry-After": "1"}
+        "temporarily_unavailable",
+        "a store or service this request needs is unavailable; retry later",
+        503,
+        {"Retry-After": "1"},
     ).response()
 
 

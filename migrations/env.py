@@ -1,4 +1,7 @@
-"""Alembic environment shared by the three stores' trees (`migrations/<store>/`); `iam migrate` passes the connection in."""
+"""Alembic environment shared by the three stores' trees (`migrations/<store>/`).
+
+`iam migrate` passes the connection in.
+"""
 
 from alembic import context
 

@@ -9,7 +9,6 @@ from tests.conftest import SECRETS, basic, client_config, create_database
 from tests.postgres import free_port
 from tests.server import iam, serve, write_config
 
-
 # Internal URLs of the roles a token-role process would call; these tests make no cross-role call.
 PEER_ENV = {"IAM_USERS_URL": f"http://127.0.0.1:{free_port()}", "IAM_AUTHN_URL": f"http://127.0.0.1:{free_port()}"}
 

@@ -83,7 +83,7 @@ async def test_expired_device_code_is_expired_token(client, app, alice):
 
 
 async def test_unknown_user_codes_are_refused_and_throttled(client, alice):
-    for attempt in range(40):
+    for attempt in range(40):  # noqa: B007 - the count is checked after the loop
         page = await client.get("/authn/device", params={"user_code": "BCDF-GHJK"})
         if page.status_code == 429:
             break

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import read_form
-from iam.token.clients import authenticate
 from iam.internal import require_peer
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
+from iam.token.clients import authenticate
 from iam.token.scopes import granted_scope
 
 router = APIRouter()

@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
-from iam.observability import TOKENS_ISSUED, audit, source_of
 from iam.http import PlainRoute, read_form
+from iam.observability import TOKENS_ISSUED, audit, source_of
 from iam.token.clients import authenticate
 from iam.token.device import DEVICE_GRANT
 from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token

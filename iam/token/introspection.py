@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
 from iam.http import PlainRoute, read_form
-from iam.token.clients import authenticate
 from iam.internal import require_peer
 from iam.observability import INTROSPECTIONS
 from iam.roles import Role
 from iam.token.access_tokens import introspection_members
+from iam.token.clients import authenticate
 
 router = APIRouter()
 

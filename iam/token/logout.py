@@ -17,8 +17,8 @@ from joserfc.errors import JoseError
 
 from iam.errors import OAuthError
 from iam.http import parse_params, read_form
-from iam.pages import HARDENING, error_page
 from iam.observability import audit
+from iam.pages import HARDENING, error_page
 from iam.peers import LOGOUT_TYP
 from iam.roles import Role
 

@@ -3,9 +3,9 @@
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError
-from iam.observability import audit, source_of
 from iam.http import read_form
 from iam.internal import require_peer
+from iam.observability import audit, source_of
 from iam.roles import Role
 from iam.token.clients import authenticate
 

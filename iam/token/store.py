@@ -416,7 +416,9 @@ class TokenStore:
     async def find_grant(self, grant_id: str) -> dict | None:
         async with self.engine.connect() as conn:
             found = (
-                await conn.execute(select(grants.c.id.label("grant_id"), *_GRANT_COLUMNS).where(grants.c.id == grant_id))
+                await conn.execute(
+                    select(grants.c.id.label("grant_id"), *_GRANT_COLUMNS).where(grants.c.id == grant_id)
+                )
             ).first()
         return None if found is None else _row(found)
 

@@ -479,7 +479,9 @@ class Directory:
                 await _check_members(conn, added)
                 for chunk in _chunks(removed):
                     await conn.execute(
-                        delete(memberships).where(memberships.c.group_id == current.id, memberships.c.user_id.in_(chunk))
+                        delete(memberships).where(
+                            memberships.c.group_id == current.id, memberships.c.user_id.in_(chunk)
+                        )
                     )
                 await _add_members(conn, current.id, added)
                 # The members' `groups` attribute shows the group's name: a rename changes every member.
@@ -504,7 +506,9 @@ class Directory:
                 condition = condition & (groups.c.version == current.version)
             result = await conn.execute(delete(groups).where(condition))
             if result.rowcount == 0:
-                raise DirectoryError("precondition" if if_match else "not_found", f"no group {group_id} at that version")
+                raise DirectoryError(
+                    "precondition" if if_match else "not_found", f"no group {group_id} at that version"
+                )
             await _bump(conn, users, member_ids, now)
 
 
