@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from iam.observability import STORE_DURATION
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
@@ -174,6 +176,8 @@ def _row(values) -> dict:
     return dict(values._mapping)
 
 
+_DIRECT_DURATION = STORE_DURATION.labels("token")
+
 class TokenStore:
     def __init__(self, engine: AsyncEngine, cache: HotCache | None = None) -> None:
         self.engine = engine
@@ -230,9 +234,11 @@ class TokenStore:
         except dbapi_error as exc:  # cannot connect: reported as SQLAlchemy reports it everywhere else
             raise DBAPIError.instance(None, None, exc, dbapi_error, dialect=self.engine.dialect) from exc
         done = False
+        started = time.perf_counter()
         try:
             result = await call(pooled.driver_connection)
             done = True
+            _DIRECT_DURATION.observe(time.perf_counter() - started)  # SQLAlchemy's timing events skip these
         except Exception as exc:
             log.debug("direct statement failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
             result = _FAILED
