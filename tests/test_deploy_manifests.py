@@ -310,6 +310,9 @@ def test_network_policies_deny_by_default_and_fence_user_management(overlay):
         if any(matches(p["podSelector"], pod_labels) for p in users)
     }
     assert allowed == {"iam-token", "iam-authentication"}
+    # A SCIM provisioning client in the namespace gets in only when labelled for it.
+    assert any(matches(p["podSelector"], {"app": "provisioner", "iam.dev/scim-client": "true"}) for p in users)
+    assert not any(matches(p["podSelector"], {"app": "provisioner"}) for p in users)
 
     from_controller = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
     assert from_controller in ingress_peers(labels("iam-token"))  # the auth-url (/oauth/v2/phantom) caller
