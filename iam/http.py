@@ -37,6 +37,11 @@ async def read_form(request: Request) -> dict[str, str]:
         raise OAuthError("invalid_request", "malformed form body") from None
 
 
+async def read_params(request: Request) -> dict[str, str]:
+    """The parameters of a browser-facing endpoint that takes GET (query) or POST (form), e.g. OIDC Core §3.1.2.1."""
+    return await read_form(request) if request.method == "POST" else parse_params(request.url.query)
+
+
 def parse_params(encoded: str) -> dict[str, str]:
     """Parse urlencoded parameters, refusing repeats (RFC 6749 §3.1) and values over the limit."""
     if len(encoded) > MAX_FORM_BYTES:

@@ -230,3 +230,23 @@ async def test_store_timing_includes_the_direct_hot_statements(client, backend):
     await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})
     after = metric((await client.get("/metrics")).text, "iam_store_query_duration_seconds_count", store="token")
     assert after - before >= 2  # the INSERT and the lookup
+
+
+async def test_user_lifecycle_and_key_rotation_are_audited(app, caplog, tmp_path):
+    from iam.users.directory import NewUser
+    from tests.server import iam as run_iam
+
+    caplog.set_level(logging.INFO, logger="iam.audit")
+    directory = app.state.iam.directory_service
+    sub = await directory.create_user(NewUser(user_name="ursula"), password=PASSWORD)
+    await directory.set_active(sub, False)
+    await directory.delete_user(sub)
+    events = [(r.audit["event"], r.audit["actor"]) for r in caplog.records if r.name == "iam.audit"]
+    assert [e for e in events if e[0].startswith("user.")] == [
+        ("user.created", sub), ("user.disabled", sub), ("user.deleted", sub)]
+
+    config = write_config(tmp_path, keys={"dir": str(tmp_path / "cli-keys")})
+    rotated = run_iam("keys", "rotate", env={"IAM_CONFIG": str(config)}, cwd=tmp_path)
+    audits = [json.loads(line)["audit"] for line in rotated.stderr.splitlines() if '"iam.audit"' in line]
+    assert rotated.returncode == 0 and [a["event"] for a in audits] == ["key.rotated", "key.rotated"]
+    assert {a["details"]["kid"] for a in audits} <= set(rotated.stdout.replace("added ", "").split())

@@ -19,7 +19,7 @@ from joserfc.errors import JoseError
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError
-from iam.http import parse_params, read_form, with_params
+from iam.http import parse_params, read_params, with_params
 from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
@@ -46,7 +46,7 @@ class AuthorizationError(Exception):
 async def authorize(request: Request) -> Response:
     iam = request.app.state.iam
     try:
-        params = await read_form(request) if request.method == "POST" else parse_params(request.url.query)
+        params = await read_params(request)
     except OAuthError as exc:
         return error_page("Invalid request", exc.description or "The request could not be read.")
     client = iam.clients.get(params.get("client_id", ""))

@@ -16,7 +16,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from iam.errors import OAuthError
-from iam.http import parse_params, read_form
+from iam.http import read_params
 from iam.observability import audit
 from iam.pages import HARDENING, error_page
 from iam.peers import LOGOUT_TYP
@@ -29,7 +29,7 @@ router = APIRouter()
 async def end_session(request: Request) -> Response:
     iam = request.app.state.iam
     try:
-        params = await read_form(request) if request.method == "POST" else parse_params(request.url.query)
+        params = await read_params(request)
     except OAuthError as exc:
         return error_page("Invalid sign-out request", exc.description or "The request could not be read.")
     hint = None
