@@ -162,17 +162,20 @@ async def test_totp_enrolment_then_sign_in_needs_the_code_once(client, app, alic
     secret = re.search(r"<code>([A-Z2-7]+)</code>", setup.text).group(1)
     wrong = await client.post("/authn/totp/setup", data={"csrf": hidden_fields(setup.text)["csrf"], "code": "000000"})
     assert wrong.status_code == 400
+    enrolment_code = pyotp.TOTP(secret).now()
     confirm = await client.post("/authn/totp/setup", data={"csrf": hidden_fields(setup.text)["csrf"],
-                                                           "code": pyotp.TOTP(secret).now()})
+                                                           "code": enrolment_code})
     assert confirm.status_code == 200 and "Two-step verification is on" in confirm.text
+    again = await client.get("/authn/totp/setup")  # a confirmed factor is never replaced by a new secret
+    assert again.status_code == 200 and "already on" in again.text and "<code>" not in again.text
 
     # A new browser: password, then the code.
     client.cookies.clear()
     step = await sign_in(client, await login_page(client, prompt="login"))
     assert step.status_code == 200 and 'name="mfa"' in step.text
     fields = hidden_fields(step.text)
-    used = pyotp.TOTP(secret).now()  # the code used at enrolment cannot be used again
-    assert (await client.post("/authn/login/totp", data={**fields, "code": used})).status_code == 401
+    # The code used at enrolment cannot be used again (whether or not its step has passed since).
+    assert (await client.post("/authn/login/totp", data={**fields, "code": enrolment_code})).status_code == 401
     # The next step's code (within the allowed clock skew) is fresh.
     done = await client.post("/authn/login/totp", data={**fields, "code": pyotp.TOTP(secret).at(time.time() + 30)})
     assert done.status_code == 303

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, page
-from iam.authn.totp import provisioning
+from iam.authn.totp import TotpAlreadyEnabled, provisioning
 from iam.errors import OAuthError
 from iam.http import parse_params, read_form, with_params
 from iam.observability import audit, source_of
@@ -46,9 +46,10 @@ async def totp_setup(request: Request) -> Response:
     session = await current_session(request)
     if session is None:
         return _to_login()
-    if await iam.totp.enabled(session.subject):
+    try:
+        secret = await iam.totp.start_enrolment(session.subject)
+    except TotpAlreadyEnabled:
         return await account(request, notice="Two-step verification is already on.")
-    secret = await iam.totp.start_enrolment(session.subject)
     return await _setup_page(request, session.subject, secret)
 
 

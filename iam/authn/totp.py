@@ -7,11 +7,16 @@ import time
 import pyotp
 import segno
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import totp
 
 ISSUER_NAME = "iam"
+
+
+class TotpAlreadyEnabled(Exception):
+    """Enrolment was asked for while a confirmed factor exists; it must be removed first."""
 
 
 class Totp:
@@ -28,10 +33,17 @@ class Totp:
     async def start_enrolment(self, subject: str) -> str:
         """A new, unconfirmed secret (replacing an unconfirmed one); a confirmed factor is never replaced here."""
         secret = pyotp.random_base32()
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(False)))
-            await conn.execute(insert(totp).values(subject=subject, secret=secret, confirmed=False, last_step=0))
-        return secret
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(delete(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(False)))
+                await conn.execute(insert(totp).values(subject=subject, secret=secret, confirmed=False, last_step=0))
+            return secret
+        except IntegrityError:
+            # A confirmed factor, or a concurrent enrolment that won the insert: show that one's secret.
+            pending = await self.pending_secret(subject)
+            if pending is None:
+                raise TotpAlreadyEnabled(subject) from None
+            return pending
 
     async def pending_secret(self, subject: str) -> str | None:
         async with self.engine.connect() as conn:
