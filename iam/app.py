@@ -184,8 +184,10 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await runtime.stop()
 
+    # The Observability middleware owns request spans and metrics (the plain hot routes included): FastAPI's
+    # native telemetry would trace every request a second time, as a separate root span.
     app = FastAPI(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.iam = runtime
     app.add_middleware(Observability)
     errors.install(app)

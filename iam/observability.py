@@ -159,9 +159,8 @@ def instrument_store(store) -> None:
 
     def before(conn, cursor, statement, parameters, context, executemany):
         conn.info.setdefault("iam_started", []).append(time.perf_counter())
-        if _tracer is not None:
-            span = _tracer.start_span("db " + statement.split(None, 1)[0].upper(),
-                                      attributes={"db.system": engine.dialect.name, "iam.store": store.name})
+        span = store_span(store.name, engine.dialect.name, statement)
+        if span is not None:
             conn.info.setdefault("iam_spans", []).append(span)
 
     def after(conn, cursor, statement, parameters, context, executemany):
@@ -178,6 +177,14 @@ def instrument_store(store) -> None:
 
 # -- traces ----------------------------------------------------------------------------------------------
 _tracer = None
+
+
+def store_span(store: str, system: str, statement: str):
+    """A started span for one store statement (named by its verb), or None while tracing is off."""
+    if _tracer is None:
+        return None
+    return _tracer.start_span("db " + statement.split(None, 1)[0].upper(),
+                              attributes={"db.system": system, "iam.store": store})
 
 
 def tracing_requested(env: dict[str, str] | None = None) -> bool:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from iam.observability import STORE_DURATION
+from iam.observability import STORE_DURATION, store_span
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
@@ -191,7 +191,8 @@ class TokenStore:
     async def add_access_token(self, row: AccessTokenRow) -> None:
         """The lone INSERT of a token issuance, in autocommit: one round trip instead of BEGIN, INSERT, COMMIT."""
         if self._postgresql:
-            inserted = await self._on_driver(lambda driver: driver.execute(_INSERT_SQL, *_access_params(row)))
+            params = _access_params(row)
+            inserted = await self._on_driver(_INSERT_SQL, lambda driver: driver.execute(_INSERT_SQL, *params))
             if inserted is not _FAILED:
                 return
             # The direct attempt failed, and may still have committed (a connection lost after COMMIT):
@@ -210,7 +211,7 @@ class TokenStore:
 
     async def find_access_token(self, digest: bytes) -> AccessTokenRow | None:
         if self._postgresql:
-            found = await self._on_driver(lambda driver: driver.fetchrow(_FIND_SQL, digest))
+            found = await self._on_driver(_FIND_SQL, lambda driver: driver.fetchrow(_FIND_SQL, digest))
             if found is not _FAILED:
                 return None if found is None else AccessTokenRow(digest, *found)
         return await self._find(digest)
@@ -220,7 +221,7 @@ class TokenStore:
             found = (await conn.execute(_FIND, {"digest": digest})).first()
         return None if found is None else AccessTokenRow(digest, *found)
 
-    async def _on_driver(self, call):
+    async def _on_driver(self, statement: str, call):
         """Run one statement straight on a pooled asyncpg connection (PostgreSQL), skipping SQLAlchemy's
         per-statement work: the two hot statements (the token lookup, the issuance INSERT) use this.
 
@@ -234,15 +235,19 @@ class TokenStore:
         except dbapi_error as exc:  # cannot connect: reported as SQLAlchemy reports it everywhere else
             raise DBAPIError.instance(None, None, exc, dbapi_error, dialect=self.engine.dialect) from exc
         done = False
+        # SQLAlchemy's timing and tracing events skip these statements: time (and trace) them here.
+        span = store_span("token", "postgresql", statement)
         started = time.perf_counter()
         try:
             result = await call(pooled.driver_connection)
             done = True
-            _DIRECT_DURATION.observe(time.perf_counter() - started)  # SQLAlchemy's timing events skip these
+            _DIRECT_DURATION.observe(time.perf_counter() - started)
         except Exception as exc:
             log.debug("direct statement failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
             result = _FAILED
         finally:
+            if span is not None:
+                span.end()
             if done:
                 pooled.close()  # back to the pool
             else:
