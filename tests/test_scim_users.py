@@ -167,6 +167,10 @@ async def test_a_password_the_policy_refuses_is_invalid_value_and_changes_nothin
     body = scim_error(await scim.post("/Users", {"schemas": [USER_SCHEMA], "userName": name, "password": "short"}),
                       400, "invalidValue")
     assert "at least 8 characters" in body["detail"]
+    for common in ("password1", "Qwerty123", "iloveyou1"):  # ASVS 5 V6.2.4, compared case-insensitively
+        body = scim_error(await scim.post("/Users", {"schemas": [USER_SCHEMA], "userName": name, "password": common}),
+                          400, "invalidValue")
+        assert "commonly used" in body["detail"]
     scim_error(await scim.post("/Users", {"schemas": [USER_SCHEMA], "userName": name, "password": 12345678}),
                400, "invalidValue")
     assert await dump_store(scim.app) == before

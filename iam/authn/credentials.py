@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from argon2 import PasswordHasher
@@ -26,11 +27,22 @@ class PasswordRejected(ValueError):
     """The password does not meet the policy (the message says which rule)."""
 
 
+@functools.cache
+def _common_passwords() -> frozenset[str]:
+    """zxcvbn's list of the 30,000 most common passwords (lower case), loaded once."""
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    return frozenset(FREQUENCY_LISTS["passwords"])
+
+
 def check_policy(password: str) -> None:
+    """Length and a common-password list, and no composition rules (ASVS 5 V6.2.1, V6.2.4, V6.2.5, V6.2.9)."""
     if len(password) < MIN_PASSWORD:
         raise PasswordRejected(f"a password needs at least {MIN_PASSWORD} characters")
     if len(password) > MAX_PASSWORD:
         raise PasswordRejected(f"a password may have at most {MAX_PASSWORD} characters")
+    if password.lower() in _common_passwords():
+        raise PasswordRejected("this password is on a list of commonly used passwords; choose another")
 
 
 class CredentialService:
