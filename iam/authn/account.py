@@ -1,14 +1,16 @@
-"""The signed-in person's own pages: account, TOTP enrolment, and signing out (OIDC RP-Initiated Logout)."""
+"""The signed-in person's own pages: account, password change, TOTP enrolment, and signing out (OIDC RP-Initiated
+Logout)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.authn.credentials import PasswordRejected
 from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, page
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
 from iam.errors import OAuthError
-from iam.http import parse_params, read_form, with_params
+from iam.http import client_address, parse_params, read_form, with_params
 from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render
 from iam.peers import LOGOUT_TYP, PeerRejected, role_id
@@ -30,7 +32,12 @@ async def _form(request: Request) -> dict[str, str] | None:
 
 
 @router.get("/authn/account")
+async def account_page(request: Request) -> Response:
+    return await account(request)
+
+
 async def account(request: Request, notice: str | None = None) -> Response:
+    """The account page, with a notice of what was just done (never one taken from the URL)."""
     iam = request.app.state.iam
     session = await current_session(request)
     if session is None:
@@ -73,6 +80,47 @@ async def totp_confirm(request: Request) -> Response:
     if secret is None:
         return _to_login()
     return await _setup_page(request, session.subject, secret, "That code is not valid. Try the current one.")
+
+
+@router.get("/authn/password")
+async def password_form(request: Request) -> Response:
+    return await password_page(request)
+
+
+async def password_page(request: Request, status: int = 200, error: str | None = None) -> Response:
+    session = await current_session(request)
+    if session is None:
+        return _to_login()
+    user = await request.app.state.iam.directory.claims(session.subject)
+    return page(request, "password.html", status, error=error,
+                username=user.preferred_username if user else "")
+
+
+@router.post("/authn/password")
+async def password_change(request: Request) -> Response:
+    """Change one's own password: the current one is required (ASVS 5 V6.2.2-3), throttled as sign-in is."""
+    iam = request.app.state.iam
+    session = await current_session(request)
+    form = await _form(request)
+    if session is None or form is None:
+        return error_page("Session expired", "Sign in again to change your password.", 403)
+    subject = session.subject
+    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
+    if await iam.throttle.locked_for(keys):
+        return await password_page(request, 429, "Too many attempts. Try again later.")
+    if not await iam.credentials.verify(subject, form.get("current", "")):
+        await iam.throttle.fail(keys)
+        audit("password.change_failed", "failure", actor=subject, source=source_of(request))
+        return await password_page(request, 401, "Your current password is not correct.")
+    await iam.throttle.clear(keys[0])
+    try:
+        await iam.credentials.set_password(subject, form.get("new", ""))
+    except PasswordRejected as exc:
+        return await password_page(request, 400, f"Choose another password: {exc}.")
+    # Whoever may know the old password is signed out everywhere else (ASVS 5 V7.4.3).
+    await iam.sessions.end_all(subject, but=session.sid)
+    audit("password.changed", actor=subject, source=source_of(request), sid=session.sid)
+    return await account(request, notice="Your password was changed. Your other sessions were signed out.")
 
 
 async def _logout_request(request: Request, token: str | None) -> dict | None:

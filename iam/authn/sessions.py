@@ -75,6 +75,10 @@ class Sessions:
         async with self.engine.begin() as conn:
             await conn.execute(update(sessions).where(condition).values(revoked=True))
 
-    async def end_all(self, subject: str) -> None:
+    async def end_all(self, subject: str, *, but: str | None = None) -> None:
+        """End every session of a subject (but the one with sid `but`, when given)."""
+        condition = sessions.c.subject == subject
+        if but is not None:
+            condition &= sessions.c.sid != but
         async with self.engine.begin() as conn:
-            await conn.execute(update(sessions).where(sessions.c.subject == subject).values(revoked=True))
+            await conn.execute(update(sessions).where(condition).values(revoked=True))

@@ -1,0 +1,80 @@
+"""The signed-in person's account page: changing one's own password (ASVS 5 V6.2.2-3, V7.4.3)."""
+
+import httpx
+import pytest
+
+from tests.conftest import ISSUER, PASSWORD
+from tests.oauth import hidden_fields, sign_in
+from tests.test_login import login_page
+
+NEW_PASSWORD = "a brand new passphrase for alice"
+
+
+@pytest.fixture
+async def other_browser(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as http:
+        yield http
+
+
+async def change(client, current: str, new: str, **override) -> httpx.Response:
+    form = await client.get("/authn/password")
+    assert form.status_code == 200
+    return await client.post("/authn/password", data={**hidden_fields(form.text), "current": current, "new": new,
+                                                      **override})
+
+
+async def signs_in(client, password: str) -> bool:
+    client.cookies.clear()
+    return (await sign_in(client, await login_page(client, prompt="login"), password=password)).status_code == 303
+
+
+async def test_the_password_form_asks_for_the_current_one_and_suits_password_managers(client, alice):
+    assert (await client.get("/authn/password")).headers["location"] == "/authn/login"  # signed out: sign in first
+    await sign_in(client, await login_page(client))
+    account = await client.get("/authn/account")
+    assert 'href="/authn/password"' in account.text
+    html = (await client.get("/authn/password")).text
+    assert 'autocomplete="current-password"' in html and 'autocomplete="new-password"' in html
+    assert '<label for="current">' in html and '<label for="new">' in html and 'name="csrf"' in html
+
+
+async def test_a_password_change_signs_out_the_other_sessions_and_only_the_new_password_works(
+        client, other_browser, alice, caplog):
+    await sign_in(other_browser, await login_page(other_browser))
+    await sign_in(client, await login_page(client))
+    done = await change(client, PASSWORD, NEW_PASSWORD)
+    assert done.status_code == 200 and "Your password was changed" in done.text
+    assert (await client.get("/authn/account")).status_code == 200  # this session goes on
+    assert (await other_browser.get("/authn/account")).status_code == 303  # the other one was signed out
+    assert [r.audit["event"] for r in caplog.records if hasattr(r, "audit")][-1] == "password.changed"
+    assert await signs_in(client, NEW_PASSWORD)
+    assert not await signs_in(client, PASSWORD)
+
+
+async def test_a_wrong_current_password_or_a_refused_new_one_changes_nothing(client, alice, caplog):
+    await sign_in(client, await login_page(client))
+    wrong = await change(client, "not the password", NEW_PASSWORD)
+    assert wrong.status_code == 401 and "current password is not correct" in wrong.text
+    assert any(getattr(r, "audit", {}).get("event") == "password.change_failed" for r in caplog.records)
+    common = await change(client, PASSWORD, "Password123")
+    assert common.status_code == 400 and "commonly used" in common.text
+    short = await change(client, PASSWORD, "short")
+    assert short.status_code == 400 and "at least 8 characters" in short.text
+    no_csrf = await change(client, PASSWORD, NEW_PASSWORD, csrf="forged")
+    assert no_csrf.status_code == 403
+    assert await signs_in(client, PASSWORD)
+
+
+async def test_guessing_the_current_password_is_throttled(client, alice):
+    await sign_in(client, await login_page(client))
+    statuses = [(await change(client, f"guess number {n}", NEW_PASSWORD)).status_code for n in range(7)]
+    assert statuses[:5] == [401] * 5 and statuses[-1] == 429
+    assert (await change(client, PASSWORD, NEW_PASSWORD)).status_code == 429  # even the right one, while locked
+
+
+async def test_the_account_page_shows_no_notice_taken_from_the_url(client, alice):
+    await sign_in(client, await login_page(client))
+    page = await client.get("/authn/account", params={"notice": "Call +1 555 0100 to verify your account"})
+    assert page.status_code == 200 and "555 0100" not in page.text
+    form = await client.get("/authn/password", params={"error": "Injected text", "status": "500"})
+    assert form.status_code == 200 and "Injected text" not in form.text
