@@ -62,6 +62,7 @@ clients:
     token_endpoint_auth_method: client_secret_basic
     scope: "api:read"
     access_token_ttl: 3600   # T must outlive the whole run
+introspection_cache_seconds: {cache_seconds}   # 0 (--no-cache): every check is an indexed lookup
 """
 
 
@@ -128,7 +129,7 @@ def stop_postgres(data: Path) -> None:
 
 
 # -- the iam server ------------------------------------------------------------------------------------
-def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack) -> str:
+def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5) -> str:
     """Write the bench config, start `iam serve` and wait until it is ready; return its base URL.
 
     The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
@@ -136,7 +137,8 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack) -
     port = free_port()
     config = tmp / "iam-bench.yaml"
     config.write_text(
-        CONFIG.format(port=port, db=db, keys=tmp / "keys", client_id=CLIENT_ID, secret_env=SECRET_ENV)
+        CONFIG.format(port=port, db=db, keys=tmp / "keys", client_id=CLIENT_ID, secret_env=SECRET_ENV,
+                      cache_seconds=cache_seconds)
     )
     # A clean environment: IAM_KEYS_DIR, IAM_ISSUER, ... from the caller's shell would override the config.
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_") and k != "SERVICE_ROLE"}
@@ -341,7 +343,8 @@ def tools_note(args: argparse.Namespace) -> str:
         f"{args.connections} keep-alive connections; latency from each request's scheduled send time.",
         "non-2xx, sock err: max run / paced run. new db conns: PostgreSQL sessions opened during the max run "
         "(pg_stat_database, approximate). *: paced run below 95% of its target rate.",
-        f"Server: `iam serve`, 1 uvicorn worker, role token, PostgreSQL 15 (fsync on); load generators, "
+        f"Server: `iam serve`, 1 uvicorn worker, role token, PostgreSQL 15 (fsync on), hot cache "
+        f"{'off' if args.no_cache else 'on'}; load generators, "
         f"server and database share this {os.cpu_count()}-CPU machine.",
     ])  # fmt: skip
 
@@ -359,6 +362,8 @@ def parse_args() -> argparse.Namespace:
     add("--load-ratio", type=float, default=0.5, help="paced rate / max rate (default 0.5)")
     add("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset (default: all)")
     add("--tool", choices=["auto", "wrk", "python"], default="auto", help="max-throughput generator")
+    add("--no-cache", action="store_true",
+        help="turn the token role's hot cache off: every introspection and forward-auth check is a store lookup")
     add("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
     args = parser.parse_args()
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -392,7 +397,7 @@ def main() -> None:
             pg_port = start_postgres(tmp, stack)
             db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}"
             secret = secrets.token_urlsafe(24)
-            base = start_server(tmp, db, secret, stack)
+            base = start_server(tmp, db, secret, stack, cache_seconds=0 if args.no_cache else 5)
             basic = "Basic " + base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
             all_scenarios = scenarios(basic, get_token(base, basic))
             for name in args.scenarios:
@@ -426,6 +431,7 @@ def main() -> None:
             "warmup_s": args.warmup,
             "load_ratio": args.load_ratio,
             "max_tool": "wrk" if args.wrk else "loadgen",
+            "hot_cache": not args.no_cache,
         },  # fmt: skip
         "notes": tools_note(args),
         "results": results,

@@ -94,14 +94,16 @@ class Runtime:
             self.token_store = TokenStore(token_store.engine, self.hot_cache)
             self.access_tokens = AccessTokens(settings, self.keys, self.token_store, cache=self.hot_cache)
             self.metadata_json = metadata_json(settings, sorted(GRANTS))
+            from iam.token.app_access import AppAccess
             from iam.token.device import DeviceApprovals
 
             self.tokens = self.access_tokens
             self.device_approvals = DeviceApprovals(self)
+            self.app_access = AppAccess(self)
         else:
             self.tokens = peer(RemoteTokens, Role.TOKEN)
         if role is Role.AUTHENTICATION:
-            self.device_approvals = peer(RemoteTokens, Role.TOKEN)
+            self.device_approvals = self.app_access = peer(RemoteTokens, Role.TOKEN)
         if role.serves(Role.USER_MANAGEMENT):
             # A disabled or deleted user loses every grant and session at once, in whichever process they live.
             local = role is Role.ALL
@@ -215,6 +217,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
         from iam.token import (
+            app_access,
             authorize,
             device,
             discovery,
@@ -225,6 +228,7 @@ def create_app(settings: Settings) -> FastAPI:
             userinfo,
         )
 
-        for module in (authorize, endpoint, device, introspection, revocation, userinfo, logout, discovery):
+        for module in (authorize, endpoint, device, introspection, revocation, userinfo, logout, discovery,
+                       app_access):
             app.include_router(module.router)
     return app

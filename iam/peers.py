@@ -82,6 +82,14 @@ class Tokens(Protocol):
     async def introspect(self, token: str) -> dict | None: ...
 
 
+class AppAccess(Protocol):
+    """The token role's account of a person's applications (iam.token.app_access)."""
+
+    async def applications(self, sub: str) -> list[dict]: ...
+
+    async def remove(self, sub: str, client_id: str) -> int: ...
+
+
 class DeviceApprovals(Protocol):
     """The token role's pending device codes, as the authentication role's verification page sees them."""
 
@@ -236,6 +244,19 @@ class RemoteTokens(_Remote):
         response = await self.call("POST", "/internal/v1/introspect", json={"token": token})
         body = response.json()
         return body if body.get("active") else None
+
+    async def applications(self, sub: str) -> list[dict]:
+        response = await self.call("GET", f"/internal/v1/subjects/{_segment(sub)}/applications")
+        if response.status_code != 200:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return response.json()["applications"]
+
+    async def remove(self, sub: str, client_id: str) -> int:
+        path = f"/internal/v1/subjects/{_segment(sub)}/applications/{_segment(client_id)}"
+        response = await self.call("DELETE", path)
+        if response.status_code != 200:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return response.json()["removed"]
 
     async def device_lookup(self, user_code: str) -> dict | None:
         response = await self.call("GET", f"/internal/v1/device/{_segment(user_code)}")

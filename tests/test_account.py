@@ -1,10 +1,12 @@
-"""The signed-in person's account page: changing one's own password (ASVS 5 V6.2.2-3, V7.4.3)."""
+"""The signed-in person's account page: changing one's own password (ASVS 5 V6.2.2-3, V7.4.3) and removing an
+application's access (ASVS 5 V10.4.9)."""
 
 import httpx
 import pytest
 
-from tests.conftest import ISSUER, PASSWORD
-from tests.oauth import hidden_fields, sign_in
+from tests.conftest import ISSUER, PASSWORD, basic
+from tests.oauth import hidden_fields, refresh, sign_in
+from tests.test_code_grant import tokens_for
 from tests.test_login import login_page
 
 NEW_PASSWORD = "a brand new passphrase for alice"
@@ -78,3 +80,54 @@ async def test_the_account_page_shows_no_notice_taken_from_the_url(client, alice
     assert page.status_code == 200 and "555 0100" not in page.text
     form = await client.get("/authn/password", params={"error": "Injected text", "status": "500"})
     assert form.status_code == 200 and "Injected text" not in form.text
+
+
+# -- applications (ASVS 5 V10.4.9) -----------------------------------------------------------------------------
+async def remove_access(client, client_id: str, **override) -> httpx.Response:
+    page = await client.get("/authn/account")
+    return await client.post("/authn/account/applications",
+                             data={"csrf": hidden_fields(page.text)["csrf"], "client_id": client_id, **override})
+
+
+async def test_the_account_lists_the_applications_holding_a_live_grant(client, alice):
+    empty = await client.get("/authn/account")  # no session yet: to the sign-in page
+    assert empty.status_code == 303
+    web = await tokens_for(client, scope="openid email")
+    await tokens_for(client, client_id="kubectl", redirect_uri="http://127.0.0.1:7000/callback",
+                     scope="openid offline_access")
+    page = (await client.get("/authn/account")).text
+    assert "Web App" in page and "email openid" in page  # scopes sorted
+    assert "kubectl" in page and "offline_access openid" in page
+    assert 'aria-label="Remove access of Web App"' in page
+    # Once every token of a grant is spent or gone, the application is no longer listed.
+    await client.post("/oauth/v2/revoke", data={"token": web["refresh_token"]}, headers=basic("webapp"))
+    assert "Web App" not in (await client.get("/authn/account")).text
+
+
+async def test_removing_an_applications_access_revokes_its_tokens_and_no_others(client, alice, caplog):
+    web = await tokens_for(client)
+    kube = await tokens_for(client, client_id="kubectl", redirect_uri="http://127.0.0.1:7000/callback",
+                            scope="openid offline_access")
+    removed = await remove_access(client, "webapp")
+    assert removed.status_code == 200 and "Access removed." in removed.text and "Web App" not in removed.text
+    assert any(getattr(r, "audit", {}).get("event") == "access.removed" for r in caplog.records)
+    assert (await refresh(client, web["refresh_token"])).json()["error"] == "invalid_grant"
+    introspected = await client.post("/oauth/v2/introspect", data={"token": web["access_token"]},
+                                     headers=basic("webapp"))
+    assert introspected.json() == {"active": False}
+    assert (await refresh(client, kube["refresh_token"], client_id="kubectl")).status_code == 200  # untouched
+    assert (await client.get("/authn/account")).status_code == 200  # the SSO session goes on
+
+
+async def test_removing_access_needs_the_form_token_and_touches_only_ones_own_grants(client, app, alice):
+    web = await tokens_for(client)
+    assert (await remove_access(client, "webapp", csrf="forged")).status_code == 403
+    assert (await remove_access(client, "no-such-client")).status_code == 200
+    # Another person removing "webapp" from their own account leaves alice's grant alone.
+    from iam.users.directory import NewUser
+
+    await app.state.iam.directory_service.create_user(NewUser(user_name="bob"), password="bob's long passphrase")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as bob:
+        await sign_in(bob, await login_page(bob), username="bob", password="bob's long passphrase")
+        assert (await remove_access(bob, "webapp")).status_code == 200
+    assert (await refresh(client, web["refresh_token"])).status_code == 200

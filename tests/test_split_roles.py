@@ -17,7 +17,7 @@ from joserfc.jwk import KeySet
 
 from iam.store import alembic_config
 from tests.conftest import PASSWORD, create_database
-from tests.oauth import authorize, follow, pkce, query, sign_in
+from tests.oauth import authorize, follow, hidden_fields, pkce, query, sign_in
 from tests.postgres import free_port
 from tests.server import iam, serve, write_config
 
@@ -126,9 +126,31 @@ async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
         assert introspected.json() == {"active": False}
 
 
+async def test_the_account_page_lists_and_removes_applications_held_by_the_token_role(cluster_of_roles):
+    urls, _, _ = cluster_of_roles
+    await scim_user(urls, "dave", [])
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        verifier, challenge = pkce()
+        page = await follow(http, await authorize(http, "webapp", CALLBACK, "openid", challenge), CALLBACK)
+        done = await follow(http, await sign_in(http, page, "dave"), CALLBACK)
+        token = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "authorization_code", "code": query(done.headers["location"])["code"],
+            "redirect_uri": CALLBACK, "code_verifier": verifier})
+        account = await http.get(f"{urls['authentication']}/authn/account")
+        assert account.status_code == 200 and 'name="client_id" value="webapp"' in account.text
+        removed = await http.post(f"{urls['authentication']}/authn/account/applications", data={
+            "csrf": hidden_fields(account.text)["csrf"], "client_id": "webapp"})
+        assert removed.status_code == 200 and "Access removed." in removed.text
+        refreshed = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "refresh_token", "refresh_token": token.json()["refresh_token"]})
+        assert refreshed.json()["error"] == "invalid_grant"
+
+
 async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):
     urls, _, _ = cluster_of_roles
     async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{urls['token']}/internal/v1/subjects/x/applications")).status_code == 401
+        assert (await http.delete(f"{urls['token']}/internal/v1/subjects/x/applications/webapp")).status_code == 401
         assert (await http.get(f"{urls['user-management']}/internal/v1/users", params={"username": "carol"})
                 ).status_code == 401
         forged = await http.put(f"{urls['authentication']}/internal/v1/credentials/x",

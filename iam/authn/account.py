@@ -3,6 +3,8 @@ Logout)."""
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -13,7 +15,7 @@ from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form, with_params
 from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render
-from iam.peers import LOGOUT_TYP, PeerRejected, role_id
+from iam.peers import LOGOUT_TYP, PeerRejected, PeerUnavailable, role_id
 from iam.roles import Role
 
 router = APIRouter()
@@ -43,8 +45,36 @@ async def account(request: Request, notice: str | None = None) -> Response:
     if session is None:
         return _to_login()
     user = await iam.directory.claims(session.subject)
+    try:
+        applications = await iam.app_access.applications(session.subject)
+    except PeerUnavailable:
+        applications = None  # the page still works; the list says it is unavailable
     return page(request, "account.html", user=user, totp_enabled=await iam.totp.enabled(session.subject),
-                notice=notice, links=getattr(iam, "account_links", []))
+                notice=notice, links=getattr(iam, "account_links", []), applications=applications,
+                date=_date)
+
+
+def _date(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+@router.post("/authn/account/applications")
+async def remove_application(request: Request) -> Response:
+    """Remove an application's access: its refresh and access tokens of this person stop working at once."""
+    iam = request.app.state.iam
+    session = await current_session(request)
+    form = await _form(request)
+    if session is None or form is None:
+        return error_page("Session expired", "Sign in again to manage your applications.", 403)
+    client_id = form.get("client_id", "")
+    try:
+        removed = await iam.app_access.remove(session.subject, client_id)
+    except PeerUnavailable:
+        return error_page("Try again later", "Your applications cannot be changed right now.", 503)
+    if removed:
+        audit("access.removed", actor=session.subject, client_id=client_id, source=source_of(request),
+              grants=removed)
+    return await account(request, notice="Access removed." if removed else None)
 
 
 @router.get("/authn/totp/setup")

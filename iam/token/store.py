@@ -55,7 +55,7 @@ grants = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("client_id", String(128), nullable=False),
-    Column("subject", String(255), nullable=False),
+    Column("subject", String(255), nullable=False, index=True),
     Column("scope", Text, nullable=False),
     Column("sid", String(64), index=True),  # the SSO session it was granted in
     Column("auth_time", Integer, nullable=False),
@@ -377,6 +377,37 @@ class TokenStore:
         async with self._revoking() as (conn, revoked):
             ids = (
                 await conn.execute(select(grants.c.id).where(grants.c.sid == sid, grants.c.client_id == client_id))
+            ).scalars().all()
+            for grant_id in ids:
+                await _revoke_grant(conn, grant_id)
+                await revoked.grant(conn, grant_id)
+        return len(ids)
+
+    async def live_grants(self, subject: str, now: int) -> list[dict]:
+        """A person's grants that can still yield a token: unexpired, unrevoked, with a live access or refresh
+        token."""
+        live_access = select(access_tokens.c.digest).where(
+            access_tokens.c.grant_id == grants.c.id, access_tokens.c.revoked.is_(False),
+            access_tokens.c.expires_at > now)
+        live_refresh = select(refresh_tokens.c.digest).where(
+            refresh_tokens.c.grant_id == grants.c.id, refresh_tokens.c.revoked.is_(False),
+            refresh_tokens.c.used_at.is_(None), refresh_tokens.c.expires_at > now)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(grants.c.id, grants.c.client_id, grants.c.scope, grants.c.created_at, grants.c.expires_at,
+                       grants.c.offline)
+                .where(grants.c.subject == subject, grants.c.revoked.is_(False), grants.c.expires_at > now,
+                       live_access.exists() | live_refresh.exists())
+                .order_by(grants.c.created_at)
+            )
+            return [_row(row) for row in rows]
+
+    async def revoke_client_grants(self, subject: str, client_id: str) -> int:
+        """A person removes an application's access: every grant of theirs to that client ends."""
+        async with self._revoking() as (conn, revoked):
+            ids = (
+                await conn.execute(select(grants.c.id).where(grants.c.subject == subject,
+                                                             grants.c.client_id == client_id))
             ).scalars().all()
             for grant_id in ids:
                 await _revoke_grant(conn, grant_id)
