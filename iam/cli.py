@@ -231,12 +231,12 @@ def cmd_kubectl_credential(args: argparse.Namespace) -> int:
     """The kubectl exec credential plugin: stdout carries only the ExecCredential (no logging is set up)."""
     from pathlib import Path
 
-    from iam.kube.credential import Options, main
+    from iam.kube.credential import Options, logout, main
 
     options = Options(issuer=args.issuer, client_id=args.client_id, scope=" ".join(args.scope.split()),
                       grant=args.grant, certificate_authority=args.certificate_authority,
                       cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None)
-    return main(options)
+    return logout(options, sys.stderr) if args.logout else main(options)
 
 
 def cmd_kube_apiserver_config(args: argparse.Namespace) -> None:
@@ -374,6 +374,8 @@ def parser() -> argparse.ArgumentParser:
                             help="CA bundle to trust for the issuer")
     credential.add_argument("--cache-dir", metavar="DIR",
                             help="token cache (default: $XDG_CACHE_HOME/iam or ~/.kube/cache/iam)")
+    credential.add_argument("--logout", action="store_true",
+                            help="revoke the cached refresh token at the issuer and delete the cached tokens")
     credential.set_defaults(func=cmd_kubectl_credential, light=True)
 
     kube = sub.add_parser("kube", help="Kubernetes: kube-apiserver configuration, kubeconfigs, self-test")

@@ -201,6 +201,40 @@ def test_loopback_login_then_selftest_passes(kube, tmp_path):
     assert "does not contain the client id 'someone-else'" in checks["id token aud"].detail
 
 
+def test_logout_revokes_the_cached_refresh_token_and_forgets_the_cache(kube, tmp_path):
+    cache_dir = tmp_path / "cache"
+    loopback_login(kube, cache_dir)
+    (cache_file,) = cache_dir.glob("*.json")
+    refresh_token = json.loads(cache_file.read_text())["refresh_token"]
+    args = ["kubectl-credential", "--issuer", kube.issuer, "--client-id", "kubectl", "--certificate-authority",
+            str(kube.ca.path), "--cache-dir", str(cache_dir), "--logout"]
+
+    result = iam(*args, timeout=30)
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert f"logged out of {kube.issuer}" in result.stderr
+    assert not cache_file.exists()
+    with kube.http() as http:
+        refreshed = http.post("/oauth/v2/token", data={"grant_type": "refresh_token", "refresh_token": refresh_token,
+                                                       "client_id": "kubectl"})
+    assert refreshed.json()["error"] == "invalid_grant"  # revoked at the issuer, not only forgotten here
+    again = iam(*args, timeout=30)
+    assert again.returncode == 0 and "no cached login" in again.stderr
+
+
+def test_logout_keeps_the_cache_when_the_issuer_cannot_be_told(tmp_path):
+    from iam.kube.credential import Options, TokenCache, logout
+
+    cache = TokenCache(tmp_path, ISSUER, "kubectl", "openid")
+    cache.save("id.token.here", "a-refresh-token")
+    calls: list = []
+    http = scripted({"/revoke": [httpx.Response(503)]}, calls)
+    err = io.StringIO()
+    assert logout(Options(ISSUER, "kubectl", scope="openid", cache_dir=tmp_path), err, http) == 1
+    assert "HTTP 503" in err.getvalue() and cache.load() is not None
+    assert ("/revoke", {"token": "a-refresh-token", "token_type_hint": "refresh_token", "client_id": "kubectl"}) \
+        in calls
+
+
 def test_selftest_fails_on_a_trailing_slash_mismatch_and_an_untrusted_ca(kube):
     result = iam("kube", "selftest", "--issuer", kube.issuer + "/", "--certificate-authority", str(kube.ca.path),
                  env=kube.env, cwd=kube.directory)
@@ -336,7 +370,7 @@ def id_token(**claims) -> str:
 
 def scripted(responses: dict[str, list[httpx.Response]], calls: list) -> httpx.Client:
     metadata = {"issuer": ISSUER, "token_endpoint": f"{ISSUER}/token",
-                "device_authorization_endpoint": f"{ISSUER}/device"}
+                "device_authorization_endpoint": f"{ISSUER}/device", "revocation_endpoint": f"{ISSUER}/revoke"}
 
     def handle(request: httpx.Request) -> httpx.Response:
         calls.append((request.url.path, dict(httpx.QueryParams(request.content.decode()))))

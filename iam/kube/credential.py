@@ -9,6 +9,8 @@ ID token and when it expires. The plugin:
    the default: a URL and a code on stderr) or a loopback redirect (RFC 8252, PKCE S256, `state` and
    `iss` checked).
 
+With `--logout` it revokes the cached refresh token at the issuer and deletes the cache instead.
+
 Stdout carries only the ExecCredential: everything for the person goes to stderr, which kubectl passes
 through. The token cache is one file per issuer, client and scope, 0600 in a 0700 directory, replaced
 atomically. Parallel kubectl calls may refresh with the same refresh token at once; iam's per-client
@@ -444,6 +446,40 @@ def get_token(options: Options, err: TextIO, http: httpx.Client | None = None) -
     check_claims(claims, options)
     cache.save(tokens["id_token"], tokens.get("refresh_token") or refresh_token)
     return tokens["id_token"], claims
+
+
+def logout(options: Options, err: TextIO, http: httpx.Client | None = None) -> int:
+    """Revoke the cached refresh token at the issuer (RFC 7009) and forget the cached tokens.
+
+    The cache is kept if the issuer could not be told, so the person can try again rather than leave a live
+    refresh token behind.
+    """
+    cache = TokenCache(options.cache_dir or default_cache_dir(), options.issuer, options.client_id, options.scope)
+    cached = cache.load() or {}
+    refresh_token = cached.get("refresh_token")
+    if isinstance(refresh_token, str) and refresh_token:
+        own_http = http is None
+        if http is None:
+            http = httpx.Client(verify=tls_context(options.certificate_authority), timeout=15.0,
+                                headers={"User-Agent": "iam-kubectl-credential"})
+        try:
+            issuer = Issuer(options, http)
+            issuer.discover()
+            response = issuer._request("POST", issuer.endpoint("revocation_endpoint"), data={
+                "token": refresh_token, "token_type_hint": "refresh_token", "client_id": options.client_id})
+        except PluginError as exc:
+            print(f"iam: cannot log out: {exc}", file=err, flush=True)
+            return 1
+        finally:
+            if own_http:
+                http.close()
+        if response.status_code != 200:  # RFC 7009 §2.2: 200 even for a token already invalid
+            print(f"iam: cannot log out: the revocation endpoint answered HTTP {response.status_code}", file=err,
+                  flush=True)
+            return 1
+    cache.delete()
+    print(f"iam: logged out of {options.issuer}" if cached else "iam: no cached login to end", file=err, flush=True)
+    return 0
 
 
 def main(options: Options) -> int:
