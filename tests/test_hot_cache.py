@@ -449,8 +449,8 @@ async def test_an_issuance_whose_answer_was_lost_is_stored_once(postgres_only, a
     store = app.state.iam.token_store
     direct = store._on_driver
 
-    async def answer_lost(call):
-        await direct(call)  # the INSERT ran and committed ...
+    async def answer_lost(statement, call):
+        await direct(statement, call)  # the INSERT ran and committed ...
         return _FAILED  # ... but the connection broke before its answer arrived
 
     monkeypatch.setattr(store, "_on_driver", answer_lost)
