@@ -116,6 +116,8 @@ async def test_removing_an_applications_access_revokes_its_tokens_and_no_others(
                                      headers=basic("webapp"))
     assert introspected.json() == {"active": False}
     assert (await refresh(client, kube["refresh_token"], client_id="kubectl")).status_code == 200  # untouched
+    again = await remove_access(client, "webapp")  # nothing left to remove: no notice
+    assert again.status_code == 200 and "Access removed." not in again.text
     assert (await client.get("/authn/account")).status_code == 200  # the SSO session goes on
 
 

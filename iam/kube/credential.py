@@ -222,6 +222,13 @@ class Issuer:
             raise PluginError("the token response has no id_token (is `openid` in the client's scope?)")
         return body
 
+    def revoke(self, refresh_token: str) -> None:
+        """RFC 7009: the answer is 200 even for a token already invalid, so anything else is a failure."""
+        response = self._request("POST", self.endpoint("revocation_endpoint"), data={
+            "token": refresh_token, "token_type_hint": "refresh_token", "client_id": self.options.client_id})
+        if response.status_code != 200:
+            raise PluginError(f"the revocation endpoint answered HTTP {response.status_code}")
+
     def refresh(self, refresh_token: str) -> dict:
         status, body = self.token_request({"grant_type": "refresh_token", "refresh_token": refresh_token})
         if status in (400, 401) and body.get("error") == "invalid_grant":
@@ -465,18 +472,13 @@ def logout(options: Options, err: TextIO, http: httpx.Client | None = None) -> i
         try:
             issuer = Issuer(options, http)
             issuer.discover()
-            response = issuer._request("POST", issuer.endpoint("revocation_endpoint"), data={
-                "token": refresh_token, "token_type_hint": "refresh_token", "client_id": options.client_id})
+            issuer.revoke(refresh_token)
         except PluginError as exc:
             print(f"iam: cannot log out: {exc}", file=err, flush=True)
             return 1
         finally:
             if own_http:
                 http.close()
-        if response.status_code != 200:  # RFC 7009 §2.2: 200 even for a token already invalid
-            print(f"iam: cannot log out: the revocation endpoint answered HTTP {response.status_code}", file=err,
-                  flush=True)
-            return 1
     cache.delete()
     print(f"iam: logged out of {options.issuer}" if cached else "iam: no cached login to end", file=err, flush=True)
     return 0

@@ -374,10 +374,16 @@ class TokenStore:
 
     async def revoke_session_grants(self, sid: str, client_id: str) -> int:
         """Logout: revoke what this client was granted in this session, and nothing of other clients."""
+        return await self._revoke_grants(grants.c.sid == sid, grants.c.client_id == client_id)
+
+    async def revoke_client_grants(self, subject: str, client_id: str) -> int:
+        """A person removes an application's access: every live grant of theirs to that client ends."""
+        return await self._revoke_grants(grants.c.subject == subject, grants.c.client_id == client_id,
+                                         grants.c.revoked.is_(False))
+
+    async def _revoke_grants(self, *conditions) -> int:
         async with self._revoking() as (conn, revoked):
-            ids = (
-                await conn.execute(select(grants.c.id).where(grants.c.sid == sid, grants.c.client_id == client_id))
-            ).scalars().all()
+            ids = (await conn.execute(select(grants.c.id).where(*conditions))).scalars().all()
             for grant_id in ids:
                 await _revoke_grant(conn, grant_id)
                 await revoked.grant(conn, grant_id)
@@ -401,18 +407,6 @@ class TokenStore:
                 .order_by(grants.c.created_at)
             )
             return [_row(row) for row in rows]
-
-    async def revoke_client_grants(self, subject: str, client_id: str) -> int:
-        """A person removes an application's access: every grant of theirs to that client ends."""
-        async with self._revoking() as (conn, revoked):
-            ids = (
-                await conn.execute(select(grants.c.id).where(grants.c.subject == subject,
-                                                             grants.c.client_id == client_id))
-            ).scalars().all()
-            for grant_id in ids:
-                await _revoke_grant(conn, grant_id)
-                await revoked.grant(conn, grant_id)
-        return len(ids)
 
     async def revoke_subject(self, subject: str) -> None:
         """A disabled or deleted user: every grant and token of theirs stops working."""
