@@ -79,6 +79,27 @@ async def test_phantom_forward_auth_swaps_opaque_for_jwt(client):
     assert envoy.headers["authorization"] == response.headers["authorization"]
 
 
+async def test_phantom_with_an_audience_passes_only_tokens_meant_for_that_api(client):
+    """ASVS 5 V10.3.1: the ingress names the route's audience in its auth URL; another API's token is 401."""
+    token = (await get_token(client))["access_token"]  # svc-basic: aud https://api.test
+    bearer = {"Authorization": f"Bearer {token}"}
+    ok = await client.get("/oauth/v2/phantom", params={"audience": "https://api.test"}, headers=bearer)
+    assert ok.status_code == 200 and ok.headers["authorization"].startswith("Bearer ey")
+    for other in ("https://other.test", "https://api.test/"):
+        refused = await client.get("/oauth/v2/phantom", params={"audience": other}, headers=bearer)
+        assert refused.status_code == 401 and "authorization" not in refused.headers
+        assert 'error="invalid_token"' in refused.headers["www-authenticate"]
+    both = await client.get("/oauth/v2/phantom?audience=https://api.test&audience=https://other.test", headers=bearer)
+    assert both.status_code == 401  # every audience named must be in the token's
+    # Without a configured audience a token is for the issuer itself (RFC 9068 §3).
+    issuer_only = (await get_token(client, "gateway"))["access_token"]
+    assert (await client.get("/oauth/v2/phantom", params={"audience": "https://api.test"},
+                             headers={"Authorization": f"Bearer {issuer_only}"})).status_code == 401
+    # Under /oauth/v2/phantom/... the query is the API caller's (Envoy appends it): it is not read.
+    envoy = await client.get("/oauth/v2/phantom/orders", params={"audience": "https://other.test"}, headers=bearer)
+    assert envoy.status_code == 200
+
+
 @pytest.mark.parametrize(
     "header",
     [None, "Bearer", "Basic abc", "Bearer not-a-token", "Bearer " + "A" * 43, "Bearer " + "x" * 5000],

@@ -47,16 +47,25 @@ def introspection_members(jwt: str) -> dict:
 class LiveToken:
     """A live token's row, and what the hot path derives from it, each built at most once per cache entry."""
 
-    __slots__ = ("row", "until", "_introspection")
+    __slots__ = ("row", "until", "_introspection", "_audiences")
 
     def __init__(self, row: AccessTokenRow, until: float) -> None:
         self.row = row
         self.until = until  # epoch seconds it may be served from the cache until
         self._introspection: bytes | None = None
+        self._audiences: frozenset[str] | None = None
 
     @property
     def jwt(self) -> str:
         return self.row.jwt
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        """The JWT's `aud` (RFC 9068 §3), as a set."""
+        if self._audiences is None:
+            aud = jwt_claims(self.row.jwt).get("aud")
+            self._audiences = frozenset([aud] if isinstance(aud, str) else aud or ())
+        return self._audiences
 
     @property
     def introspection_json(self) -> bytes:

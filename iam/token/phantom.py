@@ -4,7 +4,14 @@
 `WWW-Authenticate` (RFC 6750 §3). nginx `auth_request` / ingress-nginx `auth-url`, Traefik ForwardAuth and
 Envoy ext_authz (which appends the original path) all call it as they are, with any method.
 Serve it inside the cluster only: it hands the JWT to whoever holds the opaque token.
+
+`GET /oauth/v2/phantom?audience=<aud>` also requires the token to be meant for that API (its JWT's `aud`
+contains it; ASVS 5 V10.3.1): the ingress names each route's audience in its fixed auth URL. The parameter is
+read on this exact path only; under `/oauth/v2/phantom/...` (Envoy appends the caller's path and query) it
+would be the caller's to choose.
 """
+
+from urllib.parse import parse_qs
 
 from fastapi import Request, Response
 
@@ -14,18 +21,25 @@ from iam.observability import INTROSPECTIONS
 
 ACTIVE = INTROSPECTIONS.labels("phantom", "active")
 INACTIVE = INTROSPECTIONS.labels("phantom", "inactive")
+WRONG_AUDIENCE = INTROSPECTIONS.labels("phantom", "wrong_audience")
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 async def phantom(request: Request) -> Response:
     token = bearer_token(request)
-    if token is None:
-        INACTIVE.inc()
-        return invalid_token().response()
-    live = await request.app.state.iam.access_tokens.live(token)
-    (INACTIVE if live is None else ACTIVE).inc()
+    live = None if token is None else await request.app.state.iam.access_tokens.live(token)
     if live is None:
+        INACTIVE.inc()
+        if token is None:
+            return invalid_token().response()
         return invalid_token("the access token is invalid, expired or revoked").response()
+    query = request.scope["query_string"]
+    if query and request.scope["path"] == "/oauth/v2/phantom":
+        wanted = parse_qs(query.decode("latin-1")).get("audience")
+        if wanted and not live.audiences.issuperset(wanted):
+            WRONG_AUDIENCE.inc()
+            return invalid_token("the access token is not meant for this API").response()
+    ACTIVE.inc()
     return Response(status_code=200, headers={"Authorization": f"Bearer {live.jwt}", "Cache-Control": "no-store"})
 
 
