@@ -137,8 +137,8 @@ class Runtime:
         self._started = True
 
     async def _maintain(self) -> None:
-        """Pick up rotated keys; on the token role, purge expired tokens in bounded batches."""
-        interval = self.settings.purge_interval if self.role.serves(Role.TOKEN) else 0
+        """Pick up rotated keys; purge what has ended from the role's store, in bounded batches."""
+        interval = self.settings.purge_interval
         last_purge = time.monotonic()
         while True:
             await asyncio.sleep(10)
@@ -149,9 +149,19 @@ class Runtime:
                 await self.update_gauges()
                 if interval and time.monotonic() - last_purge >= interval:
                     last_purge = time.monotonic()
-                    await self.token_store.purge_expired(int(time.time()), self.settings.purge_batch)
+                    await self.purge(int(time.time()))
             except Exception:
                 log.warning("maintenance failed; retrying later", exc_info=True)
+
+    async def purge(self, now: int) -> int:
+        """One bounded batch per table of what can never be used again: stores must not grow without end."""
+        batch, deleted = self.settings.purge_batch, 0
+        if self.role.serves(Role.TOKEN):
+            deleted += await self.token_store.purge_expired(now, batch)
+        if self.role.serves(Role.AUTHENTICATION):
+            deleted += await self.sessions.purge_ended(now, batch)
+            deleted += await self.throttle.purge_stale(now, batch)
+        return deleted
 
     async def update_gauges(self) -> None:
         """Gauges that need a store query are refreshed by the maintenance loop, not on every scrape."""

@@ -251,7 +251,8 @@ class Settings(_Strict):
     session_ttl: int = Field(default=12 * 3600, ge=60)  # an SSO session ends this long after sign-in
     session_idle_ttl: int = Field(default=2 * 3600, ge=60)  # ... or after this long unused
     migrate_on_start: bool = True
-    # Expired tokens are deleted in batches of this size every purge_interval seconds (0: never in-process).
+    # Expired tokens, ended sessions and stale sign-in throttling counters are deleted in batches of this size
+    # every purge_interval seconds (0: never in-process).
     purge_interval: int = Field(default=300, ge=0)
     purge_batch: int = Field(default=1000, ge=1)
     # Introspection / forward-auth keep live token rows in memory at most this long (the staleness bound if a

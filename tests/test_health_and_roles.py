@@ -1,5 +1,7 @@
 """Probes, and what each SERVICE_ROLE mounts and opens (DESIGN.md §1)."""
 
+import time
+
 import asyncpg
 import httpx
 import pytest
@@ -128,6 +130,38 @@ async def test_purge_deletes_only_expired_tokens_in_bounded_batches(client, app)
     assert await store.purge_expired(now=100, batch=10) == 0
     async with store.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(access_tokens))).scalar() == 1
+
+
+async def test_purge_deletes_ended_sessions_and_stale_throttling_but_not_live_ones(app):
+    """The authentication store does not grow without end: ended sessions and old counters go, live ones stay."""
+    from sqlalchemy import func, select, update
+
+    from iam.authn.store import login_failures, sessions
+
+    iam = app.state.iam
+    now = int(time.time())
+    live, _ = await iam.sessions.create("sub-live", ["pwd"])
+    logged_out, _ = await iam.sessions.create("sub-out", ["pwd"])
+    await iam.sessions.end(logged_out)
+    idle, _ = await iam.sessions.create("sub-idle", ["pwd"])
+    expired, _ = await iam.sessions.create("sub-expired", ["pwd"])
+    async with iam.sessions.engine.begin() as conn:
+        await conn.execute(update(sessions).where(sessions.c.subject == "sub-idle")
+                           .values(last_seen=now - iam.sessions.idle_ttl - 1))
+        await conn.execute(update(sessions).where(sessions.c.subject == "sub-expired").values(expires_at=now - 1))
+    await iam.throttle.fail(["user:old"])
+    for _ in range(5):
+        await iam.throttle.fail(["user:locked"])  # the fifth locks it
+    async with iam.sessions.engine.begin() as conn:
+        await conn.execute(update(login_failures).values(window_start=now - 3600))  # both windows are over
+
+    assert await iam.sessions.purge_ended(now, 10) == 3
+    assert await iam.throttle.purge_stale(now, 10) == 1  # the old counter; a lock in force is kept
+    assert await iam.purge(now) == 0  # what is left is live
+    assert (await iam.sessions.current(live)).subject == "sub-live"
+    assert await iam.throttle.locked_for(["user:locked"]) > 0  # a lock in force is kept
+    async with iam.sessions.engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(sessions))).scalar() == 1
 
 
 def test_store_describe_hides_the_password():

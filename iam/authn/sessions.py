@@ -7,7 +7,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import sessions
@@ -74,6 +74,17 @@ class Sessions:
         condition = sessions.c.digest == _digest(value) if value else sessions.c.sid == sid
         async with self.engine.begin() as conn:
             await conn.execute(update(sessions).where(condition).values(revoked=True))
+
+    async def purge_ended(self, now: int, batch: int) -> int:
+        """Delete at most `batch` sessions that can no longer be used: revoked, expired, or idle too long."""
+        ended = (
+            select(sessions.c.digest)
+            .where(sessions.c.revoked.is_(True) | (sessions.c.expires_at <= now)
+                   | (sessions.c.last_seen < now - self.idle_ttl))
+            .limit(batch)
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(delete(sessions).where(sessions.c.digest.in_(ended)))).rowcount
 
     async def end_all(self, subject: str, *, but: str | None = None) -> None:
         """End every session of a subject (but the one with sid `but`, when given)."""

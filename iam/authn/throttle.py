@@ -54,3 +54,13 @@ class Throttle:
     async def clear(self, key: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(delete(login_failures).where(login_failures.c.key == key))
+
+    async def purge_stale(self, now: int, batch: int) -> int:
+        """Delete at most `batch` counters that neither lock nor count any more (their window is over)."""
+        stale = (
+            select(login_failures.c.key)
+            .where(login_failures.c.locked_until < now, login_failures.c.window_start < now - WINDOW)
+            .limit(batch)
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(delete(login_failures).where(login_failures.c.key.in_(stale)))).rowcount
