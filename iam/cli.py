@@ -191,6 +191,15 @@ def cmd_users_set_password(args: argparse.Namespace) -> None:
     _with_directory(args, set_password)
 
 
+def cmd_users_reset_mfa(args: argparse.Namespace) -> None:
+    async def reset(directory) -> None:
+        removed = await directory.reset_second_factor(await _by_name(directory, args.username))
+        print(f"{args.username}: " + ("two-step verification removed; they can enrol again after signing in"
+                                      if removed else "had no two-step verification"))
+
+    _with_directory(args, reset)
+
+
 # -- tokens, clients -------------------------------------------------------------------------------------
 def cmd_tokens_purge(args: argparse.Namespace) -> None:
     from iam.store import Store
@@ -347,6 +356,9 @@ def parser() -> argparse.ArgumentParser:
     set_password.add_argument("username")
     set_password.add_argument("--password-stdin", action="store_true")
     set_password.set_defaults(func=cmd_users_set_password)
+    reset_mfa = users.add_parser("reset-mfa", help="remove a user's TOTP second factor (a lost authenticator)")
+    reset_mfa.add_argument("username")
+    reset_mfa.set_defaults(func=cmd_users_reset_mfa)
 
     tokens = sub.add_parser("tokens", help="token store maintenance").add_subparsers(dest="tokens", required=True)
     purge = tokens.add_parser("purge", help="delete expired tokens in bounded batches")

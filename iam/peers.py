@@ -75,6 +75,8 @@ class Credentials(Protocol):
 
     async def remove(self, sub: str) -> None: ...
 
+    async def reset_second_factor(self, sub: str) -> bool: ...
+
 
 class Tokens(Protocol):
     """The token role, as the other roles see it: what an access token stands for."""
@@ -232,6 +234,12 @@ class RemoteCredentials(_Remote):
         response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}")
         if response.status_code not in (204, 404):
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
+    async def reset_second_factor(self, sub: str) -> bool:
+        response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}/second-factor")
+        if response.status_code not in (204, 404):
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return response.status_code == 204
 
 
 class RemoteTokens(_Remote):

@@ -146,11 +146,30 @@ async def test_the_account_page_lists_and_removes_applications_held_by_the_token
         assert refreshed.json()["error"] == "invalid_grant"
 
 
+async def test_an_operator_resets_a_second_factor_through_the_authentication_role(cluster_of_roles,
+                                                                                   postgres_server):
+    urls, envs, databases = cluster_of_roles
+    erin = await scim_user(urls, "erin", [])
+    authn = await asyncpg.connect(f"{postgres_server}/{databases['authentication']}")
+    try:  # erin enrolled an authenticator, then lost it
+        await authn.execute("INSERT INTO totp (subject, secret, confirmed, last_step) VALUES ($1, $2, true, 0)",
+                            erin, "JBSWY3DPEHPK3PXP")
+        reset = await asyncio.to_thread(run_cli, envs, "user-management", "users", "reset-mfa", "erin")
+        assert reset.returncode == 0 and "two-step verification removed" in reset.stdout, reset.stderr
+        assert await authn.fetchval("SELECT count(*) FROM totp WHERE subject = $1", erin) == 0
+    finally:
+        await authn.close()
+    again = await asyncio.to_thread(run_cli, envs, "user-management", "users", "reset-mfa", "erin")
+    assert again.stdout.strip() == "erin: had no two-step verification"
+
+
 async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):
     urls, _, _ = cluster_of_roles
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{urls['token']}/internal/v1/subjects/x/applications")).status_code == 401
         assert (await http.delete(f"{urls['token']}/internal/v1/subjects/x/applications/webapp")).status_code == 401
+        assert (await http.delete(f"{urls['authentication']}/internal/v1/credentials/x/second-factor")
+                ).status_code == 401
         assert (await http.get(f"{urls['user-management']}/internal/v1/users", params={"username": "carol"})
                 ).status_code == 401
         forged = await http.put(f"{urls['authentication']}/internal/v1/credentials/x",

@@ -1,5 +1,7 @@
 """`iam users ...` as an operator runs it (real processes): the same directory code as the SCIM API."""
 
+import sqlite3
+
 from tests.server import iam, write_config
 
 
@@ -22,3 +24,35 @@ def test_users_commands(tmp_path):
     assert run("delete", "Grace").stdout.strip() == "Grace: deleted"
     again = run("delete", "Grace")
     assert again.returncode == 2 and again.stderr.strip() == "iam: error: no user 'Grace'"
+
+
+def test_reset_mfa_removes_a_lost_authenticator_and_delete_removes_every_credential(tmp_path):
+    stores = {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in ("authn", "token", "users")}
+    env = {"IAM_CONFIG": str(write_config(tmp_path, stores=stores, keys={"dir": str(tmp_path / "keys")}))}
+
+    def run(*args, input=None):
+        result = iam("users", *args, env=env, cwd=tmp_path, input=input)
+        assert "Traceback" not in result.stderr
+        return result
+
+    def factors() -> list:
+        with sqlite3.connect(tmp_path / "authn.db") as db:
+            return db.execute("SELECT subject FROM totp").fetchall()
+
+    user_id = run("add", "--username", "ada", "--password-stdin", input="a long enough password\n").stdout.strip()
+    with sqlite3.connect(tmp_path / "authn.db") as db:  # ada enrolled an authenticator, then lost it
+        db.execute("INSERT INTO totp (subject, secret, confirmed, last_step) VALUES (?, 'JBSWY3DPEHPK3PXP', 1, 0)",
+                   (user_id,))
+    assert run("reset-mfa", "ada").stdout.strip() == "ada: two-step verification removed; they can enrol again " \
+                                                     "after signing in"
+    assert factors() == []
+    assert run("reset-mfa", "ada").stdout.strip() == "ada: had no two-step verification"
+    assert run("reset-mfa", "nobody").returncode == 2
+
+    with sqlite3.connect(tmp_path / "authn.db") as db:
+        db.execute("INSERT INTO totp (subject, secret, confirmed, last_step) VALUES (?, 'JBSWY3DPEHPK3PXP', 1, 0)",
+                   (user_id,))
+    assert run("delete", "ada").returncode == 0
+    assert factors() == []  # a deleted user leaves no credential behind
+    with sqlite3.connect(tmp_path / "authn.db") as db:
+        assert db.execute("SELECT count(*) FROM credentials").fetchone() == (0,)

@@ -1,4 +1,4 @@
-"""The authentication role's internal API: the user-management role sets and removes passwords here."""
+"""The authentication role's internal API: the user-management role sets and removes credentials here."""
 
 from fastapi import APIRouter, Request, Response
 
@@ -40,3 +40,10 @@ async def remove_password(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
     await request.app.state.iam.credentials.remove(sub)
     return Response(status_code=204)
+
+
+@router.delete("/internal/v1/credentials/{sub}/second-factor")
+async def reset_second_factor(sub: str, request: Request) -> Response:
+    await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
+    removed = await request.app.state.iam.credentials.reset_second_factor(sub)
+    return Response(status_code=204 if removed else 404)

@@ -333,6 +333,16 @@ class Directory:
             raise DirectoryError("not_found", f"no user {sub}")
         await self.credentials.set_password(sub, password)
 
+    async def reset_second_factor(self, sub: str) -> bool:
+        """An operator removes a user's second factor (a lost authenticator): the password alone signs in again,
+        and the user can enrol a new authenticator."""
+        if await self.claims(sub) is None:
+            raise DirectoryError("not_found", f"no user {sub}")
+        removed = await self.credentials.reset_second_factor(sub)
+        if removed:
+            audit("mfa.reset", actor="operator", user=sub)
+        return removed
+
     async def delete_user(self, sub: str, *, if_match: IfMatch = None) -> None:
         """Delete a user: its credential first (a peer outage then changes nothing), then the row."""
         current = await self.get_user(sub)
