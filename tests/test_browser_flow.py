@@ -285,10 +285,12 @@ def test_totp_enrolment_sign_out_and_sign_in_with_the_second_factor(page: Page, 
     assert re.fullmatch(r"[A-Z2-7]{16,}", secret), secret
 
     page.get_by_label("Verification code").fill("000000")
+    page.get_by_label("Your password").fill(PASSWORD)
     page.get_by_role("button", name="Turn on").click()
     expect(page.get_by_role("alert")).to_have_text("That code is not valid. Try the current one.")
     enrolment_code = pyotp.TOTP(secret).now()
     page.get_by_label("Verification code").press_sequentially(enrolment_code, delay=5)
+    page.get_by_label("Your password").fill(PASSWORD)
     page.get_by_role("button", name="Turn on").click()
     expect(page.get_by_role("status")).to_have_text("Two-step verification is on.")
     expect(page.get_by_text("Two-step verification: on")).to_be_visible()

@@ -160,11 +160,17 @@ async def test_totp_enrolment_then_sign_in_needs_the_code_once(client, app, alic
     setup = await client.get("/authn/totp/setup")
     assert setup.status_code == 200 and 'autocomplete="one-time-code"' in setup.text
     secret = re.search(r"<code>([A-Z2-7]+)</code>", setup.text).group(1)
-    wrong = await client.post("/authn/totp/setup", data={"csrf": hidden_fields(setup.text)["csrf"], "code": "000000"})
-    assert wrong.status_code == 400
+    csrf = hidden_fields(setup.text)["csrf"]
+    wrong = await client.post("/authn/totp/setup", data={"csrf": csrf, "code": "000000", "password": PASSWORD})
+    assert wrong.status_code == 400 and "code is not valid" in wrong.text
     enrolment_code = pyotp.TOTP(secret).now()
-    confirm = await client.post("/authn/totp/setup", data={"csrf": hidden_fields(setup.text)["csrf"],
-                                                           "code": enrolment_code})
+    # The session alone cannot bind an authenticator: the password is asked again (ASVS 5 V7.5.1).
+    no_password = await client.post("/authn/totp/setup", data={"csrf": csrf, "code": enrolment_code,
+                                                               "password": "not the password"})
+    assert no_password.status_code == 400 and "password is not correct" in no_password.text
+    assert not await app.state.iam.totp.enabled(alice)
+    confirm = await client.post("/authn/totp/setup", data={"csrf": csrf, "code": enrolment_code,
+                                                           "password": PASSWORD})
     assert confirm.status_code == 200 and "Two-step verification is on" in confirm.text
     again = await client.get("/authn/totp/setup")  # a confirmed factor is never replaced by a new secret
     assert again.status_code == 200 and "already on" in again.text and "<code>" not in again.text

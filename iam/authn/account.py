@@ -103,13 +103,29 @@ async def totp_confirm(request: Request) -> Response:
     form = await _form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to set up two-step verification.", 403)
+    secret = await iam.totp.pending_secret(session.subject)
+    if secret is None:
+        return await account(request)
+    # Whoever holds only the session cannot bind their own authenticator to the account (ASVS 5 V7.5.1).
+    if not await _password_confirmed(request, session.subject, form.get("password", "")):
+        return await _setup_page(request, session.subject, secret, "Your password is not correct.")
     if await iam.totp.verify(session.subject, form.get("code", ""), confirming=True):
         audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="totp")
         return await account(request, notice="Two-step verification is on.")
-    secret = await iam.totp.pending_secret(session.subject)
-    if secret is None:
-        return _to_login()
     return await _setup_page(request, session.subject, secret, "That code is not valid. Try the current one.")
+
+
+async def _password_confirmed(request: Request, subject: str, password: str) -> bool:
+    """Re-authentication before a change to the account's credentials, throttled as sign-in is."""
+    iam = request.app.state.iam
+    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
+    if await iam.throttle.locked_for(keys):
+        return False
+    if not await iam.credentials.verify(subject, password):
+        await iam.throttle.fail(keys)
+        return False
+    await iam.throttle.clear(keys[0])
+    return True
 
 
 @router.get("/authn/password")
@@ -138,11 +154,9 @@ async def password_change(request: Request) -> Response:
     keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
     if await iam.throttle.locked_for(keys):
         return await password_page(request, 429, "Too many attempts. Try again later.")
-    if not await iam.credentials.verify(subject, form.get("current", "")):
-        await iam.throttle.fail(keys)
+    if not await _password_confirmed(request, subject, form.get("current", "")):
         audit("password.change_failed", "failure", actor=subject, source=source_of(request))
         return await password_page(request, 401, "Your current password is not correct.")
-    await iam.throttle.clear(keys[0])
     try:
         await iam.credentials.set_password(subject, form.get("new", ""))
     except PasswordRejected as exc:
