@@ -12,9 +12,17 @@ import httpx
 from fastapi import FastAPI
 
 from iam import __version__, errors, health, internal, pages
+from iam.audit_store import AuditSink, purge_before
 from iam.config import PEERS_NEEDED, Settings
 from iam.keys import KeyRing, KeyRingError
-from iam.observability import SSO_SESSIONS, Observability, instrument_store, setup_tracing, shutdown_tracing
+from iam.observability import (
+    AUDIT,
+    SSO_SESSIONS,
+    Observability,
+    instrument_store,
+    setup_tracing,
+    shutdown_tracing,
+)
 from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, RemoteTokens, ServiceIdentity
 from iam.roles import Role
 from iam.store import Store, StoreError, StoreUnreachable
@@ -38,6 +46,7 @@ class Runtime:
         self.draining = False
         self._started = False
         self._tasks: list[asyncio.Task] = []
+        self.audit_sink = AuditSink(self.stores) if settings.audit_store else None
         self.revocation_listener = None  # the token role's, on PostgreSQL (below)
 
         # Every role signs something (tokens, handoffs, service assertions) with its own key ring.
@@ -131,6 +140,9 @@ class Runtime:
             self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
         except (KeyRingError, OSError) as exc:
             raise StartupError(f"signing keys: {exc}") from None
+        if self.audit_sink is not None:
+            AUDIT.addHandler(self.audit_sink)
+            AUDIT.setLevel(logging.INFO)
         self._tasks.append(asyncio.create_task(self._maintain()))
         if self.revocation_listener is not None:
             self.revocation_listener.start()
@@ -147,6 +159,8 @@ class Runtime:
                 if self.role.serves(Role.TOKEN):
                     self.hot_cache.sweep(time.time())
                 await self.update_gauges()
+                if self.audit_sink is not None:
+                    await self.audit_sink.flush()
                 if interval and time.monotonic() - last_purge >= interval:
                     last_purge = time.monotonic()
                     await self.purge(int(time.time()))
@@ -161,6 +175,10 @@ class Runtime:
         if self.role.serves(Role.AUTHENTICATION):
             deleted += await self.sessions.purge_ended(now, batch)
             deleted += await self.throttle.purge_stale(now, batch)
+        if self.audit_sink is not None:
+            cutoff_ms = (now - self.settings.audit_retention_days * 86400) * 1000
+            for store in self.stores.values():
+                deleted += await purge_before(store, cutoff_ms, batch)
         return deleted
 
     async def update_gauges(self) -> None:
@@ -177,6 +195,9 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.audit_sink is not None:
+            AUDIT.removeHandler(self.audit_sink)
+            await self.audit_sink.flush()  # what a store refuses now stays only in the audit log stream
         if self.revocation_listener is not None:
             await self.revocation_listener.stop()
         if self.http is not None:

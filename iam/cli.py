@@ -221,6 +221,43 @@ def cmd_tokens_purge(args: argparse.Namespace) -> None:
     print(f"deleted {asyncio.run(purge())} expired tokens")
 
 
+def cmd_audit_list(args: argparse.Namespace) -> None:
+    """The newest audit events kept in the role's store(s) (`audit_store: true`), as JSON lines."""
+    import json
+    from datetime import UTC, datetime
+
+    from iam.audit_store import recent
+    from iam.observability import AUDIT_SCHEMA
+    from iam.store import Store
+
+    settings = _settings(args)
+    try:
+        since = datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        raise ConfigError(f"--since {args.since!r} is not an ISO 8601 date or time") from None
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    since_ms = int(since.timestamp() * 1000) if since else 0
+
+    async def collect() -> list[dict]:
+        rows: list[dict] = []
+        for name in settings.role.stores:
+            store = Store(name, getattr(settings.stores, name))
+            try:
+                await store.check()
+                rows += await recent(store, event=args.event, actor=args.actor, since_ms=since_ms, limit=args.limit)
+            finally:
+                await store.close()
+        return sorted(rows, key=lambda row: row["at"], reverse=True)[: args.limit]
+
+    rows = asyncio.run(collect())
+    for row in rows:
+        at = datetime.fromtimestamp(row.pop("at") / 1000, UTC).isoformat(timespec="milliseconds")
+        print(json.dumps({"time": at, "audit": {"schema": AUDIT_SCHEMA, **row}}, separators=(",", ":")))
+    if not rows and not settings.audit_store:
+        print("iam: audit_store is off: audit events go only to the audit log stream", file=sys.stderr)
+
+
 def cmd_clients_hash_secret(_: argparse.Namespace) -> None:
     from argon2 import PasswordHasher
 
@@ -364,6 +401,15 @@ def parser() -> argparse.ArgumentParser:
     purge = tokens.add_parser("purge", help="delete expired tokens in bounded batches")
     purge.add_argument("--batch", type=int, default=1000)
     purge.set_defaults(func=cmd_tokens_purge)
+
+    audit = sub.add_parser("audit", help="audit events kept in the stores (audit_store: true)")
+    audit_list = audit.add_subparsers(dest="audit", required=True).add_parser(
+        "list", help="the newest audit events of the role's store(s), newest first, as JSON lines")
+    audit_list.add_argument("--event", help="only this event, e.g. login.failed")
+    audit_list.add_argument("--actor", help="only this actor (a user id, or `operator`)")
+    audit_list.add_argument("--since", help="only events at or after this ISO 8601 time (UTC unless stated)")
+    audit_list.add_argument("--limit", type=int, default=100)
+    audit_list.set_defaults(func=cmd_audit_list)
 
     clients = sub.add_parser("clients", help="client helpers").add_subparsers(dest="clients", required=True)
     clients.add_parser(

@@ -260,6 +260,9 @@ class Settings(_Strict):
     introspection_cache_seconds: int = Field(default=5, ge=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     audit_log: str = "stderr"  # where audit events go: stderr, stdout, or a file path
+    # Also keep audit events in the role's own store (table audit_events, `iam audit list`), this many days.
+    audit_store: bool = False
+    audit_retention_days: int = Field(default=90, ge=1)
     clients: list[ClientConfig] = []
     kubernetes: Kubernetes = Kubernetes()
 

@@ -5,7 +5,10 @@ Owned by the authentication role alone.
 
 from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table
 
+from iam.audit_store import audit_table
+
 metadata = MetaData()
+audit_events = audit_table(metadata)  # with `audit_store: true` (iam/audit_store.py)
 
 credentials = Table(
     "credentials",

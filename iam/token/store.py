@@ -27,12 +27,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
 
 metadata = MetaData()
+audit_events = audit_table(metadata)  # with `audit_store: true` (iam/audit_store.py)
 
 CODE_REPLAY_MEMORY = 3600  # seconds a spent code is remembered after it expired
 

@@ -15,7 +15,10 @@ from sqlalchemy import (
     Table,
 )
 
+from iam.audit_store import audit_table
+
 metadata = MetaData()
+audit_events = audit_table(metadata)  # with `audit_store: true` (iam/audit_store.py)
 
 users = Table(
     "users",
