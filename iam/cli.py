@@ -191,6 +191,14 @@ def cmd_users_set_password(args: argparse.Namespace) -> None:
     _with_directory(args, set_password)
 
 
+def cmd_users_sign_out(args: argparse.Namespace) -> None:
+    async def sign_out(directory) -> None:
+        await directory.sign_out_everywhere(await _by_name(directory, args.username))
+        print(f"{args.username}: signed out everywhere; every grant revoked")
+
+    _with_directory(args, sign_out)
+
+
 def cmd_users_reset_mfa(args: argparse.Namespace) -> None:
     async def reset(directory) -> None:
         removed = await directory.reset_second_factor(await _by_name(directory, args.username))
@@ -393,6 +401,9 @@ def parser() -> argparse.ArgumentParser:
     set_password.add_argument("username")
     set_password.add_argument("--password-stdin", action="store_true")
     set_password.set_defaults(func=cmd_users_set_password)
+    sign_out = users.add_parser("sign-out", help="end a user's sessions and revoke their grants; they stay active")
+    sign_out.add_argument("username")
+    sign_out.set_defaults(func=cmd_users_sign_out)
     reset_mfa = users.add_parser("reset-mfa", help="remove a user's TOTP second factor (a lost authenticator)")
     reset_mfa.add_argument("username")
     reset_mfa.set_defaults(func=cmd_users_reset_mfa)

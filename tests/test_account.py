@@ -4,6 +4,7 @@ application's access (ASVS 5 V10.4.9)."""
 import httpx
 import pytest
 
+from iam.peers import PeerUnavailable
 from tests.conftest import ISSUER, PASSWORD, basic
 from tests.oauth import hidden_fields, refresh, sign_in
 from tests.test_code_grant import tokens_for
@@ -133,3 +134,25 @@ async def test_removing_access_needs_the_form_token_and_touches_only_ones_own_gr
         await sign_in(bob, await login_page(bob), username="bob", password="bob's long passphrase")
         assert (await remove_access(bob, "webapp")).status_code == 200
     assert (await refresh(client, web["refresh_token"])).status_code == 200
+
+
+# -- an operator signs a user out everywhere (ASVS 5 V7.4.5) ---------------------------------------------------
+async def test_an_operator_signs_a_user_out_everywhere_and_they_can_sign_in_again(client, app, alice, caplog):
+    web = await tokens_for(client)
+    await app.state.iam.directory_service.sign_out_everywhere(alice)
+    assert (await client.get("/authn/account")).status_code == 303  # the SSO session is over
+    assert (await refresh(client, web["refresh_token"])).json()["error"] == "invalid_grant"
+    introspected = await client.post("/oauth/v2/introspect", data={"token": web["access_token"]},
+                                     headers=basic("webapp"))
+    assert introspected.json() == {"active": False}
+    assert any(getattr(r, "audit", {}).get("event") == "user.signed_out" for r in caplog.records)
+    assert await signs_in(client, PASSWORD)  # still an active user
+
+
+async def test_signing_out_fails_loudly_when_a_role_cannot_be_told(app, alice):
+    async def unreachable(sub: str) -> None:
+        raise PeerUnavailable("the token role did not answer")
+
+    app.state.iam.directory_service.on_disabled.append(unreachable)
+    with pytest.raises(PeerUnavailable):
+        await app.state.iam.directory_service.sign_out_everywhere(alice)

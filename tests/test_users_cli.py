@@ -48,6 +48,8 @@ def test_reset_mfa_removes_a_lost_authenticator_and_delete_removes_every_credent
     assert factors() == []
     assert run("reset-mfa", "ada").stdout.strip() == "ada: had no two-step verification"
     assert run("reset-mfa", "nobody").returncode == 2
+    assert run("sign-out", "ada").stdout.strip() == "ada: signed out everywhere; every grant revoked"
+    assert run("sign-out", "nobody").returncode == 2
 
     with sqlite3.connect(tmp_path / "authn.db") as db:
         db.execute("INSERT INTO totp (subject, secret, confirmed, last_step) VALUES (?, 'JBSWY3DPEHPK3PXP', 1, 0)",

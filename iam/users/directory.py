@@ -333,6 +333,15 @@ class Directory:
             raise DirectoryError("not_found", f"no user {sub}")
         await self.credentials.set_password(sub, password)
 
+    async def sign_out_everywhere(self, sub: str) -> None:
+        """End every session and revoke every grant of a user who stays active (a suspected compromise, a lost
+        device). Unlike disabling, nothing else would stop what was issued, so a hook that fails is an error."""
+        if await self.claims(sub) is None:
+            raise DirectoryError("not_found", f"no user {sub}")
+        for hook in self.on_disabled:
+            await hook(sub)
+        audit("user.signed_out", actor="operator", user=sub)
+
     async def reset_second_factor(self, sub: str) -> bool:
         """An operator removes a user's second factor (a lost authenticator): the password alone signs in again,
         and the user can enrol a new authenticator."""
