@@ -60,6 +60,7 @@ class Runtime:
             return cls(self.http, remote[callee], self.identity, callee)
 
         if role.serves(Role.AUTHENTICATION):
+            from iam.authn.consent import Consents
             from iam.authn.credentials import CredentialService
             from iam.authn.sessions import Sessions
             from iam.authn.throttle import Throttle
@@ -70,6 +71,7 @@ class Runtime:
             self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
             self.throttle = Throttle(engine)
             self.totp = Totp(engine)
+            self.consents = Consents(engine)
             self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
                                   if settings.kubernetes.clusters else [])
         if role.serves(Role.USER_MANAGEMENT):
@@ -235,10 +237,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
-        from iam.authn import account, device, kubeconfig, login
+        from iam.authn import account, consent, device, kubeconfig, login
         from iam.authn import internal as authn_internal
 
-        for module in (login, account, device, kubeconfig, authn_internal):
+        for module in (login, consent, account, device, kubeconfig, authn_internal):
             app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal

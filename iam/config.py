@@ -77,6 +77,9 @@ class ClientConfig(_Strict):
     # grant: parallel kubectl calls race on one refresh token. 0 (default) is strict rotation.
     refresh_reuse_window: int = Field(default=0, ge=0, le=60)
     audience: list[str] = []
+    # Ask the person to allow this client its scopes before its first code, and again when it asks for more
+    # (a third-party client). Off for the operator's own, trusted clients.
+    require_consent: bool = False
 
     @field_validator("scope")
     @classmethod

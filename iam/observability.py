@@ -89,7 +89,7 @@ AUDIT_EVENTS = {
     "token.issued", "token.refreshed", "token.revoked", "refresh.reuse_detected", "code.replayed",
     "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "password.change_failed",
-    "access.removed", "mfa.reset", "user.signed_out",
+    "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied",
 }
 
 

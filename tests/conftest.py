@@ -27,6 +27,7 @@ SECRETS = {
     "odd:id &+": "odd secret:&=+%/é",
     "webapp": "webapp-secret-0123456789abcdef",
     "legacy": "legacy-secret-0123456789abcdef",
+    "partner": "partner-secret-0123456789abcdef",
 }
 WEBAPP_CALLBACK = "https://app.test/cb?dummy1=lorem&dummy2=ipsum"
 PASSWORD = "correct horse battery staple"
@@ -87,6 +88,16 @@ def client_config() -> list[dict]:
             "refresh_reuse_window": 5,
         },
         {"client_id": "disabled", "client_secret": "", "grant_types": ["client_credentials"]},
+        {
+            # a third-party application: the person is asked before it gets anything
+            "client_id": "partner",
+            "client_name": "Partner App",
+            "client_secret": SECRETS["partner"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "redirect_uris": ["https://partner.test/cb"],
+            "scope": "openid profile email offline_access",
+            "require_consent": True,
+        },
     ]
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iam.authn.store import credentials, totp
+from iam.authn.store import consents, credentials, totp
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
 MAX_PASSWORD = 256
@@ -70,10 +70,10 @@ class CredentialService:
             )
 
     async def remove(self, sub: str) -> None:
-        """A deleted user: every credential of theirs goes, the password and any second factor."""
+        """A deleted user: every credential of theirs goes (the password, any second factor), and their consents."""
         async with self.engine.begin() as conn:
-            await conn.execute(delete(credentials).where(credentials.c.subject == sub))
-            await conn.execute(delete(totp).where(totp.c.subject == sub))
+            for table in (credentials, totp, consents):
+                await conn.execute(delete(table).where(table.c.subject == sub))
 
     async def reset_second_factor(self, sub: str) -> bool:
         """Remove a user's TOTP factor (lost authenticator): the next sign-in needs only the password. Returns

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.config import SCOPE_TOKEN
 from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form
 from iam.observability import LOGINS, audit, source_of
@@ -89,6 +90,7 @@ class Flow:
     max_age: int | None
     login_hint: str | None
     device: str | None = None  # a user code to return to after sign-in (RFC 8628 verification)
+    scope: str | None = None  # what a client that needs consent asks for (the token role checks it again)
 
     @classmethod
     def parse(cls, params: dict[str, str]) -> Flow:
@@ -105,13 +107,17 @@ class Flow:
         device = params.get("device")
         if device is not None and normalise_user_code(device) is None:
             raise ValueError("malformed user code")
+        scope = params.get("scope")
+        if scope is not None and (len(scope) > 1000 or not all(SCOPE_TOKEN.match(t) for t in scope.split())):
+            raise ValueError("malformed scope")
         return cls(request, params.get("client_id"), prompt, int(max_age) if max_age else None,
-                   hint[:255] if hint else None, device)
+                   hint[:255] if hint else None, device, " ".join(scope.split()) if scope else None)
 
     def fields(self) -> dict[str, str]:
         """Hidden form fields that carry the flow through the form posts."""
         values = {"request": self.request, "client_id": self.client_id, "prompt": " ".join(sorted(self.prompt)),
-                  "max_age": None if self.max_age is None else str(self.max_age), "device": self.device}
+                  "max_age": None if self.max_age is None else str(self.max_age), "device": self.device,
+                  "scope": self.scope}
         return {key: value for key, value in values.items() if value}
 
 
@@ -132,13 +138,14 @@ def _handoff(request: Request, flow: Flow, claims: dict) -> Response:
                             headers=HARDENING)
 
 
-def _signed_in(request: Request, flow: Flow, session) -> Response:
+async def _signed_in(request: Request, flow: Flow, session) -> Response:
+    from iam.authn.consent import hand_off_or_ask  # consent builds on this module
+
     if flow.device is not None:  # back to the device verification page, on this origin only
         return RedirectResponse(f"/authn/device?{urlencode({'user_code': flow.device})}", 303, headers=HARDENING)
     if flow.request is None:
         return RedirectResponse("/authn/account", 303, headers=HARDENING)
-    return _handoff(request, flow, {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr,
-                                    "sid": session.sid})
+    return await hand_off_or_ask(request, flow, session)
 
 
 async def current_session(request: Request):
@@ -170,7 +177,7 @@ async def login_page(request: Request) -> Response:
     now = request.app.state.iam.sessions.clock()
     fresh_enough = session is not None and (flow.max_age is None or now - session.auth_time <= flow.max_age)
     if session is not None and fresh_enough and "login" not in flow.prompt:
-        return _signed_in(request, flow, session)  # SSO: no new sign-in
+        return await _signed_in(request, flow, session)  # SSO: no new sign-in
     if "none" in flow.prompt and flow.request:
         return _handoff(request, flow, {"error": "login_required",
                                         "error_description": "the user is not signed in"})
@@ -221,7 +228,7 @@ async def _start_session(request: Request, flow: Flow, subject: str, amr: list[s
     LOGINS.labels("success").inc()
     audit("login.succeeded", actor=subject, source=source_of(request), client_id=flow.client_id, amr=amr,
           sid=session.sid)
-    response = _signed_in(request, flow, session)
+    response = await _signed_in(request, flow, session)
     set_cookie(request, response, "iam_session", value)
     return response
 

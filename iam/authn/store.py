@@ -1,9 +1,9 @@
-"""The credential store: password hashes, TOTP secrets, SSO sessions and login throttling.
+"""The credential store: password hashes, TOTP secrets, SSO sessions, login throttling, and consents.
 
 Owned by the authentication role alone.
 """
 
-from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table
+from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text
 
 from iam.audit_store import audit_table
 
@@ -48,4 +48,14 @@ login_failures = Table(
     Column("failures", Integer, nullable=False),
     Column("window_start", Integer, nullable=False),
     Column("locked_until", Integer, nullable=False),
+)
+
+# What a person allowed a client that asks for consent (`require_consent`): the scopes, until they remove it.
+consents = Table(
+    "consents",
+    metadata,
+    Column("subject", String(64), primary_key=True),
+    Column("client_id", String(128), primary_key=True),
+    Column("scope", Text, nullable=False),
+    Column("updated_at", Integer, nullable=False),
 )

@@ -68,6 +68,7 @@ async def authorize(request: Request) -> Response:
         "prompt": pending["prompt"],
         "max_age": pending["max_age"],
         "login_hint": params.get("login_hint"),
+        "scope": pending["scope"] if client.require_consent else None,  # what the consent page asks for
     }
     query = urlencode({key: value for key, value in login.items() if value is not None})
     return RedirectResponse(f"{iam.settings.login_base}/authn/login?{query}", status, headers=HARDENING)
@@ -182,6 +183,10 @@ async def resume(request: Request) -> Response:
     other_user = pending["subject_hint"] is not None and pending["subject_hint"] != claims["sub"]
     if fresh_login_needed or ("none" in prompts and other_user):
         return back(error="login_required", error_description="the user must sign in again")
+    # The consent page showed the scope the browser carried: the handoff must cover what was really asked.
+    if client.require_consent and not set(pending["scope"].split()) <= set(str(claims.get("consent", "")).split()):
+        return back(error="consent_required" if "none" in prompts else "access_denied",
+                    error_description="the user has not allowed this application these scopes")
 
     grant_id = uuid.uuid4().hex
     offline = "offline_access" in pending["scope"].split()

@@ -1,0 +1,108 @@
+"""Consent for clients that ask for it (`require_consent`): the person allows a client its scopes once, and again
+when it asks for more (ASVS 5 V10.7.1-3). The operator's own clients never ask.
+
+The handoff back to the token role carries the scopes allowed (`consent`); the token role checks that they
+cover what was really requested, since the scope shown here came through the browser.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from iam.authn.login import Flow, _handoff, csrf_ok, current_session, page
+from iam.authn.store import consents
+from iam.errors import OAuthError
+from iam.http import read_form
+from iam.observability import audit, source_of
+from iam.pages import error_page
+
+router = APIRouter()
+
+# What each scope lets the client do, in the person's words; other scopes are shown as they are.
+SCOPE_TEXT = {
+    "openid": "Know who you are when you sign in",
+    "profile": "See your name and username",
+    "email": "See your email address",
+    "groups": "See the groups you belong to",
+    "offline_access": "Keep access while you are away, until you remove it",
+}
+
+
+class Consents:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def scopes(self, subject: str, client_id: str) -> set[str]:
+        async with self.engine.connect() as conn:
+            scope = (await conn.execute(select(consents.c.scope).where(
+                consents.c.subject == subject, consents.c.client_id == client_id))).scalar()
+        return set(scope.split()) if scope else set()
+
+    async def allow(self, subject: str, client_id: str, scopes: set[str]) -> set[str]:
+        """Add scopes to what the person allowed the client; returns everything allowed now."""
+        allowed = await self.scopes(subject, client_id) | scopes
+        values = {"scope": " ".join(sorted(allowed)), "updated_at": int(time.time())}
+        async with self.engine.begin() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            await conn.execute(dialect.insert(consents).values(subject=subject, client_id=client_id, **values)
+                               .on_conflict_do_update(index_elements=[consents.c.subject, consents.c.client_id],
+                                                      set_=values))
+        return allowed
+
+    async def remove(self, subject: str, client_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(consents).where(consents.c.subject == subject, consents.c.client_id == client_id))
+
+
+def _client(request: Request, client_id: str | None):
+    return next((c for c in request.app.state.iam.settings.clients if c.client_id == client_id), None)
+
+
+def _signed_in_claims(session) -> dict:
+    return {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid}
+
+
+async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
+    """After sign-in or SSO: back to the token role, through the consent page when the client needs one."""
+    claims = _signed_in_claims(session)
+    client = _client(request, flow.client_id)
+    if client is None or not client.require_consent:
+        return _handoff(request, flow, claims)
+    allowed = await request.app.state.iam.consents.scopes(session.subject, client.client_id)
+    wanted = set((flow.scope or "").split())
+    if wanted <= allowed and "consent" not in flow.prompt:
+        return _handoff(request, flow, {**claims, "consent": " ".join(sorted(allowed))})
+    if "none" in flow.prompt:  # OIDC Core §3.1.2.6: no page may be shown
+        return _handoff(request, flow, {"error": "consent_required",
+                                        "error_description": "the user has not allowed this application"})
+    return page(request, "consent.html", flow=flow.fields(), client_name=client.client_name or client.client_id,
+                scopes=[(scope, SCOPE_TEXT.get(scope, scope)) for scope in sorted(wanted)],
+                new={scope for scope in wanted if scope not in allowed})
+
+
+@router.post("/authn/consent")
+async def consent_submit(request: Request) -> Response:
+    iam = request.app.state.iam
+    try:
+        form = await read_form(request)
+        flow = Flow.parse(form)
+    except (OAuthError, ValueError):
+        return error_page("Invalid request", "The form could not be read. Please start again.")
+    session = await current_session(request)
+    client = _client(request, flow.client_id)
+    if not csrf_ok(request, form) or session is None or client is None or flow.request is None:
+        return error_page("Session expired", "The form expired. Please start again from the application.", 403)
+    if form.get("decision") != "allow":
+        audit("consent.denied", "failure", actor=session.subject, client_id=client.client_id,
+              source=source_of(request), scope=flow.scope)
+        return _handoff(request, flow, {"error": "access_denied",
+                                        "error_description": "the user did not allow this application"})
+    allowed = await iam.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
+    audit("consent.granted", actor=session.subject, client_id=client.client_id, source=source_of(request),
+          scope=flow.scope)
+    return _handoff(request, flow, {**_signed_in_claims(session), "consent": " ".join(sorted(allowed))})
