@@ -110,6 +110,8 @@ class Live:
         return httpx.get(f"{self.issuer}/.well-known/openid-configuration", timeout=10).json()
 
     def redirect_for(self, client_id: str) -> str:
+        if client_id == "partner":
+            return f"{self.callbacks.base}/partner/callback"
         return self.native_redirect if client_id == "cli" else self.web_redirect
 
 
@@ -132,6 +134,15 @@ def clients(callbacks: Callbacks) -> list[dict]:
             "redirect_uris": [f"{callbacks.base}/web/callback"],
             "post_logout_redirect_uris": [f"{callbacks.base}/web/signed-out"],
             "scope": SCOPE,
+        },
+        {
+            "client_id": "partner",  # a third-party application: the person is asked first
+            "client_name": "Partner Portal",
+            "client_secret": WEB_SECRET,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "redirect_uris": [f"{callbacks.base}/partner/callback"],
+            "scope": SCOPE,
+            "require_consent": True,
         },
     ]
 
@@ -196,8 +207,8 @@ def redeem(live: Live, request: Request, code: str) -> httpx.Response:
     data = {"grant_type": "authorization_code", "code": code, "redirect_uri": request.redirect_uri,
             "code_verifier": request.verifier}
     auth = None
-    if request.client_id == "web":
-        auth = httpx.BasicAuth("web", WEB_SECRET)
+    if request.client_id in ("web", "partner"):
+        auth = httpx.BasicAuth(request.client_id, WEB_SECRET)
     else:
         data["client_id"] = request.client_id
     return httpx.post(live.metadata()["token_endpoint"], data=data, auth=auth, timeout=10)

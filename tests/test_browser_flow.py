@@ -316,6 +316,32 @@ def test_totp_enrolment_sign_out_and_sign_in_with_the_second_factor(page: Page, 
     assert claims["sub"] == live.subjects["tess"] and claims["amr"] == ["pwd", "otp"]
 
 
+def test_a_third_party_client_is_allowed_once_on_the_consent_page(page: Page, live: Live, tmp_path: Path):
+    request = authorization_request(live, "partner", scope="openid email")
+    page.goto(request.url)
+    expect_login_page(page, "Partner Portal")
+    type_credentials(page, "alice")
+    expect(page).to_have_title("Allow access · iam")
+    expect(page.get_by_role("heading", name="Allow Partner Portal?")).to_be_visible()
+    expect(page.get_by_role("listitem")).to_have_text(["Know who you are when you sign in", "See your email address"])
+    assert_screenshot(page, tmp_path / "consent.png")
+    page.get_by_role("button", name="Allow").click()
+    claims = tokens(live, request, at_callback(page, request))["claims"]
+    assert claims["sub"] == live.subjects["alice"]
+
+    again = authorization_request(live, "partner", scope="openid")  # allowed already: no page at all
+    shown = logins_shown(page)
+    page.goto(again.url)
+    assert "code" in at_callback(page, again) and shown == []
+
+    more = authorization_request(live, "partner", scope="openid profile")
+    page.goto(more.url)
+    expect(page.get_by_role("heading", name="Allow Partner Portal?")).to_be_visible()
+    page.get_by_role("button", name="Deny").click()
+    params = at_callback(page, more)
+    assert params["error"] == "access_denied" and "code" not in params and params["state"] == more.state
+
+
 def test_rp_initiated_logout_returns_to_the_client_and_ends_the_session(page: Page, live: Live):
     request, params = sign_in(page, live, "web")
     body = tokens(live, request, params)

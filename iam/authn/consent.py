@@ -33,6 +33,11 @@ SCOPE_TEXT = {
 }
 
 
+def _reading_order(scope: str) -> tuple[int, str]:
+    order = list(SCOPE_TEXT)
+    return (order.index(scope) if scope in order else len(order), scope)
+
+
 class Consents:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -81,8 +86,8 @@ async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
         return _handoff(request, flow, {"error": "consent_required",
                                         "error_description": "the user has not allowed this application"})
     return page(request, "consent.html", flow=flow.fields(), client_name=client.client_name or client.client_id,
-                scopes=[(scope, SCOPE_TEXT.get(scope, scope)) for scope in sorted(wanted)],
-                new={scope for scope in wanted if scope not in allowed})
+                scopes=[(scope, SCOPE_TEXT.get(scope, scope)) for scope in sorted(wanted, key=_reading_order)],
+                new=wanted - allowed if allowed else set())  # "(new)" only beside what was allowed before
 
 
 @router.post("/authn/consent")
