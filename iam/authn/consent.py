@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iam.authn.login import Flow, _handoff, csrf_ok, current_session, page
+from iam.authn.login import Flow, _handoff, client_of, csrf_ok, current_session, page
 from iam.authn.store import consents
 from iam.errors import OAuthError
 from iam.http import read_form
@@ -64,10 +64,6 @@ class Consents:
             await conn.execute(delete(consents).where(consents.c.subject == subject, consents.c.client_id == client_id))
 
 
-def _client(request: Request, client_id: str | None):
-    return next((c for c in request.app.state.iam.settings.clients if c.client_id == client_id), None)
-
-
 def _signed_in_claims(session) -> dict:
     return {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid}
 
@@ -75,7 +71,7 @@ def _signed_in_claims(session) -> dict:
 async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
     """After sign-in or SSO: back to the token role, through the consent page when the client needs one."""
     claims = _signed_in_claims(session)
-    client = _client(request, flow.client_id)
+    client = client_of(request, flow)
     if client is None or not client.require_consent:
         return _handoff(request, flow, claims)
     allowed = await request.app.state.iam.consents.scopes(session.subject, client.client_id)
@@ -99,7 +95,7 @@ async def consent_submit(request: Request) -> Response:
     except (OAuthError, ValueError):
         return error_page("Invalid request", "The form could not be read. Please start again.")
     session = await current_session(request)
-    client = _client(request, flow.client_id)
+    client = client_of(request, flow)
     if not csrf_ok(request, form) or session is None or client is None or flow.request is None:
         return error_page("Session expired", "The form expired. Please start again from the application.", 403)
     if form.get("decision") != "allow":

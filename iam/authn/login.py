@@ -121,11 +121,14 @@ class Flow:
         return {key: value for key, value in values.items() if value}
 
 
+def client_of(request: Request, flow: Flow):
+    """The configured client the sign-in is for, if any."""
+    return next((c for c in request.app.state.iam.settings.clients if c.client_id == flow.client_id), None)
+
+
 def _client_name(request: Request, flow: Flow) -> str | None:
-    for client in request.app.state.iam.settings.clients:
-        if client.client_id == flow.client_id:
-            return client.client_name or client.client_id
-    return None
+    client = client_of(request, flow)
+    return None if client is None else client.client_name or client.client_id
 
 
 def _handoff(request: Request, flow: Flow, claims: dict) -> Response:
