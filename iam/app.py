@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from iam import __version__, errors, health, internal, pages
 from iam.audit_store import AuditSink, purge_before
 from iam.config import PEERS_NEEDED, Settings
-from iam.keys import KeyRing, KeyRingError
+from iam.keys import DATA_KEY, KeyRing, KeyRingError
 from iam.observability import (
     AUDIT,
     SSO_SESSIONS,
@@ -142,6 +142,8 @@ class Runtime:
             self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
         except (KeyRingError, OSError) as exc:
             raise StartupError(f"signing keys: {exc}") from None
+        if self.role.serves(Role.AUTHENTICATION):
+            self.totp.data_key = self._data_key()
         if self.audit_sink is not None:
             AUDIT.addHandler(self.audit_sink)
             AUDIT.setLevel(logging.INFO)
@@ -149,6 +151,20 @@ class Runtime:
         if self.revocation_listener is not None:
             self.revocation_listener.start()
         self._started = True
+
+    def _data_key(self) -> str | None:
+        """The key directory's data key, created on first run where the directory is writable."""
+        try:
+            try:
+                key = self.keys.data_key(generate=True)
+            except OSError:  # a read-only mounted Secret: only what was provisioned
+                key = self.keys.data_key()
+        except (KeyRingError, OSError) as exc:
+            raise StartupError(f"data key: {exc}") from None
+        if key is None:
+            log.warning("no %s in %s: TOTP secrets are stored unsealed (`iam keys rotate` creates it)",
+                        DATA_KEY, self.settings.keys.dir)
+        return key
 
     async def _maintain(self) -> None:
         """Pick up rotated keys; purge what has ended from the role's store, in bounded batches."""

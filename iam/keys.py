@@ -51,6 +51,9 @@ def _write_private(path: Path, data: dict) -> None:
         json.dump(data, handle)
 
 
+DATA_KEY = "data.key"  # beside the signing keys: the secret that seals data at rest (TOTP secrets)
+
+
 class KeyRing:
     def __init__(self, directory: Path, activation_delay: int = 0) -> None:
         self.directory = directory
@@ -146,10 +149,28 @@ class KeyRing:
     def public_keys(self) -> list[SigningKey]:
         return list(self._keys)
 
+    def data_key(self, generate: bool = False) -> str | None:
+        """The data key (256 random bits, base64url), created first if asked and missing; None if absent."""
+        path = self.directory / DATA_KEY
+        if generate and not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
+            log.info("generated the data key in %s", self.directory)
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if len(value) < 43:
+            raise KeyRingError(f"{path} must hold at least 256 bits (43 base64url characters)")
+        return value
+
     # -- administration ----------------------------------------------------------------------------------
     def rotate(self) -> list[str]:
-        """Add a new key for every algorithm. Old keys stay published, so their tokens stay verifiable."""
+        """Add a new key for every algorithm. Old keys stay published, so their tokens stay verifiable.
+        (The data key is created once, if missing: what it sealed must stay readable.)"""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_key(generate=True)
         now = datetime.now(UTC)
         added = []
         for alg in ALGORITHMS:

@@ -75,3 +75,47 @@ async def test_concurrent_enrolments_share_one_pending_secret(totp):
     pending = await totp.pending_secret("sub-2")
     assert pending in secrets
     assert await totp.verify("sub-2", pyotp.TOTP(pending).at(T0), confirming=True)
+
+
+# -- secrets at rest: sealed with the key ring's data key ---------------------------------------------------------
+async def stored_secret(totp, subject: str) -> str:
+    from sqlalchemy import select
+
+    from iam.authn.store import totp as table
+
+    async with totp.engine.connect() as conn:
+        return (await conn.execute(select(table.c.secret).where(table.c.subject == subject))).scalar_one()
+
+
+async def test_secrets_are_stored_sealed_with_the_data_key(totp, app):
+    generator = await enrolled(totp)
+    stored = await stored_secret(totp, "sub-1")
+    assert stored.startswith("v1:") and generator.secret not in stored
+    key_file = app.state.iam.settings.keys.dir / "data.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and totp.data_key == key_file.read_text().strip()
+    assert await totp.verify("sub-1", generator.at(T0 + 30))
+
+
+async def test_a_sealed_secret_is_bound_to_its_user(totp):
+    from sqlalchemy import update
+
+    from iam.authn.store import totp as table
+
+    generator = await enrolled(totp, "sub-a")
+    await enrolled(totp, "sub-b")
+    async with totp.engine.begin() as conn:  # someone with write access copies a's sealed secret to b
+        await conn.execute(update(table).where(table.c.subject == "sub-b")
+                           .values(secret=await stored_secret(totp, "sub-a")))
+    assert not await totp.verify("sub-b", generator.at(T0 + 30))
+
+
+async def test_a_secret_stored_before_sealing_is_sealed_at_its_next_use(totp):
+    from iam.authn.totp import Totp
+
+    unsealed = Totp(totp.engine, clock=totp.clock)  # as without a data key
+    secret = await unsealed.start_enrolment("sub-old")
+    assert await stored_secret(totp, "sub-old") == secret
+    assert await unsealed.verify("sub-old", pyotp.TOTP(secret).at(T0), confirming=True)
+    assert await totp.verify("sub-old", pyotp.TOTP(secret).at(T0 + 30))  # the keyed service reads it ...
+    assert (await stored_secret(totp, "sub-old")).startswith("v1:")  # ... and seals it
+    assert not await unsealed.verify("sub-old", pyotp.TOTP(secret).at(T0 + 60))  # no key: cannot open it

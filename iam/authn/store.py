@@ -36,7 +36,7 @@ totp = Table(
     "totp",
     metadata,
     Column("subject", String(64), primary_key=True),
-    Column("secret", String(64), nullable=False),  # base32 (RFC 6238 shared secret)
+    Column("secret", String(255), nullable=False),  # RFC 6238 shared secret, sealed with the data key (totp.py)
     Column("confirmed", Boolean, nullable=False, default=False),
     Column("last_step", Integer, nullable=False, default=0),  # a code is accepted once (RFC 6238 §5.2)
 )

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import time
 
 import pyotp
 import segno
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import totp
+from iam.security import seal, unseal
+
+log = logging.getLogger("iam.authn.totp")
 
 ISSUER_NAME = "iam"
 
@@ -19,10 +25,35 @@ class TotpAlreadyEnabled(Exception):
     """Enrolment was asked for while a confirmed factor exists; it must be removed first."""
 
 
+SEALED = "v1:"  # a stored secret sealed with the data key (AES-256-GCM, bound to its subject)
+
+
 class Totp:
-    def __init__(self, engine: AsyncEngine, clock=time.time) -> None:
+    def __init__(self, engine: AsyncEngine, clock=time.time, data_key: str | None = None) -> None:
         self.engine = engine
         self.clock = clock
+        # The key ring's data key (iam/keys.py): with it, secrets are stored sealed, and clear ones are sealed
+        # at their next use. Without it (none was provisioned), they are stored as they are.
+        self.data_key = data_key
+
+    def _seal(self, subject: str, secret: str) -> str:
+        if not self.data_key:
+            return secret
+        sealed = seal(self.data_key, b"iam totp:" + subject.encode(), secret.encode())
+        return SEALED + base64.urlsafe_b64encode(sealed).decode()
+
+    def _open(self, subject: str, stored: str) -> str | None:
+        if not stored.startswith(SEALED):
+            return stored
+        if not self.data_key:
+            log.error("a sealed TOTP secret cannot be read: the key directory has no data key")
+            return None
+        try:
+            return unseal(self.data_key, b"iam totp:" + subject.encode(),
+                          base64.urlsafe_b64decode(stored[len(SEALED):])).decode()
+        except (InvalidTag, ValueError):
+            log.error("a sealed TOTP secret does not open with this data key (or belongs to another user)")
+            return None
 
     async def enabled(self, subject: str) -> bool:
         async with self.engine.connect() as conn:
@@ -36,7 +67,8 @@ class Totp:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(delete(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(False)))
-                await conn.execute(insert(totp).values(subject=subject, secret=secret, confirmed=False, last_step=0))
+                await conn.execute(insert(totp).values(subject=subject, secret=self._seal(subject, secret),
+                                                       confirmed=False, last_step=0))
             return secret
         except IntegrityError:
             # A confirmed factor, or a concurrent enrolment that won the insert: show that one's secret.
@@ -47,11 +79,12 @@ class Totp:
 
     async def pending_secret(self, subject: str) -> str | None:
         async with self.engine.connect() as conn:
-            return (
+            stored = (
                 await conn.execute(
                     select(totp.c.secret).where(totp.c.subject == subject, totp.c.confirmed.is_(False))
                 )
             ).scalar()
+        return None if stored is None else self._open(subject, stored)
 
     async def verify(self, subject: str, code: str, *, confirming: bool = False) -> bool:
         """Check a code (±1 step of clock skew); a code's step is remembered so it cannot be replayed."""
@@ -64,9 +97,10 @@ class Totp:
                     select(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(not confirming))
                 )
             ).first()
-            if row is None:
+            secret = None if row is None else self._open(subject, row.secret)
+            if secret is None:
                 return False
-            generator = pyotp.TOTP(row.secret)
+            generator = pyotp.TOTP(secret)
             now = self.clock()
             step = next(
                 (generator.timecode(now) + skew for skew in (0, -1, 1)
@@ -78,7 +112,7 @@ class Totp:
             won = await conn.execute(
                 update(totp)
                 .where(totp.c.subject == subject, totp.c.last_step == row.last_step)
-                .values(last_step=step, confirmed=True)
+                .values(last_step=step, confirmed=True, secret=self._seal(subject, secret))  # sealed from now on
             )
             return won.rowcount == 1
 
