@@ -80,6 +80,8 @@ class ClientConfig(_Strict):
     # Ask the person to allow this client its scopes before its first code, and again when it asks for more
     # (a third-party client). Off for the operator's own, trusted clients.
     require_consent: bool = False
+    # Accept only pushed authorization requests (RFC 9126 §5) from this client.
+    require_pushed_authorization_requests: bool = False
 
     @field_validator("scope")
     @classmethod

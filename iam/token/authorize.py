@@ -18,12 +18,13 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from iam.config import ClientConfig
-from iam.errors import OAuthError
-from iam.http import parse_params, read_params, with_params
+from iam.errors import NO_STORE, OAuthError, json_response
+from iam.http import parse_params, read_form, read_params, with_params
 from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
+from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
 
@@ -33,6 +34,9 @@ PENDING_TTL = 600  # seconds a person has to sign in
 CODE_TTL = 60  # RFC 6749 §4.1.2 recommends ≤ 10 min; FAPI and ASVS L3 use 60 s
 PROMPTS = {"none", "login", "consent", "select_account"}
 S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
+PAR_URN = "urn:ietf:params:oauth:request_uri:"  # RFC 9126 §2.2
+PAR_TTL = 60  # seconds a pushed request waits for the browser
+PUSHED_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 256 bits; a sign-in's request id is 32 characters, never this
 
 
 class AuthorizationError(Exception):
@@ -52,26 +56,71 @@ async def authorize(request: Request) -> Response:
     client = iam.clients.get(params.get("client_id", ""))
     if client is None or "authorization_code" not in client.grant_types:
         return error_page("Unknown application", "This application is not registered for sign-in here.")
+    if params.get("request_uri", "").startswith(PAR_URN):
+        return await _pushed(iam, client, params["request_uri"], 303 if request.method == "POST" else 302)
     redirect_uri = params.get("redirect_uri")
     if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
         return error_page("Invalid redirect", "The address to return to is not registered for this application.")
     status = 303 if request.method == "POST" else 302
     try:
+        if client.require_pushed_authorization_requests:
+            raise AuthorizationError("invalid_request", "this client must push its authorization requests (PAR)")
         pending = _validate(iam, client, redirect_uri, params)
     except AuthorizationError as exc:
         return _to_client(iam, redirect_uri, status, error=exc.error, error_description=exc.description,
                           state=params.get("state"))
+    return await _to_login(iam, client, pending, status, params.get("login_hint"))
+
+
+async def _pushed(iam, client: ClientConfig, request_uri: str, status: int) -> Response:
+    """RFC 9126 §4: the request the client pushed, used once, for that client; the query's other parameters are
+    ignored. It gets a new id for the sign-in: a pushed request's id is never a sign-in's."""
+    reference = request_uri.removeprefix(PAR_URN)
+    pushed = await iam.token_store.take_request(reference, client.client_id) if PUSHED_ID.match(reference) else None
+    now = int(time.time())
+    if pushed is None or pushed["expires_at"] < now:
+        return error_page("Invalid request", "This sign-in request has expired or was already used. Please start "
+                                             "again from the application.")
+    pending = {**pushed, "id": secrets.token_urlsafe(24), "created_at": now, "expires_at": now + PENDING_TTL}
+    return await _to_login(iam, client, pending, status, None)
+
+
+async def _to_login(iam, client: ClientConfig, pending: dict, status: int, login_hint: str | None) -> Response:
+    """Keep the pending request and send the person to the authentication role's sign-in page."""
     await iam.token_store.add_request(pending)
     login = {
         "request": pending["id"],
         "client_id": client.client_id,
         "prompt": pending["prompt"],
         "max_age": pending["max_age"],
-        "login_hint": params.get("login_hint"),
+        "login_hint": login_hint,
         "scope": pending["scope"] if client.require_consent else None,  # what the consent page asks for
     }
     query = urlencode({key: value for key, value in login.items() if value is not None})
     return RedirectResponse(f"{iam.settings.login_base}/authn/login?{query}", status, headers=HARDENING)
+
+
+@router.post("/oauth/v2/par")
+async def push_authorization_request(request: Request) -> Response:
+    """Pushed authorization requests (RFC 9126 §2): the client sends the request over the back channel,
+    authenticated, and gets a one-time `request_uri` for the browser."""
+    iam = request.app.state.iam
+    form = await read_form(request)
+    client = await authenticate(request, form)
+    if "request_uri" in form:
+        raise OAuthError("invalid_request", "request_uri cannot be pushed (RFC 9126 §2.1)")
+    if "authorization_code" not in client.grant_types:
+        raise OAuthError("unauthorized_client", "this client may not use the authorization code grant")
+    redirect_uri = form.get("redirect_uri")
+    if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
+        raise OAuthError("invalid_request", "redirect_uri is not registered for this client")
+    try:
+        pending = _validate(iam, client, redirect_uri, form)
+    except AuthorizationError as exc:
+        raise OAuthError(exc.error, exc.description) from None
+    pending.update(id=secrets.token_urlsafe(32), expires_at=pending["created_at"] + PAR_TTL)
+    await iam.token_store.add_request(pending)
+    return json_response({"request_uri": PAR_URN + pending["id"], "expires_in": PAR_TTL}, 201, NO_STORE)
 
 
 def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, str]) -> dict:

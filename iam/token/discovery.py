@@ -30,6 +30,8 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict:
         "revocation_endpoint": f"{base}/oauth/v2/revoke",
         "end_session_endpoint": f"{base}/oauth/v2/end_session",
         "device_authorization_endpoint": f"{base}/oauth/v2/device_authorization",
+        "pushed_authorization_request_endpoint": f"{base}/oauth/v2/par",  # RFC 9126 §5
+        "require_pushed_authorization_requests": False,
         "grant_types_supported": grant_types,
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],

@@ -300,17 +300,16 @@ class TokenStore:
         async with self.engine.begin() as conn:
             await conn.execute(insert(authorization_requests).values(values))
 
-    async def take_request(self, request_id: str) -> dict | None:
-        """Consume a pending request: whoever deletes it first owns it (single use)."""
+    async def take_request(self, request_id: str, client_id: str | None = None) -> dict | None:
+        """Consume a pending request (of this client, if given): whoever deletes it first owns it (single use)."""
+        condition = authorization_requests.c.id == request_id
+        if client_id is not None:
+            condition &= authorization_requests.c.client_id == client_id
         async with self.engine.begin() as conn:
-            found = (
-                await conn.execute(select(authorization_requests).where(authorization_requests.c.id == request_id))
-            ).first()
+            found = (await conn.execute(select(authorization_requests).where(condition))).first()
             if found is None:
                 return None
-            deleted = await conn.execute(
-                delete(authorization_requests).where(authorization_requests.c.id == request_id)
-            )
+            deleted = await conn.execute(delete(authorization_requests).where(condition))
             return _row(found) if deleted.rowcount == 1 else None
 
     # -- grants, codes, refresh tokens --------------------------------------------------------------------
