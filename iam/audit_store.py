@@ -25,6 +25,7 @@ log = logging.getLogger("iam.audit_store")
 # The store each event belongs in, by the event's first word.
 OWNER = {
     "login": "authn", "mfa": "authn", "session": "authn", "password": "authn", "consent": "authn",
+    "reauthentication": "authn",
     "token": "token", "refresh": "token", "code": "token", "client": "token", "device": "token", "access": "token",
     "user": "users",
 }

@@ -88,7 +88,7 @@ AUDIT_EVENTS = {
     "login.succeeded", "login.failed", "login.locked", "mfa.enrolled", "mfa.failed", "session.ended",
     "token.issued", "token.refreshed", "token.revoked", "refresh.reuse_detected", "code.replayed",
     "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
-    "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "password.change_failed",
+    "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied",
 }
 

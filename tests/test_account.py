@@ -58,7 +58,7 @@ async def test_a_wrong_current_password_or_a_refused_new_one_changes_nothing(cli
     await sign_in(client, await login_page(client))
     wrong = await change(client, "not the password", NEW_PASSWORD)
     assert wrong.status_code == 401 and "current password is not correct" in wrong.text
-    assert any(getattr(r, "audit", {}).get("event") == "password.change_failed" for r in caplog.records)
+    assert any(getattr(r, "audit", {}).get("event") == "reauthentication.failed" for r in caplog.records)
     common = await change(client, PASSWORD, "Password123")
     assert common.status_code == 400 and "commonly used" in common.text
     short = await change(client, PASSWORD, "short")

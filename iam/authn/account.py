@@ -108,25 +108,27 @@ async def totp_confirm(request: Request) -> Response:
     if secret is None:
         return await account(request)
     # Whoever holds only the session cannot bind their own authenticator to the account (ASVS 5 V7.5.1).
-    if not await _password_confirmed(request, session.subject, form.get("password", "")):
-        return await _setup_page(request, session.subject, secret, "Your password is not correct.")
+    if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "mfa enrolment"):
+        return await _setup_page(request, session.subject, secret, refused[1])
     if await iam.totp.verify(session.subject, form.get("code", ""), confirming=True):
         audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="totp")
         return await account(request, notice="Two-step verification is on.")
     return await _setup_page(request, session.subject, secret, "That code is not valid. Try the current one.")
 
 
-async def _password_confirmed(request: Request, subject: str, password: str) -> bool:
-    """Re-authentication before a change to the account's credentials, throttled as sign-in is."""
+async def _reauthenticate(request: Request, subject: str, password: str, purpose: str) -> tuple[int, str] | None:
+    """Re-authentication before a change to the account's credentials, throttled as sign-in is: None when the
+    password is right, else the status and message to show."""
     iam = request.app.state.iam
     keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
     if await iam.throttle.locked_for(keys):
-        return False
+        return 429, "Too many attempts. Try again later."
     if not await iam.credentials.verify(subject, password):
         await iam.throttle.fail(keys)
-        return False
+        audit("reauthentication.failed", "failure", actor=subject, source=source_of(request), purpose=purpose)
+        return 401, "Your current password is not correct."
     await iam.throttle.clear(keys[0])
-    return True
+    return None
 
 
 @router.get("/authn/password")
@@ -152,12 +154,8 @@ async def password_change(request: Request) -> Response:
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to change your password.", 403)
     subject = session.subject
-    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
-    if await iam.throttle.locked_for(keys):
-        return await password_page(request, 429, "Too many attempts. Try again later.")
-    if not await _password_confirmed(request, subject, form.get("current", "")):
-        audit("password.change_failed", "failure", actor=subject, source=source_of(request))
-        return await password_page(request, 401, "Your current password is not correct.")
+    if refused := await _reauthenticate(request, subject, form.get("current", ""), "password change"):
+        return await password_page(request, *refused)
     try:
         await iam.credentials.set_password(subject, form.get("new", ""))
     except PasswordRejected as exc:
