@@ -56,12 +56,12 @@ async def authorize(request: Request) -> Response:
     client = iam.clients.get(params.get("client_id", ""))
     if client is None or "authorization_code" not in client.grant_types:
         return error_page("Unknown application", "This application is not registered for sign-in here.")
+    status = 303 if request.method == "POST" else 302
     if params.get("request_uri", "").startswith(PAR_URN):
-        return await _pushed(iam, client, params["request_uri"], 303 if request.method == "POST" else 302)
+        return await _pushed(iam, client, params["request_uri"], status)
     redirect_uri = params.get("redirect_uri")
     if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
         return error_page("Invalid redirect", "The address to return to is not registered for this application.")
-    status = 303 if request.method == "POST" else 302
     try:
         if client.require_pushed_authorization_requests:
             raise AuthorizationError("invalid_request", "this client must push its authorization requests (PAR)")
