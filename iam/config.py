@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -234,6 +234,104 @@ class Kubernetes(_Strict):
     clusters: list[KubeCluster] = []
 
 
+CONNECTOR_ID = r"^[a-z0-9-]{1,64}$"
+
+
+class ClaimMapping(_Strict):
+    """Which upstream claim (a dotted path into the ID token / userinfo) becomes which iam attribute."""
+
+    subject: str = "sub"  # the link key: (connector id, this value) identifies the person for good
+    username: str = "preferred_username"
+    email: str = "email"
+    email_verified: str = "email_verified"
+    name: str = "name"
+    groups: str = "groups"
+
+
+class GroupFilter(_Strict):
+    prefix: str = ""  # prepended to every upstream group name (e.g. "corp:")
+    allow: list[str] = []  # keep only these upstream groups (before the prefix); empty: keep all
+
+
+class _Connector(_Strict):
+    id: str = Field(pattern=CONNECTOR_ID, description="Stable id: part of the callback URL and of user links.")
+    name: str = Field(min_length=1, max_length=100, description='Shown on the sign-in page: "Sign in with <name>".')
+    # Ask for iam's own second factor after the upstream sign-in (else upstream amr/acr are trusted as given).
+    require_mfa: bool = False
+    # Link a first upstream sign-in to an existing local account with the same address: only when the upstream
+    # says the address is verified (an unverified one would be an account takeover). Off by default.
+    link_by: Literal["email"] | None = None
+    groups: GroupFilter = GroupFilter()
+
+
+class OidcConnectorConfig(_Connector):
+    """An upstream OpenID Connect provider: code flow with PKCE, state and nonce; its ID token fully validated."""
+
+    type: Literal["oidc"]
+    issuer: str
+    client_id: str
+    client_secret: SecretStr | None = None
+    scopes: list[str] = ["openid", "email", "profile"]
+    claims: ClaimMapping = ClaimMapping()
+    timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for each call to the provider
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an absolute https URL without query or fragment")
+        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+            raise ValueError("must use https (http is allowed for loopback only)")
+        return value.rstrip("/")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, scopes: list[str]) -> list[str]:
+        if "openid" not in scopes:
+            raise ValueError("must include openid")
+        return scopes
+
+
+class LdapSearch(_Strict):
+    base_dn: str
+    filter: str  # {username} (users) or {dn} / {username} (groups), escaped per RFC 4515 when filled in
+    username_attribute: str = "uid"
+    id_attribute: str = "entryUUID"  # stable upstream subject (AD: objectGUID)
+    email_attribute: str = "mail"
+    name_attribute: str = "cn"
+
+
+class LdapConnectorConfig(_Connector):
+    """An LDAP v3 / Active Directory server: the password is checked by binding as the user, never stored."""
+
+    type: Literal["ldap"]
+    url: str = Field(pattern=r"^ldaps?://[^/?#]+/?$")
+    start_tls: bool = False
+    ca_file: Path | None = None  # PEM bundle that signs the server's certificate (default: the system's)
+    insecure_no_tls: bool = False  # plain ldap:// without StartTLS: tests and loopback only
+    bind_dn: str = ""
+    bind_password: SecretStr | None = None
+    user_search: LdapSearch
+    group_search: LdapSearch | None = None
+    nested_groups: bool = False  # AD: LDAP_MATCHING_RULE_IN_CHAIN (1.2.840.113556.1.4.1941)
+    timeout: float = Field(default=5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _transport(self) -> LdapConnectorConfig:
+        if self.url.startswith("ldap://") and not self.start_tls and not self.insecure_no_tls:
+            raise ValueError("ldap:// sends passwords in the clear: use ldaps://, start_tls: true "
+                             "(or insecure_no_tls: true on loopback)")
+        if self.url.startswith("ldaps://") and self.start_tls:
+            raise ValueError("start_tls applies to ldap:// URLs only")
+        if "{username}" not in self.user_search.filter:
+            raise ValueError("user_search.filter must contain {username}")
+        return self
+
+
+ConnectorConfig = Annotated[OidcConnectorConfig | LdapConnectorConfig, Field(discriminator="type")]
+
+
 # Which other roles a role calls, when they run in other processes.
 PEERS_NEEDED = {
     Role.TOKEN: (Role.USER_MANAGEMENT, Role.AUTHENTICATION),
@@ -270,6 +368,10 @@ class Settings(_Strict):
     audit_retention_days: int = Field(default=90, ge=1)
     clients: list[ClientConfig] = []
     kubernetes: Kubernetes = Kubernetes()
+    # Upstream identity providers the sign-in page offers (iam/authn/connectors/).
+    connectors: list[ConnectorConfig] = []
+    # Offer iam's own username/password form (false: connectors only).
+    password_login: bool = True
 
     @field_validator("issuer")
     @classmethod
@@ -321,6 +423,16 @@ class Settings(_Strict):
         for value in values:
             ipaddress.ip_network(value, strict=False)
         return values
+
+    @field_validator("connectors")
+    @classmethod
+    def _unique_connector_ids(cls, connectors: list) -> list:
+        seen: set[str] = set()
+        for connector in connectors:
+            if connector.id in seen:
+                raise ValueError(f"duplicate connector id {connector.id!r}")
+            seen.add(connector.id)
+        return connectors
 
     @field_validator("clients")
     @classmethod
