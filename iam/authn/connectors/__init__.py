@@ -8,6 +8,7 @@ A connector never stores an upstream password or token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,58 @@ class ConnectorUnavailable(ConnectorError):
     """The upstream could not be reached in time, or refused iam's own credentials."""
 
     reason = "unavailable"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One step of `iam connectors test`: what was tried, whether it worked, and what the operator should know."""
+
+    step: str
+    ok: bool
+    detail: str = ""
+
+
+class PasswordConnector(Protocol):
+    """A directory that checks a username and password itself (LDAP / Active Directory)."""
+
+    id: str
+
+    async def authenticate(self, username: str, password: str) -> UpstreamIdentity:
+        """The person, if the upstream accepts the password; else InvalidCredentials / ConnectorUnavailable."""
+        ...
+
+    async def lookup(self, subject: str) -> UpstreamIdentity | None:
+        """The person as the upstream sees them now (service bind), or None if gone or disabled: refresh re-checks."""
+        ...
+
+    async def check(self) -> list[Check]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PendingUpstream:
+    """What iam keeps while the browser is at the upstream: bound to that browser, used once."""
+
+    connector_id: str
+    state: str
+    nonce: str
+    code_verifier: str
+
+
+class RedirectConnector(Protocol):
+    """A provider the browser is sent to (OpenID Connect): start() builds the request, finish() the identity."""
+
+    id: str
+
+    async def start(self, redirect_uri: str) -> tuple[str, PendingUpstream]:
+        """The upstream authorization URL to redirect to, and what to keep until the callback."""
+        ...
+
+    async def finish(self, redirect_uri: str, params: dict[str, str], pending: PendingUpstream) -> UpstreamIdentity:
+        """Validate the callback (state, error, code exchange, ID token) and return who signed in."""
+        ...
+
+    async def check(self) -> list[Check]: ...
+
+    async def close(self) -> None: ...
