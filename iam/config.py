@@ -300,6 +300,9 @@ class LdapSearch(_Strict):
     id_attribute: str = "entryUUID"  # stable upstream subject (AD: objectGUID)
     email_attribute: str = "mail"
     name_attribute: str = "cn"
+    # user_search only: an attribute of the user entry that lists the person's groups by DN (AD, the memberof
+    # overlay: "memberOf"); each group is named by its DN's first RDN value.
+    groups_attribute: str | None = None
 
 
 class LdapConnectorConfig(_Connector):
@@ -314,8 +317,12 @@ class LdapConnectorConfig(_Connector):
     bind_password: SecretStr | None = None
     user_search: LdapSearch
     group_search: LdapSearch | None = None
-    nested_groups: bool = False  # AD: LDAP_MATCHING_RULE_IN_CHAIN (1.2.840.113556.1.4.1941)
-    timeout: float = Field(default=5.0, gt=0, le=60)
+    # Groups of groups too: AD answers LDAP_MATCHING_RULE_IN_CHAIN (1.2.840.113556.1.4.1941); other servers get a
+    # bounded breadth-first expansion (group_search.filter must then contain {dn}).
+    nested_groups: bool = False
+    max_groups: int = Field(default=1000, ge=1, le=10_000)  # a person's groups beyond this are left out (logged)
+    timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for one attempt, and for each network operation in it
+    max_connections: int = Field(default=8, ge=1, le=100)  # attempts at once against this server
 
     @model_validator(mode="after")
     def _transport(self) -> LdapConnectorConfig:
@@ -326,6 +333,8 @@ class LdapConnectorConfig(_Connector):
             raise ValueError("start_tls applies to ldap:// URLs only")
         if "{username}" not in self.user_search.filter:
             raise ValueError("user_search.filter must contain {username}")
+        if self.nested_groups and (not self.group_search or "{dn}" not in self.group_search.filter):
+            raise ValueError("nested_groups needs a group_search whose filter contains {dn}")
         return self
 
 

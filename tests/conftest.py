@@ -116,6 +116,15 @@ def postgres_server():
         yield url
 
 
+@pytest.fixture(scope="session")
+def ldap_server():
+    """A running OpenLDAP slapd with the test directory (tests/ldap_server.py says what is in it)."""
+    from tests import ldap_server as slapd
+
+    with slapd.running() as server:
+        yield server
+
+
 async def create_database(server: str) -> str:
     name = "iam_" + uuid.uuid4().hex[:12]
     conn = await asyncpg.connect(server + "/postgres")
