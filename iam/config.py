@@ -323,6 +323,8 @@ class LdapConnectorConfig(_Connector):
     max_groups: int = Field(default=1000, ge=1, le=10_000)  # a person's groups beyond this are left out (logged)
     timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for one attempt, and for each network operation in it
     max_connections: int = Field(default=8, ge=1, le=100)  # attempts at once against this server
+    # The directory's mail attribute is administered, not self-asserted: say so to let link_by: email use it.
+    email_verified: bool = False
 
     @model_validator(mode="after")
     def _transport(self) -> LdapConnectorConfig:

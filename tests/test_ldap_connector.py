@@ -27,6 +27,12 @@ def connector(server, **overrides) -> LdapConnector:
     return LdapConnector(server.connector_config(**overrides))
 
 
+async def finished(ldap: LdapConnector) -> None:
+    """Close, and wait for the attempts still in the connector's threads (each ends on its socket timeouts)."""
+    await ldap.close()
+    await asyncio.to_thread(ldap._threads.shutdown, True)
+
+
 @pytest.fixture
 def ldap(ldap_server) -> LdapConnector:
     return connector(ldap_server)
@@ -216,6 +222,7 @@ async def test_a_hung_server_is_bounded_by_the_timeout(ldap_server, silent_serve
     elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 2.5
     assert ticks >= 7  # the event loop kept running meanwhile
+    await finished(ldap)
 
 
 async def test_an_untrusted_certificate_is_refused(ldap_server, tmp_path):
@@ -329,3 +336,29 @@ async def test_no_password_or_bind_secret_in_any_log_line(ldap_server, caplog):
     text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     for secret in (*PASSWORDS.values(), SERVICE_PASSWORD, "wrong-password-xyz", "wrong-service-secret"):
         assert secret not in text
+
+
+async def test_a_hung_server_holds_only_its_own_threads(ldap_server, silent_server):
+    """Twenty attempts against a silent server: all answered in time, at most max_connections threads used,
+    and the default executor (password hashing for local sign-ins) stays free."""
+    ldap = connector(ldap_server, url=f"ldaps://127.0.0.1:{silent_server}", timeout=1, max_connections=2)
+    started = time.monotonic()
+    attempts = [asyncio.create_task(ldap.authenticate("alice", PASSWORDS["alice"])) for _ in range(20)]
+    local = await asyncio.wait_for(asyncio.to_thread(lambda: "hashed"), 0.5)
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    assert local == "hashed"
+    assert all(isinstance(result, ConnectorUnavailable) for result in results)
+    assert time.monotonic() - started < 2.5
+    await finished(ldap)
+
+
+async def test_email_verified_only_when_the_operator_says_so(ldap_server):
+    ldap = connector(ldap_server, email_verified=True)
+    assert (await ldap.authenticate("alice", PASSWORDS["alice"])).email_verified is True
+
+
+def test_nested_groups_need_a_dn_filter(ldap_server):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="nested_groups"):
+        ldap_server.connector_config(nested_groups=True, group_search={"filter": "(memberUid={username})"})

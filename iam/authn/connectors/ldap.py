@@ -4,11 +4,15 @@ One sign-in attempt is one connection: TLS (ldaps:// or StartTLS, RFC 4513 §3, 
 host name always verified), the service bind, the user search with the typed username escaped per RFC 4515,
 a bind as the one entry found with the typed password, the service bind again, and the group search.
 
-The client is ldap3 (pure Python, sockets with timeouts) run off the event loop in a worker thread. The
-libldap-based clients (python-ldap, bonsai) cannot bound a TLS handshake with a server that accepts and never
-answers on the libldap 2.5 of Debian 12 (the call hangs, and in bonsai it blocks the event loop): here every
-socket operation is bounded by `timeout`, and so is each whole attempt. At most `max_connections` attempts
-per connector run at once.
+The client is ldap3 (pure Python, sockets with timeouts), run off the event loop in the connector's own
+threads. The libldap-based clients (python-ldap, bonsai) cannot bound a TLS handshake with a server that
+accepts and never answers on the libldap 2.5 of Debian 12 (the call hangs; in bonsai it blocks the event
+loop): here every socket operation is bounded by `timeout`, and so is each whole attempt. At most
+`max_connections` attempts per connector talk to the server at once; a connection lives for one attempt.
+
+The person is told the same for every refusal; `reason` (invalid_credentials, account_locked,
+account_disabled, password_expired, unavailable) is for metrics and audit. Messages never carry the typed
+username or password (a password typed into the username field must not reach a log).
 
 Groups: `group_search` (e.g. `(member={dn})`, `(uniqueMember={dn})`, `(memberUid={username})`) and/or the
 user entry's `user_search.groups_attribute` (e.g. `memberOf`; a group is named by its DN's first RDN value).
@@ -29,6 +33,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -150,6 +155,21 @@ def _entries(response: Iterable[dict]) -> list[_Entry]:
             for item in response if item.get("type") == "searchResEntry"]
 
 
+class _VerifiedTls(ldap3.Tls):
+    """TLS for ldaps:// and StartTLS with Python's own verification in the handshake: the chain against
+    `ca_file` (or the system's CAs) and the host name (RFC 6125; RFC 4513 §3.1.3). ldap3's own wrapping turns
+    the handshake's host name check off and checks afterwards, leaving the socket open when that fails."""
+
+    def __init__(self, host: str, ca_file: str | None) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        self._host = host
+        self._context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)  # check_hostname on
+
+    def wrap_socket(self, connection, do_handshake=False):  # noqa: D102 (ldap3's hook)
+        connection.socket = self._context.wrap_socket(connection.socket, server_hostname=self._host,
+                                                      do_handshake_on_connect=do_handshake)
+
+
 class LdapConnector:
     """A `PasswordConnector` for an LDAP v3 / Active Directory server (see the module docstring)."""
 
@@ -162,7 +182,10 @@ class LdapConnector:
         self._port = parts.port or (636 if self._use_ssl else 389)
         self._socket_timeout = max(1, math.ceil(config.timeout))  # ldap3 takes whole seconds
         self._slots = asyncio.Semaphore(config.max_connections)
+        # Threads of its own: a hung server must not starve the default executor (password hashing runs there).
+        self._threads = ThreadPoolExecutor(config.max_connections, thread_name_prefix=f"ldap-{config.id}")
         self._is_ad: bool | None = None  # from the root DSE, once
+        self._tls = _VerifiedTls(self._host, str(config.ca_file) if config.ca_file else None)
 
     # -- the PasswordConnector protocol ------------------------------------------------------------------
     async def authenticate(self, username: str, password: str) -> UpstreamIdentity:
@@ -183,27 +206,45 @@ class LdapConnector:
             return [Check("connect", False, str(exc))]
 
     async def close(self) -> None:
-        """Nothing stays open between attempts."""
+        """No connection stays open between attempts; attempts still running end on their own timeouts."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- running one attempt off the event loop, bounded --------------------------------------------------
     async def _run(self, work, *args):
+        """`work` in a worker thread, holding one of the connector's slots until the thread ends (not merely
+        until the caller gives up), so at most `max_connections` threads ever talk to the server."""
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.config.timeout):
-                async with self._slots:
-                    return await asyncio.to_thread(work, *args)
+                await self._slots.acquire()
+                try:
+                    thread = loop.run_in_executor(self._threads, work, *args)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                thread.add_done_callback(self._finished)
+                # On timeout the thread goes on, bounded by its own socket timeouts, and then frees the slot.
+                return await asyncio.shield(thread)
         except TimeoutError:
-            # The worker thread ends on its own: each of its socket operations is bounded by the timeout too.
             raise ConnectorUnavailable(f"{self.config.url}: no answer within {self.config.timeout:g} s") from None
+        except (LDAPException, OSError) as exc:  # whatever ldap3 raised where no step expected it
+            raise ConnectorUnavailable(f"{self.config.url}: {type(exc).__name__}") from None
         finally:
             log.debug("ldap connector %s: %.1f ms", self.id, (time.monotonic() - started) * 1000)
+
+    def _finished(self, thread: asyncio.Future) -> None:
+        self._slots.release()
+        if not thread.cancelled() and thread.exception() is not None:
+            # Retrieved here: after a timeout nobody awaits it, and its failure was already answered.
+            late = thread.exception()
+            reason = getattr(late, "reason", type(late).__name__)
+            log.debug("ldap connector %s: late attempt ended: %s", self.id, reason)
 
     def _connect(self) -> ldap3.Connection:
         """An open connection over verified TLS (or plain, on loopback when configured), bound as the service."""
         config = self.config
-        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, version=ssl.PROTOCOL_TLS_CLIENT,
-                        ca_certs_file=str(config.ca_file) if config.ca_file else None, sni=self._host)
-        server = ldap3.Server(self._host, port=self._port, use_ssl=self._use_ssl, tls=tls, get_info=ldap3.NONE,
+        server = ldap3.Server(self._host, port=self._port, use_ssl=self._use_ssl, tls=self._tls, get_info=ldap3.NONE,
                               connect_timeout=self._socket_timeout)
         conn = ldap3.Connection(server, authentication=ldap3.SIMPLE, auto_bind=ldap3.AUTO_BIND_NONE,
                                 receive_timeout=self._socket_timeout, auto_referrals=False, auto_range=False,
@@ -217,7 +258,8 @@ class LdapConnector:
                 raise ConnectorUnavailable(f"{config.url}: StartTLS refused ({description})")
         except LDAPException as exc:
             _close(conn)
-            raise ConnectorUnavailable(f"{config.url}: cannot connect: {type(exc).__name__}: {exc}") from None
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise ConnectorUnavailable(f"{config.url}: cannot connect: {why}") from None
         self._service_bind(conn)
         return conn
 
@@ -319,7 +361,8 @@ class LdapConnector:
             raise ConnectorUnavailable(f"{entry.dn}: no {search.id_attribute} (user_search.id_attribute)")
         return UpstreamIdentity(
             connector_id=self.id, subject=subject, username=entry.text(search.username_attribute),
-            email=entry.text(search.email_attribute), email_verified=False, name=entry.text(search.name_attribute),
+            email=entry.text(search.email_attribute), email_verified=self.config.email_verified,
+            name=entry.text(search.name_attribute),
             groups=self._groups(conn, entry), amr=["pwd"])
 
     # -- groups -------------------------------------------------------------------------------------------
@@ -462,7 +505,11 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
 def _close(conn: ldap3.Connection) -> None:
     try:
         conn.unbind()
-    except LDAPException:
-        pass  # already closed by the server or by a failed TLS start
-    except OSError:
-        pass
+    except (LDAPException, OSError):
+        pass  # already closed by the server, or never opened
+    sock = getattr(conn, "socket", None)  # ldap3 keeps the socket of a failed open or TLS start: close it too
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
