@@ -240,6 +240,17 @@ async def test_a_certificate_for_another_host_is_refused(ldap_server):
         await ldap.authenticate("alice", PASSWORDS["alice"])
 
 
+async def test_a_wrong_search_base_is_the_operators_problem_not_the_persons(ldap_server):
+    ldap = connector(ldap_server, user_search={"base_dn": "ou=nowhere,dc=example,dc=test"})
+    with pytest.raises(ConnectorUnavailable, match="noSuchObject"):
+        await ldap.authenticate("alice", PASSWORDS["alice"])
+
+
+def test_an_unreadable_ca_file_is_refused_at_start(ldap_server, tmp_path):
+    with pytest.raises(ValueError, match="ca_file"):
+        connector(ldap_server, ca_file=str(tmp_path / "missing.pem"))
+
+
 # -- lookup (refresh) ----------------------------------------------------------------------------------------
 async def test_lookup_after_the_person_is_locked_or_deleted(ldap, ldap_server):
     uid = "dora"

@@ -161,9 +161,12 @@ class _VerifiedTls(ldap3.Tls):
     the handshake's host name check off and checks afterwards, leaving the socket open when that fails."""
 
     def __init__(self, host: str, ca_file: str | None) -> None:
-        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        super().__init__(validate=ssl.CERT_REQUIRED)  # ldap3 keeps its settings; the context below decides
         self._host = host
-        self._context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)  # check_hostname on
+        try:
+            self._context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)  # check_hostname on
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ca_file {ca_file}: cannot be read as PEM certificates ({exc})") from None
 
     def wrap_socket(self, connection, do_handshake=False):  # noqa: D102 (ldap3's hook)
         connection.socket = self._context.wrap_socket(connection.socket, server_hostname=self._host,
@@ -297,7 +300,7 @@ class LdapConnector:
             except LDAPException as exc:
                 raise ConnectorUnavailable(f"search failed: {type(exc).__name__}") from None
             result = conn.result or {}
-            if result.get("result") not in (0, 4, 32):  # success, sizeLimitExceeded, noSuchObject
+            if result.get("result") not in (0, 4):  # success, sizeLimitExceeded (noSuchObject: a wrong base_dn)
                 raise ConnectorUnavailable(f"search under {base!r} failed ({result.get('description')})")
             found += _entries(conn.response or [])
             cookie = (((result.get("controls") or {}).get("1.2.840.113556.1.4.319") or {}).get("value") or {}).get(
