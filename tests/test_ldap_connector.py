@@ -117,6 +117,12 @@ async def test_unknown_user(ldap):
     assert type(caught.value) is InvalidCredentials
 
 
+async def test_a_search_matching_two_entries_signs_nobody_in(ldap_server):
+    ldap = connector(ldap_server, user_search={"filter": "(&(objectClass=inetOrgPerson)(|(uid={username})(uid=bob)))"})
+    with pytest.raises(InvalidCredentials, match="more than one entry matched"):
+        await ldap.authenticate("alice", PASSWORDS["alice"])
+
+
 async def test_empty_password_is_refused_before_any_network_call(ldap_server):
     # RFC 4513 §5.1.2: a simple bind with a DN and no password is an unauthenticated bind, and slapd says success.
     ldap = connector(ldap_server, url=f"ldaps://127.0.0.1:{free_port()}")  # nothing listens: no call is made
