@@ -172,6 +172,7 @@ async def test_the_password_is_not_a_filter_either(ldap):
 def test_filters_are_filled_with_escaped_values():
     assert fill("(&(uid={username})(x={username}))", username="*)(a=b") == r"(&(uid=\2a\29\28a=b)(x=\2a\29\28a=b))"
     assert fill("(objectGUID={dn})", dn=b"\x01\xff") == r"(objectGUID=\01\ff)"
+    assert fill("(|(member={dn})(memberUid={username}))", dn="cn={username}", username="x") == "(|(member=cn={username})(memberUid=x))"
     assert in_chain("(&(objectClass=group)(member={dn}))") == "(&(objectClass=group)(member:1.2.840.113556.1.4.1941:={dn}))"
 
 

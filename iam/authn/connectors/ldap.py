@@ -119,10 +119,10 @@ def filter_value(value: str | bytes) -> str:
 
 def fill(template: str, **values: str | bytes) -> str:
     """A configured filter with `{username}` / `{dn}` replaced by escaped values (never str.format: the
-    template may hold other braces, and a value must never be read as filter syntax)."""
-    for name, value in values.items():
-        template = template.replace("{" + name + "}", filter_value(value))
-    return template
+    template may hold other braces, and a value must never be read as filter syntax). One pass: a value that
+    itself contains `{username}` stays as it is."""
+    names = "|".join(re.escape(name) for name in values)
+    return re.sub(r"\{(" + names + r")\}", lambda match: filter_value(values[match.group(1)]), template)
 
 
 def in_chain(template: str) -> str:
