@@ -12,6 +12,7 @@ read or touched; slapd runs as the current user (root in CI) and is stopped at t
         server.modify(ldif) / server.delete(dn)  # change the directory as its manager (ldapmodify)
         server.user_dn("alice")                  # "uid=alice,ou=people,dc=example,dc=test"
         with server.stopped(): ...               # the server is down inside, back up (same data) after
+        with server.paused(): ...                # slapd frozen (SIGSTOP): connections hang, then it resumes
 
 The directory (BASE_DN dc=example,dc=test):
 - ou=services: cn=iam, the service account (SERVICE_DN / SERVICE_PASSWORD), may read people and groups.
@@ -32,6 +33,7 @@ import datetime
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -324,6 +326,16 @@ class LdapServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """slapd frozen (SIGSTOP) inside the block: connections are accepted by the kernel, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     @contextmanager
     def stopped(self) -> Iterator[None]:

@@ -232,6 +232,25 @@ async def test_a_hung_server_is_bounded_by_the_timeout(ldap_server, silent_serve
     await finished(ldap)
 
 
+async def test_a_frozen_slapd_is_bounded_by_the_timeout_and_then_answers_again(ldap_server):
+    ldap = connector(ldap_server, timeout=1)
+    with ldap_server.paused():
+        started = time.monotonic()
+        with pytest.raises(ConnectorUnavailable, match="no answer within 1 s"):
+            await ldap.authenticate("alice", PASSWORDS["alice"])
+        assert time.monotonic() - started < 2
+    await finished(ldap)
+    assert (await connector(ldap_server).authenticate("alice", PASSWORDS["alice"])).username == "alice"
+
+
+async def test_concurrent_sign_ins_share_the_bounded_slots(ldap_server):
+    ldap = connector(ldap_server, max_connections=3)
+    people = ["alice", "bob", "many", "special(*)\\"] * 5
+    identities = await asyncio.gather(*(ldap.authenticate(uid, PASSWORDS[uid]) for uid in people))
+    assert [identity.username for identity in identities] == people
+    await finished(ldap)
+
+
 async def test_an_untrusted_certificate_is_refused(ldap_server, tmp_path):
     other_ca, _, _ = make_ca(tmp_path, "other")
     for overrides in ({"ca_file": str(other_ca)}, {"ca_file": None},  # another CA; the system's CAs
