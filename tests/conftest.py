@@ -125,6 +125,15 @@ def ldap_server():
         yield server
 
 
+@pytest.fixture(scope="session")
+def oidc_upstream(tmp_path_factory):
+    """A real upstream OpenID Connect provider (node-oidc-provider) for the run: see tests/oidc_upstream.py."""
+    from tests.oidc_upstream import running_upstream
+
+    with running_upstream(tmp_path_factory.mktemp("oidc-upstream")) as upstream:
+        yield upstream
+
+
 async def create_database(server: str) -> str:
     name = "iam_" + uuid.uuid4().hex[:12]
     conn = await asyncpg.connect(server + "/postgres")
