@@ -274,6 +274,8 @@ class OidcConnectorConfig(_Connector):
     scopes: list[str] = ["openid", "email", "profile"]
     claims: ClaimMapping = ClaimMapping()
     timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for each call to the provider
+    # Ask the userinfo endpoint (OIDC Core §5.3) for mapped claims the ID token does not carry.
+    userinfo: bool = True
 
     @field_validator("issuer")
     @classmethod
