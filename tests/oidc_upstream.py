@@ -14,12 +14,20 @@ port; every test registers its own client, so tests do not see each other's chan
 
 `sign_in`/`decline` drive the upstream's sign-in page with form posts, as a browser without JavaScript would,
 until the upstream redirects to `redirect_uri`; they return that redirect's query parameters (code, state,
-iss, or error). `http` is one browser: an httpx.AsyncClient (it keeps the upstream's session cookie).
-A browser sees the same page: a form with `username`, `password`, a "Sign in" button and a "Cancel" button.
+iss, or error). `http` is one browser: an httpx.AsyncClient (it keeps the upstream's session cookie, so a
+second sign-in in the same client gets its code without the form, as single sign-on does).
+A browser sees the same page: a form with `username`, `password`, a "Sign in" button and a "Cancel" button
+(playwright: `page.fill("input[name=username]", ...)`, `page.click("text=Sign in")`); a wrong password shows
+the form again with status 401 and `[role=alert]` "Invalid username or password.".
+
+Claims per scope: openid (sub, acr, amr, auth_time), email (email, email_verified), profile (name,
+preferred_username, given_name, family_name, groups), groups (groups). By default the ID token carries only
+sub/acr/amr/auth_time and the rest comes from userinfo (the provider's default, OIDC Core §5.4).
 
 Every change is written to the provider's JSON configuration and reloaded at once (POST /__fixture/reload);
-codes and sessions issued before a change stay valid. The provider's own log is `upstream.log` in its
-directory.
+codes and sessions issued before a change stay valid. `configure` lasts for the rest of the run: prefer
+`configured`. Another, separate provider: `with running_upstream(directory) as upstream: ...`. The provider's
+own log is `upstream.log` in its directory.
 """
 
 from __future__ import annotations

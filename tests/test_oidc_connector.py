@@ -212,11 +212,13 @@ async def test_key_rotation_upstream_fetches_the_jwks_once(oidc_upstream, upstre
     await connector.finish(REDIRECT_URI, *await sign_in(oidc_upstream, connector))
     assert counter.paths.count("/jwks") == 1  # cached
     assert counter.paths.count("/.well-known/openid-configuration") == 1
-    oidc_upstream.rotate_keys(keep_old=False)
-    identity = await connector.finish(REDIRECT_URI, *await sign_in(oidc_upstream, connector))
+    before_rotation = await sign_in(oidc_upstream, connector)
+    new_kid = oidc_upstream.rotate_keys(keep_old=False)
+    identity = await connector.finish(REDIRECT_URI, *before_rotation)  # the ID token is signed at the token call
     assert identity.subject == ALICE.sub and counter.paths.count("/jwks") == 2  # the new kid, fetched once
+    assert new_kid in [c.detail for c in await connector.check() if c.step == "jwks"][0]
     await connector.finish(REDIRECT_URI, *await sign_in(oidc_upstream, connector))
-    assert counter.paths.count("/jwks") == 2
+    assert counter.paths.count("/jwks") == 3  # check() fetched it; sign-ins do not
     await connector.close()
     await counter.http.aclose()
 
