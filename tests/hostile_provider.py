@@ -10,6 +10,8 @@ the code, the redirect URI and the PKCE verifier before it answers with the test
         op.issuer, op.key                      # its signing key (RSA, kid "hostile-1"), published in /jwks
         op.id_token = lambda claims: op.sign(claims, key=other_key)   # what the token endpoint returns
         op.delay["/token"] = 5                 # seconds before that path answers
+        op.userinfo = {"sub": ...}             # a userinfo endpoint, advertised in discovery
+        op.token_status = 500                  # the token endpoint fails
         op.drip.add("/.well-known/openid-configuration")   # answer one byte every 0.1 s
         op.requests.count("/jwks")
 `claims` passed to `id_token` are the ones an honest provider would sign (iss, sub, aud, exp, iat, nonce
@@ -48,6 +50,8 @@ class HostileProvider:
         self.delay: dict[str, float] = {}
         self.drip: set[str] = set()
         self.requests: list[str] = []
+        self.userinfo: dict[str, Any] | None = None  # served at /userinfo (and advertised) when set
+        self.token_status = 200  # what the token endpoint answers once the request checks out
         self._codes: dict[str, dict[str, str]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -77,6 +81,7 @@ class HostileProvider:
             "id_token_signing_alg_values_supported": self.algs,
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+            **({"userinfo_endpoint": self.issuer + "/userinfo"} if self.userinfo is not None else {}),
         }
 
     def _authorize(self, query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -98,6 +103,8 @@ class HostileProvider:
                 or form.get("redirect_uri") != request["redirect_uri"]
                 or b64url(hashlib.sha256(verifier.encode()).digest()) != request["code_challenge"]):
             return 400, {"error": "invalid_grant"}
+        if self.token_status != 200:
+            return self.token_status, {"error": "server_error"}
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": "mallory", "aud": self.client_id, "exp": now + 300, "iat": now,
                   "nonce": request["nonce"], "email": "mallory@evil.example", "email_verified": True}
@@ -141,6 +148,8 @@ class HostileProvider:
                     keys = [key.as_dict(private=False) if isinstance(key, RSAKey) else key
                             for key in provider.published]
                     self._answer(200, json.dumps({"keys": keys}).encode())
+                elif parts.path == "/userinfo" and provider.userinfo is not None:
+                    self._answer(200, json.dumps(provider.userinfo).encode())
                 elif parts.path == "/authorize":
                     status, headers, body = provider._authorize(dict(parse_qsl(parts.query)))
                     self._answer(status, body, headers, "text/plain")

@@ -357,6 +357,46 @@ async def test_keys_the_provider_publishes_for_another_alg_or_use_are_not_used(h
     await connector.close()
 
 
+async def test_userinfo_about_another_person_is_refused(hostile):
+    hostile.userinfo = {"sub": "someone-else", "preferred_username": "admin"}  # OIDC Core §5.3.4
+    connector = connector_for(hostile.issuer, "iam", HOSTILE_SECRET)
+    with pytest.raises(UpstreamRejected, match="another subject"):
+        await hostile_finish(connector)
+    hostile.userinfo = {"sub": "mallory", "preferred_username": "mallory", "email": "admin@contoso.example"}
+    identity = await hostile_finish(connector)
+    assert identity.username == "mallory" and identity.email == "mallory@evil.example"  # the ID token wins
+    await connector.close()
+
+
+@pytest.mark.parametrize(("error", "failure", "reason"), [
+    ("access_denied", AccessDenied, "access_denied"),
+    ("login_required", UpstreamRejected, "upstream_rejected"),
+    ("temporarily_unavailable", ConnectorUnavailable, "unavailable"),
+    ("x-secret-laden-code", UpstreamRejected, "upstream_rejected"),
+])
+async def test_callback_errors_by_kind(hostile, error, failure, reason):
+    connector = connector_for(hostile.issuer, "iam", HOSTILE_SECRET)
+    _, pending = await connector.start(REDIRECT_URI)
+    params = {"error": error, "error_description": "a text", "state": pending.state, "iss": hostile.issuer}
+    with pytest.raises(failure) as raised:
+        await connector.finish(REDIRECT_URI, params, pending)
+    assert raised.value.reason == reason and "x-secret" not in str(raised.value)
+    assert "/token" not in hostile.requests
+    await connector.close()
+
+
+async def test_token_endpoint_failure_and_oversized_answers_are_unavailable(hostile):
+    connector = connector_for(hostile.issuer, "iam", HOSTILE_SECRET)
+    hostile.token_status = 503
+    with pytest.raises(ConnectorUnavailable, match="token endpoint answered 503"):
+        await hostile_finish(connector)
+    hostile.token_status = 200
+    hostile.published = [{"kty": "RSA", "kid": "big", "n": "A" * (1 << 20), "e": "AQAB"}]
+    with pytest.raises(ConnectorUnavailable, match="more than 1 MiB"):
+        await hostile_finish(connector)
+    await connector.close()
+
+
 async def test_check_ignores_hmac_and_none_the_provider_advertises(hostile):
     connector = connector_for(hostile.issuer, "iam", HOSTILE_SECRET)
     steps = {check.step: check for check in await connector.check()}
