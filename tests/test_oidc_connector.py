@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from joserfc import jws, jwt
 from joserfc.jwk import RSAKey
 
 from iam.authn.connectors import (
@@ -301,6 +302,8 @@ FORGERIES = {
     "no subject": (lambda op: lambda c: op.sign({k: v for k, v in c.items() if k != "sub"}), "sub"),
     "exp as a string": (lambda op: lambda c: op.sign({**c, "exp": str(c["exp"])}), "expired"),
     "not a JWT": (lambda op: lambda c: "not-a-token", "not a compact JWS"),
+    "claims not a JSON object": (lambda op: lambda c: jws.serialize_compact({"alg": "RS256", "kid": op.key.kid}, b"[]",
+                                                                         op.key), "not a JSON object"),
 }
 
 
@@ -312,6 +315,18 @@ async def test_forged_id_token_is_rejected(hostile, forgery):
     with pytest.raises(UpstreamRejected, match=why) as failure:
         await hostile_finish(connector)
     assert failure.value.reason == "upstream_rejected"
+    await connector.close()
+
+
+async def test_an_alg_the_provider_does_not_advertise_is_refused(hostile):
+    other = RSAKey.generate_key(2048, parameters={"kid": "no-alg"}, private=True)
+    hostile.published = [hostile.key, other]  # a key that names no alg, usable for PS256 as for RS256
+    hostile.id_token = lambda c: jwt.encode({"alg": "PS256", "kid": "no-alg"}, c, other, algorithms=["PS256"])
+    connector = connector_for(hostile.issuer, "iam", HOSTILE_SECRET)
+    with pytest.raises(UpstreamRejected, match="alg 'PS256' is not one the provider signs with"):
+        await hostile_finish(connector)
+    hostile.id_token = lambda c: hostile.sign(c, key=other)
+    assert (await hostile_finish(connector)).subject == "mallory"  # the same key with the advertised RS256
     await connector.close()
 
 
@@ -404,8 +419,8 @@ async def test_check_ignores_hmac_and_none_the_provider_advertises(hostile):
     hostile.algs = ["HS256", "none"]
     steps = {check.step: check for check in await connector.check()}
     assert not steps["signing algorithms"].ok and "none iam accepts" in steps["signing algorithms"].detail
-    with pytest.raises(UpstreamRejected, match="alg 'RS256'"):  # not advertised, so not accepted either
-        await hostile_finish(connector)
+    with pytest.raises(ConnectorUnavailable, match="no signing algorithm"):  # nobody is sent there in vain
+        await connector.start(REDIRECT_URI)
     await connector.close()
 
 

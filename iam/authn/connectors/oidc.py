@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 import httpx
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidPayloadError, JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 from joserfc.jws import extract_compact
 
@@ -107,6 +107,9 @@ class OidcConnector:
     # -- the flow ----------------------------------------------------------------------------------------
     async def start(self, redirect_uri: str, *, login_hint: str | None = None) -> tuple[str, PendingUpstream]:
         metadata = await self._provider()
+        if not metadata.signing_algs or metadata.token_auth_method is None:  # no use sending the person there
+            raise ConnectorUnavailable(f"connector {self.id}: the provider offers no signing algorithm or client "
+                                       f"authentication iam can use (iam connectors test {self.id})")
         pending = PendingUpstream(
             connector_id=self.id,
             state=secrets.token_urlsafe(32),
@@ -220,6 +223,8 @@ class OidcConnector:
             raise reject("signed by a key the provider does not publish")
         try:
             claims = jwt.decode(id_token, key, algorithms=[alg]).claims
+        except InvalidPayloadError:
+            raise reject("its claims are not a JSON object") from None
         except (JoseError, ValueError):
             raise reject("bad signature") from None
 
@@ -441,8 +446,9 @@ class OidcConnector:
         checks.append(Check("client authentication", metadata.token_auth_method is not None,
                             metadata.token_auth_method or "the provider offers neither client_secret_basic nor "
                                                           "client_secret_post"))
-        pkce_ok = metadata.pkce_methods is None or "S256" in metadata.pkce_methods
-        checks.append(Check("pkce", pkce_ok, "S256" if metadata.pkce_methods else "not advertised; S256 is sent"))
+        methods = metadata.pkce_methods
+        checks.append(Check("pkce", methods is None or "S256" in methods,
+                            ", ".join(methods) if methods is not None else "not advertised; S256 is sent"))
         if self.config.userinfo:
             checks.append(Check("userinfo", True, metadata.userinfo_endpoint or "none: claims from the ID token only"))
         return checks
