@@ -4,6 +4,9 @@ The session fixture `oidc_upstream` (tests/conftest.py) starts one for the whole
 port; every test registers its own client, so tests do not see each other's changes:
 
     upstream.issuer                                   # "http://127.0.0.1:PORT", discovery and JWKS under it
+    entry = upstream.register_iam(iam_issuer, "corp")  # a client for {iam_issuer}/authn/connectors/corp/callback;
+                                                      # entry: the `connectors:` item (id, type, name, issuer,
+                                                      # client_id, client_secret) for iam's configuration
     upstream.add_client(client_id, client_secret, [redirect_uri], **metadata)  # RFC 7591 client metadata
     upstream.add_account(Account(username, password, sub, claims={...}))       # ALICE and BOB are there
     upstream.configure(claims_in_id_token=True)       # claims in the ID token too, not only at userinfo
@@ -113,6 +116,15 @@ class OidcUpstream:
             client["client_secret"] = client_secret
         self._config["clients"] = [c for c in self._config["clients"] if c["client_id"] != client_id] + [client]
         self._reload()
+
+    def register_iam(self, iam_issuer: str, connector_id: str = "corp", name: str = "Contoso",
+                     **settings) -> dict[str, Any]:
+        """Register an iam at this provider (a new client for its callback URL); return the `connectors:` entry
+        for that iam's configuration, with `settings` (scopes, claims, groups, ...) merged in."""
+        client_id, secret = f"iam-{connector_id}-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
+        self.add_client(client_id, secret, [f"{iam_issuer.rstrip('/')}/authn/connectors/{connector_id}/callback"])
+        return {"id": connector_id, "type": "oidc", "name": name, "issuer": self.issuer, "client_id": client_id,
+                "client_secret": secret, **settings}
 
     def add_account(self, account: Account) -> None:
         accounts = [a for a in self._config["accounts"] if a["username"] != account.username]

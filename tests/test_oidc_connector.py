@@ -58,9 +58,8 @@ class JwksCounter:
 @pytest.fixture
 def upstream_client(oidc_upstream):
     """A client of iam's at the real upstream, registered for this test only: (client_id, secret)."""
-    client_id, secret = "iam-" + secrets.token_hex(4), secrets.token_urlsafe(24)
-    oidc_upstream.add_client(client_id, secret, [REDIRECT_URI])
-    return client_id, secret
+    entry = oidc_upstream.register_iam(ISSUER, "corp")
+    return entry["client_id"], entry["client_secret"]
 
 
 @pytest.fixture
