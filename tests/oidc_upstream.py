@@ -50,7 +50,6 @@ import httpx
 from joserfc.jwk import RSAKey
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "oidc-provider"
-PROVIDER_VERSION = json.loads((FIXTURE_DIR / "package.json").read_text())["dependencies"]["oidc-provider"]
 
 
 @dataclass(frozen=True)

@@ -453,12 +453,13 @@ async def test_slow_provider_is_unavailable_within_the_timeout(hostile, path, mo
         hostile.delay[path] = 5
     else:
         hostile.drip.add(path)
+    if path == "/.well-known/openid-configuration":
+        step = connector.start(REDIRECT_URI)
+    else:
+        step = connector.finish(REDIRECT_URI, *await hostile_callback(connector))
     started = time.monotonic()
     with pytest.raises(ConnectorUnavailable, match="did not answer within 0.5 s"):
-        if path == "/.well-known/openid-configuration":
-            await connector.start(REDIRECT_URI)
-        else:
-            await hostile_finish(connector)
+        await step
     assert time.monotonic() - started < 1.5  # one bounded call, not a hanging sign-in page
     await connector.close()
 
