@@ -15,6 +15,11 @@ MAX_VALUE_CHARS = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
+def is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() then refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 async def read_form(request: Request) -> dict[str, str]:
     """Parse an `application/x-www-form-urlencoded` body (RFC 6749 §3.2, §4.1.3).
 
@@ -24,7 +29,7 @@ async def read_form(request: Request) -> dict[str, str]:
     if media_type != FORM_TYPE:
         raise OAuthError("invalid_request", f"the request body must be {FORM_TYPE}")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+    if declared is not None and (not is_digits(declared) or int(declared) > MAX_FORM_BYTES):
         raise OAuthError("invalid_request", "request body too large", 413)
     body = bytearray()
     async for chunk in request.stream():

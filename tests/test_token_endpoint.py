@@ -147,3 +147,56 @@ async def test_malformed_input_is_a_4xx_oauth_error_and_stores_nothing(client, a
 async def test_get_on_token_endpoint_is_not_allowed(client):
     response = await client.get("/oauth/v2/token")
     assert response.status_code == 405
+
+
+CLIENT_AUTH_ENDPOINTS = ["/oauth/v2/token", "/oauth/v2/introspect", "/oauth/v2/revoke", "/oauth/v2/par",
+                         "/oauth/v2/device_authorization"]
+
+
+@pytest.mark.parametrize("path", CLIENT_AUTH_ENDPOINTS)
+@pytest.mark.parametrize("credentials", [b"Basic \xc3\xa9\xff", "Basic " + base64.b64encode("é:x".encode("latin-1")).decode()])
+async def test_non_ascii_basic_credentials_are_invalid_client_not_a_500(client, app, path, credentials):
+    # RFC 6749 §2.3.1: whatever the header holds, a client that fails to authenticate gets invalid_client.
+    response = await client.post(path, data={"grant_type": "client_credentials", "token": "x"},
+                                 headers={"Authorization": credentials})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "invalid_client"
+    async with app.state.iam.stores["token"].engine.connect() as conn:
+        assert (await conn.execute(select(access_tokens))).all() == []
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"1\xb9", b"1e3", b"-1"])  # latin-1 superscript digits
+async def test_a_content_length_that_is_not_ascii_digits_is_a_400(client, length):
+    response = await client.post("/oauth/v2/token", content=b"grant_type=client_credentials",
+                                 headers={**basic("svc-basic"), **FORM, "Content-Length": length})
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"] == "invalid_request"
+
+
+def _auth_failures(caplog) -> list[dict]:
+    return [r.audit for r in caplog.records if getattr(r, "audit", {}).get("event") == "client.auth_failed"]
+
+
+async def test_a_credential_sent_as_client_id_never_reaches_the_audit_log(client, caplog):
+    caplog.set_level("INFO", logger="iam.audit")
+    leaked = SECRETS["svc-basic"]
+    for data in ({"client_id": leaked, "client_secret": "x"}, {"client_id": leaked}):
+        response = await client.post("/oauth/v2/token", data={"grant_type": "client_credentials", **data})
+        assert response.status_code == 401
+    await client.post("/oauth/v2/token", data={"grant_type": "client_credentials"}, headers=basic(leaked, "x"))
+    failures = _auth_failures(caplog)
+    assert len(failures) == 3 and all(event["client_id"] is None for event in failures)
+    assert not any(leaked in record.getMessage() or leaked in str(record.__dict__) for record in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["basic", "post"])
+async def test_a_failed_client_authentication_names_the_registered_client(client, caplog, how):
+    caplog.set_level("INFO", logger="iam.audit")
+    if how == "basic":
+        await client.post("/oauth/v2/token", data={"grant_type": "client_credentials"},
+                          headers=basic("svc-basic", "wrong"))
+    else:
+        await client.post("/oauth/v2/token", data={"grant_type": "client_credentials", "client_id": "svc-post",
+                                                   "client_secret": "wrong"})
+    [failure] = _auth_failures(caplog)
+    assert failure["client_id"] == ("svc-basic" if how == "basic" else "svc-post")

@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse
 
 from iam.config import SCOPE_TOKEN
 from iam.errors import OAuthError
-from iam.http import client_address, parse_params, read_form
+from iam.http import client_address, is_digits, parse_params, read_form
 from iam.observability import LOGINS, audit, source_of
 from iam.pages import HARDENING, error_page, render
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
@@ -101,7 +101,7 @@ class Flow:
         if not prompt <= PROMPTS:
             raise ValueError("invalid prompt")
         max_age = params.get("max_age")
-        if max_age is not None and not (max_age.isdigit() and len(max_age) < 10):
+        if max_age is not None and not (is_digits(max_age) and len(max_age) < 10):
             raise ValueError("invalid max_age")
         hint = params.get("login_hint")
         device = params.get("device")

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import totp
+from iam.http import is_digits
 from iam.security import seal, unseal
 
 log = logging.getLogger("iam.authn.totp")
@@ -89,7 +90,7 @@ class Totp:
     async def verify(self, subject: str, code: str, *, confirming: bool = False) -> bool:
         """Check a code (±1 step of clock skew); a code's step is remembered so it cannot be replayed."""
         code = code.strip().replace(" ", "")
-        if not (code.isdigit() and len(code) == 6):
+        if not (is_digits(code) and len(code) == 6):
             return False
         async with self.engine.begin() as conn:
             row = (

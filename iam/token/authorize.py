@@ -19,7 +19,7 @@ from joserfc.errors import JoseError
 
 from iam.config import ClientConfig
 from iam.errors import NO_STORE, OAuthError, json_response
-from iam.http import parse_params, read_form, read_params, with_params
+from iam.http import is_digits, parse_params, read_form, read_params, with_params
 from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
@@ -154,7 +154,7 @@ def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, st
     if not prompts <= PROMPTS or ("none" in prompts and len(prompts) > 1):
         raise AuthorizationError("invalid_request", "invalid prompt")
     max_age = params.get("max_age")
-    if max_age is not None and (not max_age.isdigit() or len(max_age) > 9):
+    if max_age is not None and (not is_digits(max_age) or len(max_age) > 9):
         raise AuthorizationError("invalid_request", "max_age must be a non-negative integer")
     now = int(time.time())
     return {

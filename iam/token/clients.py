@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -106,9 +105,22 @@ async def authenticate(request, form: dict[str, str]) -> ClientConfig:
     except OAuthError as exc:
         if exc.error == "invalid_client":
             CLIENT_AUTH_FAILURES.inc()
-            audit("client.auth_failed", "failure", client_id=form.get("client_id"), source=source_of(request),
+            audit("client.auth_failed", "failure", client_id=_claimed(request, form), source=source_of(request),
                   reason=exc.description)
         raise
+
+
+def _claimed(request, form: dict[str, str]) -> str | None:
+    """The registered client a failed authentication was for, from Basic or the form. Anything else is left out:
+    whatever a caller sends as a client id may be a secret pasted in the wrong field."""
+    claimed = form.get("client_id")
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        try:
+            claimed = _parse_basic(authorization)[0]
+        except OAuthError:
+            pass
+    return claimed if request.app.state.iam.clients.get(claimed) is not None else None
 
 
 def _parse_basic(authorization: str) -> tuple[str, str]:
@@ -117,7 +129,7 @@ def _parse_basic(authorization: str) -> tuple[str, str]:
         raise invalid_client("unsupported authorization scheme")
     try:
         decoded = base64.b64decode(credentials.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 (UnicodeDecodeError)
         raise invalid_client("malformed basic credentials") from None
     client_id, sep, secret = decoded.partition(":")
     if not sep:
