@@ -359,6 +359,9 @@ class Settings(_Strict):
     issuer: str = "http://localhost:8080"
     # Where browsers reach the authentication role's pages (default: the issuer, behind one ingress host).
     authentication_url: str = ""
+    # The SCIM base URL as its clients reach it, for meta.location, $ref and Location (default: {issuer}/scim/v2).
+    # Never taken from the request's Host header, which the caller chooses.
+    scim_url: str = ""
     peers: Peers = Peers()
     stores: Stores = Stores()
     keys: Keys = Keys()
@@ -399,6 +402,14 @@ class Settings(_Strict):
             raise ValueError("must use https (http is allowed for localhost only)")
         return value
 
+    @field_validator("scim_url")
+    @classmethod
+    def _scim_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment):
+            raise ValueError("must be an absolute http(s) URL without query or fragment")
+        return value
+
     @model_validator(mode="after")
     def _peers_for_role(self) -> Settings:
         for peer in PEERS_NEEDED[self.role]:
@@ -429,6 +440,10 @@ class Settings(_Strict):
     @property
     def login_base(self) -> str:
         return (self.authentication_url or self.issuer).rstrip("/")
+
+    @property
+    def scim_base(self) -> str:
+        return (self.scim_url or f"{self.issuer.rstrip('/')}/scim/v2").rstrip("/")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -498,6 +513,7 @@ _ENV_OVERRIDES = {
     "IAM_TOKEN_URL": ("peers", "token"),
     "IAM_USERS_URL": ("peers", "user_management"),
     "IAM_AUTHN_PUBLIC_URL": ("authentication_url",),
+    "IAM_SCIM_URL": ("scim_url",),
 }
 
 

@@ -665,3 +665,29 @@ async def test_discovery(scim):
     assert (await scim.get(f"/Schemas/{IAM_USER}")).json()["attributes"][0]["name"] == "emailVerified"
     scim_error(await scim.get("/Schemas/urn:nope"), 404)
     scim_error(await scim.get("/Schemas", params={"filter": 'id eq "x"'}), 403)
+
+
+async def test_urls_come_from_the_configured_base_never_from_the_host_header(scim):
+    # A spoofed Host (or X-Forwarded-Host) must not make iam hand out links to another server.
+    evil = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    response = await scim.post("/Users", {"schemas": [USER_SCHEMA], "userName": unique()}, headers=evil)
+    assert response.status_code == 201, response.text
+    user = response.json()
+    assert response.headers["location"] == user["meta"]["location"] == f"https://iam.test/scim/v2/Users/{user['id']}"
+    group = (await scim.post("/Groups", {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                                         "displayName": unique("g"), "members": [{"value": user["id"]}]},
+                             headers=evil)).json()
+    assert group["members"][0]["$ref"] == f"https://iam.test/scim/v2/Users/{user['id']}"
+    for path in ("/Users", f"/Users/{user['id']}", "/ServiceProviderConfig", "/ResourceTypes"):
+        body = (await scim.get(path, headers=evil)).text
+        assert "evil.example" not in body, path
+
+
+def test_the_scim_base_url_is_configurable(tmp_path):
+    from iam.config import Settings
+
+    settings = Settings.model_validate({"issuer": "https://iam.test", "scim_url": "https://users.internal:8443/scim/v2/"})
+    assert settings.scim_base == "https://users.internal:8443/scim/v2"
+    assert Settings.model_validate({"issuer": "https://iam.test"}).scim_base == "https://iam.test/scim/v2"
+    with pytest.raises(ValueError, match="scim_url"):
+        Settings.model_validate({"issuer": "https://iam.test", "scim_url": "scim.internal"})

@@ -120,7 +120,8 @@ def _directory(request: Request):
 
 
 def _base(request: Request) -> str:
-    return f"{str(request.base_url).rstrip('/')}{router.prefix}"
+    # The configured base, never the Host header: a caller must not choose where links point.
+    return request.app.state.iam.settings.scim_base
 
 
 async def read_json(request: Request) -> Any:
