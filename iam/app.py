@@ -69,7 +69,7 @@ class Runtime:
             engine = self.stores["authn"].engine
             self.credentials = CredentialService(engine)
             self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
-            self.throttle = Throttle(engine)
+            self.throttle = Throttle(engine, self.identity, self.peer_keys)
             self.totp = Totp(engine)
             self.consents = Consents(engine)
             self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]

@@ -149,17 +149,18 @@ async def test_purge_deletes_ended_sessions_and_stale_throttling_but_not_live_on
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-idle")
                            .values(last_seen=now - iam.sessions.idle_ttl - 1))
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-expired").values(expires_at=now - 1))
-    await iam.throttle.fail(["user:old"])
+    await iam.throttle.fail(None, "192.0.2.1")
     for _ in range(5):
-        await iam.throttle.fail(["user:locked"])  # the fifth locks it
+        await iam.throttle.fail("locked", "192.0.2.2")  # the fifth locks the pair
     async with iam.sessions.engine.begin() as conn:
         await conn.execute(update(login_failures).values(window_start=now - 3600))  # both windows are over
 
     assert await iam.sessions.purge_ended(now, 10) == 3
-    assert await iam.throttle.purge_stale(now, 10) == 1  # the old counter; a lock in force is kept
+    # the old counters (two addresses, the account's bucket, paid back); a lock in force is kept
+    assert await iam.throttle.purge_stale(now, 10) == 3
     assert await iam.purge(now) == 0  # what is left is live
     assert (await iam.sessions.current(live)).subject == "sub-live"
-    assert await iam.throttle.locked_for(["user:locked"]) > 0  # a lock in force is kept
+    assert await iam.throttle.check("locked", "192.0.2.2") > 0  # a lock in force is kept
     async with iam.sessions.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(sessions))).scalar() == 1
 

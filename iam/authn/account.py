@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.credentials import PasswordRejected
-from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, page
+from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, known_device, page
+from iam.authn.throttle import account_key
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
 from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form, with_params
@@ -120,14 +121,16 @@ async def _reauthenticate(request: Request, subject: str, password: str, purpose
     """Re-authentication before a change to the account's credentials, throttled as sign-in is: None when the
     password is right, else the status and message to show."""
     iam = request.app.state.iam
-    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
-    if await iam.throttle.locked_for(keys):
+    user = await iam.directory.claims(subject)
+    account = account_key(user.preferred_username if user and user.preferred_username else subject)
+    address = client_address(request, iam.settings.trusted_proxies)
+    if await iam.throttle.check(account, address, known_device(request)):
         return 429, "Too many attempts. Try again later."
     if not await iam.credentials.verify(subject, password):
-        await iam.throttle.fail(keys)
+        await iam.throttle.fail(account, address)
         audit("reauthentication.failed", "failure", actor=subject, source=source_of(request), purpose=purpose)
         return 401, "Your current password is not correct."
-    await iam.throttle.clear(keys[0])
+    await iam.throttle.succeeded(account, address)
     return None
 
 

@@ -32,12 +32,12 @@ async def device_page(request: Request) -> Response:
     if not user_code:
         return page(request, "device.html")
     # User codes are short: guessing them is throttled per client address like passwords.
-    key = [f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
-    if await iam.throttle.locked_for(key):
+    address = client_address(request, iam.settings.trusted_proxies)
+    if await iam.throttle.check(None, address):
         return page(request, "device.html", 429, error="Too many attempts. Try again later.")
     found = await iam.device_approvals.device_lookup(user_code)
     if found is None:
-        await iam.throttle.fail(key)
+        await iam.throttle.fail(None, address)
         return page(request, "device.html", 400, user_code=user_code,
                     error="That code is not valid or has expired. Check it and try again.")
     code = normalise_user_code(user_code)

@@ -1,7 +1,7 @@
 """The sign-in pages: password, optional TOTP, SSO sessions, and the signed handoff back to the token role.
 
 Forms work without JavaScript and carry a CSRF token (double-submit cookie). Failures say only
-"incorrect username or password", and are throttled per account and per client address.
+"incorrect username or password", and are throttled as iam/authn/throttle.py describes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL, account_key
 from iam.config import SCOPE_TOKEN
 from iam.errors import OAuthError
 from iam.http import client_address, is_digits, parse_params, read_form
@@ -199,8 +200,8 @@ async def login_submit(request: Request) -> Response:
         return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
     username = form.get("username", "").strip()[:255]
     password = form.get("password", "")
-    keys = [f"user:{username.casefold()}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
-    wait = await iam.throttle.locked_for(keys)
+    account, address = account_key(username), client_address(request, iam.settings.trusted_proxies)
+    wait = await iam.throttle.check(account, address, known_device(request))
     source = source_of(request)
     if wait:
         LOGINS.labels("locked").inc()
@@ -210,19 +211,27 @@ async def login_submit(request: Request) -> Response:
     user = await iam.directory.find(username) if username else None
     subject = user.sub if user is not None and user.active else None
     if not await iam.credentials.verify(subject, password) or subject is None:
-        await iam.throttle.fail(keys)
+        await iam.throttle.fail(account, address)
         LOGINS.labels("failure").inc()
         audit("login.failed", "failure", actor=subject, source=source, username=username, client_id=flow.client_id)
         return login_form(request, flow, 401, "Incorrect username or password.", username)
-    await iam.throttle.clear(keys[0])
+    await iam.throttle.succeeded(account, address)
     if await iam.totp.enabled(subject):
-        pending = iam.identity.sign(Role.AUTHENTICATION, MFA_TYP, {"sub": subject, "flow": flow.fields()},
+        # The second factor is guessed under the same account as the password was (acct).
+        pending = iam.identity.sign(Role.AUTHENTICATION, MFA_TYP,
+                                    {"sub": subject, "acct": account, "flow": flow.fields()},
                                     issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
         return page(request, "totp.html", mfa=pending)
-    return await _start_session(request, flow, subject, ["pwd"])
+    return await _start_session(request, flow, subject, ["pwd"], account)
 
 
-async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str]) -> Response:
+def known_device(request: Request) -> str | None:
+    """The browser's known-device cookie (see iam/authn/throttle.py), if it sent one."""
+    return request.cookies.get(cookie_name(request, DEVICE_COOKIE))
+
+
+async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str],
+                         account: str | None = None) -> Response:
     iam = request.app.state.iam
     old = request.cookies.get(cookie_name(request, "iam_session"))
     if old:
@@ -233,6 +242,8 @@ async def _start_session(request: Request, flow: Flow, subject: str, amr: list[s
           sid=session.sid)
     response = await _signed_in(request, flow, session)
     set_cookie(request, response, "iam_session", value)
+    if account is not None:  # this browser is now known for the account: password guessing elsewhere spares it
+        set_cookie(request, response, DEVICE_COOKIE, iam.throttle.device_cookie(account), max_age=DEVICE_TTL)
     return response
 
 
@@ -252,13 +263,14 @@ async def totp_submit(request: Request) -> Response:
     except (PeerRejected, ValueError, KeyError, TypeError):
         return error_page("Sign-in expired", "The sign-in took too long. Please start again.")
     subject = pending["sub"]
-    keys = [f"user:{subject}", f"addr:{client_address(request, iam.settings.trusted_proxies)}"]
-    if await iam.throttle.locked_for(keys):
+    account = pending.get("acct", subject)
+    address = client_address(request, iam.settings.trusted_proxies)
+    if await iam.throttle.check(account, address, known_device(request)):
         return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
     if not await iam.totp.verify(subject, form.get("code", "")):
-        await iam.throttle.fail(keys)
+        await iam.throttle.fail(account, address)
         LOGINS.labels("mfa_failure").inc()
         audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)
         return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
-    await iam.throttle.clear(keys[0])
-    return await _start_session(request, flow, subject, ["pwd", "otp"])
+    await iam.throttle.succeeded(account, address)
+    return await _start_session(request, flow, subject, ["pwd", "otp"], account)

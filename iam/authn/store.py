@@ -44,7 +44,7 @@ totp = Table(
 login_failures = Table(
     "login_failures",
     metadata,
-    Column("key", String(320), primary_key=True),  # "user:<name>" or "addr:<client address>"
+    Column("key", String(320), primary_key=True),  # "acct:<account>", "pair:<address> <account>", "addr:<address>"
     Column("failures", Integer, nullable=False),
     Column("window_start", Integer, nullable=False),
     Column("locked_until", Integer, nullable=False),
