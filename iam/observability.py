@@ -33,7 +33,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from iam import __version__
 
 # -- logs ------------------------------------------------------------------------------------------------
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName",
+                                                                           "color_message"}  # uvicorn's, for terminals
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,6 +54,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str, separators=(",", ":"))
 
 
+QUIET_LOGGERS = ("sqlalchemy", "aiosqlite", "asyncpg", "httpx", "httpcore", "alembic")
+
+
 def setup_logging(level: str = "info", audit_log: str = "stderr") -> None:
     """JSON logs on stderr; audit events on their own handler (stderr, stdout or a file path)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -63,8 +67,12 @@ def setup_logging(level: str = "info", audit_log: str = "stderr") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # alembic is chatty; httpx logs request URLs at INFO, and internal URLs carry user codes and subjects.
-    for name in ("alembic", "httpx", "httpcore"):
+    # Whatever the level, no line may carry a token, code, secret, cookie or password (ASVS 5 V16.2.5). The
+    # database drivers log statements with their parameters (aiosqlite at DEBUG, SQLAlchemy's engine at INFO,
+    # which is what `echo` turns on), and their parameters are token JWTs and password hashes; httpx logs request
+    # URLs at INFO, and internal URLs carry user codes and subjects; alembic is chatty. Pinned, so log_level
+    # never reaches them.
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     audit_handler: logging.Handler

@@ -63,6 +63,7 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
             host=host,
             port=port,
             log_level=log_level,
+            log_config=None,  # the process's logging is set up once (iam.observability): JSON lines, quiet drivers
             access_log=False,
             server_header=False,
             proxy_headers=False,

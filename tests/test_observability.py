@@ -266,3 +266,54 @@ async def test_user_lifecycle_and_key_rotation_are_audited(app, caplog, tmp_path
     audits = [json.loads(line)["audit"] for line in rotated.stderr.splitlines() if '"iam.audit"' in line]
     assert rotated.returncode == 0 and [a["event"] for a in audits] == ["key.rotated", "key.rotated"]
     assert {a["details"]["kid"] for a in audits} <= set(rotated.stdout.replace("added ", "").split())
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_log_level_debug_prints_no_token_code_secret_cookie_or_password(tmp_path, request, database):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    secret = "debug-secret-0123456789abcdef"
+    clients = [{"client_id": "webapp", "client_secret": "${S}", "redirect_uris": ["https://app.test/cb"],
+                "grant_types": ["authorization_code", "refresh_token", "client_credentials"],
+                "scope": "openid email"}]
+    config = write_config(tmp_path, issuer=base, keys={"dir": str(tmp_path / "keys")}, clients=clients,
+                          log_level="debug")
+    env = {"IAM_CONFIG": str(config), "S": secret}
+    if database == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        host = server.split("://", 1)[1]
+        for store in ("AUTHN", "TOKEN", "USERS"):
+            env[f"IAM_{store}_DATABASE_URL"] = f"postgresql+asyncpg://{host}/{await create_database(server)}"
+    else:
+        for store in ("AUTHN", "TOKEN", "USERS"):
+            env[f"IAM_{store}_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/{store.lower()}.db"
+    seen: list[str] = [secret, PASSWORD]
+    with serve(env, tmp_path, port=port):
+        added = iam("users", "add", "--username", "dora", "--password-stdin", env=env, cwd=tmp_path,
+                    input=PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+        async with httpx.AsyncClient(base_url=base) as browser:
+            verifier, challenge = pkce()
+            page = await follow(browser, await authorize(browser, "webapp", "https://app.test/cb", "openid email",
+                                                         challenge), "https://app.test/")
+            await sign_in(browser, page, "dora", "a wrong password")
+            done = await follow(browser, await sign_in(browser, page, "dora"), "https://app.test/")
+            code = query(done.headers["location"])["code"]
+            tokens = (await browser.post("/oauth/v2/token", headers=basic("webapp", secret), data={
+                "grant_type": "authorization_code", "code": code, "redirect_uri": "https://app.test/cb",
+                "code_verifier": verifier})).json()
+            jwt = (await browser.post("/oauth/v2/introspect", headers={**basic("webapp", secret),
+                                                                       "Accept": "application/jwt"},
+                                      data={"token": tokens["access_token"]})).text
+            refreshed = (await browser.post("/oauth/v2/token", headers=basic("webapp", secret), data={
+                "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]})).json()
+            phantom = await browser.get("/oauth/v2/phantom",
+                                        headers={"authorization": f"Bearer {refreshed['access_token']}"})
+            assert phantom.status_code == 200
+            seen += [code, verifier, jwt, *browser.cookies.values(), tokens["access_token"], tokens["refresh_token"],
+                     tokens["id_token"], refreshed["access_token"], refreshed["refresh_token"],
+                     phantom.headers["authorization"].split()[1]]
+    log = (tmp_path / "server.log").read_text()
+    assert all(line.startswith("{") for line in log.splitlines())  # uvicorn's lines too are the process's JSON
+    leaked = [value[:12] + "..." for value in seen if value in log]
+    assert leaked == [], leaked
