@@ -61,6 +61,11 @@ async def test_unknown_client_shows_an_error_page(client, client_id):
         ("https://127.0.0.1:53917/callback", False),
         ("http://localhost.evil.test:8000", False),
         ("http://user@localhost:8000", False),
+        # only the port may differ: scheme and host are compared exactly, never case-folded (RFC 8252 §7.3)
+        ("HTTP://127.0.0.1:53917/callback", False),
+        ("Http://localhost:8000", False),
+        ("http://LOCALHOST:8000", False),
+        ("http://127.0.0.1:99999/callback", False),
     ],
 )
 async def test_native_clients_may_use_any_loopback_port(client, redirect_uri, allowed):

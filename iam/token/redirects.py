@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import re
 
-from iam.config import LOOPBACK_HOSTS, ClientConfig
+from iam.config import ClientConfig
+
+# http://<loopback host>[:<port>]<rest>, as written: the port is the only part allowed to differ (RFC 8252 §7.3);
+# scheme and host are compared exactly, like the rest of the URI (RFC 9700 §4.1.3), never case-folded.
+_LOOPBACK = re.compile(r"http://(127\.0\.0\.1|\[::1\]|localhost)(?::([0-9]{1,5}))?([/?#].*)?", re.DOTALL)
 
 
 def _without_port(uri: str) -> tuple | None:
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError:
+    match = _LOOPBACK.fullmatch(uri)
+    if match is None or (match[2] is not None and int(match[2]) > 65535):
         return None
-    if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS or "@" in parts.netloc:
-        return None
-    return (parts.scheme, parts.hostname, parts.path, parts.query, parts.fragment)
+    return match[1], match[3] or ""
 
 
 def redirect_uri_allowed(client: ClientConfig, uri: str) -> bool:
