@@ -240,7 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.iam = runtime
-    app.add_middleware(Observability)
+    app.add_middleware(Observability, headers=pages.every_response(settings.issuer))
     errors.install(app)
     app.include_router(health.router)
     if settings.role.serves(Role.TOKEN):

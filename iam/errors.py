@@ -10,10 +10,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 log = logging.getLogger("iam.errors")
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+MAX_DESCRIPTION = 200
+
+
+def description_text(text: str | None) -> str | None:
+    """An error_description as RFC 6749 §5.2 allows it (%x20-21 / %x23-5B / %x5D-7E): anything else, which may
+    come from the request (a parameter's name), becomes '?'. Also safe inside a quoted WWW-Authenticate value."""
+    if text is None:
+        return None
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text[:MAX_DESCRIPTION])
 
 
 class OAuthError(Exception):
@@ -24,8 +35,7 @@ class OAuthError(Exception):
     ) -> None:
         super().__init__(description or error)
         self.error = error
-        # RFC 6749 §5.2: error_description is printable ASCII without '"' and '\'.
-        self.description = description
+        self.description = description_text(description)
         self.status = status
         self.headers = headers or {}
 
@@ -45,7 +55,7 @@ def invalid_token(description: str | None = None) -> OAuthError:
     # RFC 6750 §3: a bad bearer token is 401 with the error in WWW-Authenticate.
     challenge = 'Bearer realm="iam"'
     if description is not None:
-        challenge += f', error="invalid_token", error_description="{description}"'
+        challenge += f', error="invalid_token", error_description="{description_text(description)}"'
     return OAuthError("invalid_token", description, 401, {"WWW-Authenticate": challenge})
 
 
@@ -65,6 +75,21 @@ def temporarily_unavailable() -> Response:
     ).response()
 
 
+def _methods_served(request: Request) -> list[str]:
+    """Every method some route serves at this path (RFC 9110 §15.5.6), not only the first matching route's."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _routes(routes):
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI keeps an included router as one entry
+        yield from _routes(included.routes) if included is not None else (route,)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OAuthError)
     async def _oauth(_: Request, exc: OAuthError) -> Response:
@@ -75,9 +100,19 @@ def install(app: FastAPI) -> None:
         return OAuthError("invalid_request", "malformed request").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return json_response({"error": error}, exc.status_code, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_methods_served(request))}
+        return json_response({"error": error}, exc.status_code, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client went away mid-upload: nothing failed here, and no one reads the answer. 499 (nginx's "client
+        # closed request") keeps it out of the 5xx error rate.
+        log.info("client disconnected before its request was read", extra={"path": request.url.path})
+        return Response(status_code=499)
 
     from iam.peers import PeerRejected, PeerUnavailable
 

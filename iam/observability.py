@@ -257,10 +257,12 @@ def _trace_ids() -> dict:
 
 # -- the request middleware ------------------------------------------------------------------------------
 class Observability:
-    """Pure ASGI middleware: per request, one counter and one histogram sample (and a span when tracing)."""
+    """Pure ASGI middleware: per request, one counter and one histogram sample (and a span when tracing), and the
+    headers every response carries (`headers`, computed once: iam.pages.every_response)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, headers: list[tuple[bytes, bytes]] = ()) -> None:
         self.app = app
+        self.headers = list(headers)
         self._children: dict[tuple, tuple] = {}
 
     def _metrics(self, route: str, method: str, status: int):
@@ -282,6 +284,7 @@ class Observability:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *self.headers]
             await send(message)
 
         span = None

@@ -14,16 +14,15 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
-from joserfc import jwt
-from joserfc.errors import JoseError
 
 from iam.config import ClientConfig
-from iam.errors import NO_STORE, OAuthError, json_response
+from iam.errors import NO_STORE, OAuthError, description_text, json_response
 from iam.http import is_digits, parse_params, read_form, read_params, with_params
 from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
+from iam.token.claims import id_token_hint_claims
 from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
@@ -43,7 +42,7 @@ class AuthorizationError(Exception):
     def __init__(self, error: str, description: str) -> None:
         super().__init__(description)
         self.error = error
-        self.description = description
+        self.description = description_text(description)
 
 
 @router.api_route("/oauth/v2/authorize", methods=["GET", "POST"])
@@ -178,13 +177,12 @@ def _hinted_subject(iam, client: ClientConfig, hint: str | None) -> str | None:
     if hint is None:
         return None
     try:
-        decoded = jwt.decode(hint, iam.keys.public_set, algorithms=["RS256"])
-    except (JoseError, ValueError, TypeError):
+        claims = id_token_hint_claims(iam, hint)
+    except ValueError:
         raise AuthorizationError("invalid_request", "id_token_hint is not an ID token from this server") from None
-    claims = decoded.claims
-    if claims.get("iss") != iam.settings.issuer or claims.get("aud") != client.client_id:
+    if claims["aud"] != client.client_id:
         raise AuthorizationError("invalid_request", "id_token_hint was not issued to this client")
-    return claims.get("sub")
+    return claims["sub"]
 
 
 def _to_client(iam, redirect_uri: str, status: int, **params) -> Response:
@@ -221,7 +219,7 @@ async def resume(request: Request) -> Response:
         return _to_client(iam, pending["redirect_uri"], 302, state=pending["state"], **response)
 
     if claims.get("error"):
-        return back(error=claims["error"], error_description=claims.get("error_description"))
+        return back(error=claims["error"], error_description=description_text(claims.get("error_description")))
     auth_time = claims.get("auth_time")
     if not isinstance(auth_time, int) or not claims.get("sub"):
         return error_page("Sign-in not verified", "The sign-in assertion is incomplete.")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 
+from joserfc import jwt
+from joserfc.errors import JoseError
+
 from iam.peers import UserClaims
+
+ID_TOKEN_TYP = "JWT"  # what ID tokens carry in `typ`; access tokens are at+jwt, signed introspection responses
+# token-introspection+jwt (RFC 9068 §2.1, RFC 9701 §5), with the same keys
 
 SCOPE_CLAIMS = {
     "profile": ("name", "given_name", "family_name", "preferred_username", "updated_at"),
@@ -57,4 +63,19 @@ def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaim
     if include_nonce and grant.get("nonce"):
         claims["nonce"] = grant["nonce"]
     claims.update(scoped_claims(user, set(grant["scope"].split())))
+    return claims
+
+
+def id_token_hint_claims(iam, hint: str) -> dict:
+    """The claims of an ID token this issuer signed (OIDC Core §3.1.2.1: expired ones are fine), else ValueError.
+    Nothing else the same keys sign passes: not an access token's JWT, not a signed introspection response."""
+    try:
+        decoded = jwt.decode(hint, iam.keys.public_set, algorithms=["RS256"])
+    except (JoseError, ValueError, TypeError):
+        raise ValueError("not signed by this server") from None
+    claims = decoded.claims
+    if (decoded.header.get("typ") != ID_TOKEN_TYP or claims.get("iss") != iam.settings.issuer
+            or not isinstance(claims.get("sub"), str) or not isinstance(claims.get("aud"), str)
+            or claims.get("azp") != claims["aud"]):
+        raise ValueError("not an ID token of this issuer")
     return claims

@@ -12,8 +12,6 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
-from joserfc import jwt
-from joserfc.errors import JoseError
 
 from iam.errors import OAuthError
 from iam.http import read_params
@@ -21,6 +19,7 @@ from iam.observability import audit
 from iam.pages import HARDENING, error_page
 from iam.peers import LOGOUT_TYP
 from iam.roles import Role
+from iam.token.claims import id_token_hint_claims
 
 router = APIRouter()
 
@@ -35,10 +34,8 @@ async def end_session(request: Request) -> Response:
     hint = None
     if params.get("id_token_hint"):
         try:
-            hint = jwt.decode(params["id_token_hint"], iam.keys.public_set, algorithms=["RS256"]).claims
-        except (JoseError, ValueError, TypeError):
-            return error_page("Invalid sign-out request", "The id_token_hint was not issued by this server.")
-        if hint.get("iss") != iam.settings.issuer:
+            hint = id_token_hint_claims(iam, params["id_token_hint"])
+        except ValueError:
             return error_page("Invalid sign-out request", "The id_token_hint was not issued by this server.")
     client_id = params.get("client_id") or (hint or {}).get("aud")
     if hint is not None and client_id != hint.get("aud"):

@@ -6,7 +6,7 @@ from iam.config import ClientConfig
 from iam.errors import OAuthError
 from iam.peers import UserClaims
 from iam.token.access_tokens import IssuedToken, digest, new_token
-from iam.token.claims import id_token_claims, scoped_claims
+from iam.token.claims import ID_TOKEN_TYP, id_token_claims, scoped_claims
 from iam.token.store import RefreshTokenRow
 
 
@@ -42,5 +42,5 @@ def mint(iam, client: ClientConfig, grant: dict, user: UserClaims, scope: str, n
         claims = id_token_claims(issuer=iam.settings.issuer, client_id=client.client_id, grant=grant, user=user,
                                  access_token=access.token, now=now, ttl=client.id_token_ttl,
                                  include_nonce=include_nonce)
-        body["id_token"] = iam.keys.sign(claims, alg="RS256", typ="JWT")
+        body["id_token"] = iam.keys.sign(claims, alg="RS256", typ=ID_TOKEN_TYP)
     return body, access, refresh_row
