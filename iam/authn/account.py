@@ -10,7 +10,6 @@ from fastapi.responses import RedirectResponse
 
 from iam.authn.credentials import PasswordRejected
 from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, known_device, page
-from iam.authn.throttle import account_key
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
 from iam.errors import OAuthError
 from iam.http import client_address, parse_params, read_form, with_params
@@ -122,7 +121,7 @@ async def _reauthenticate(request: Request, subject: str, password: str, purpose
     password is right, else the status and message to show."""
     iam = request.app.state.iam
     user = await iam.directory.claims(subject)
-    account = account_key(user.preferred_username if user and user.preferred_username else subject)
+    account = user.preferred_username if user and user.preferred_username else subject
     address = client_address(request, iam.settings.trusted_proxies)
     if await iam.throttle.check(account, address, known_device(request)):
         return 429, "Too many attempts. Try again later."

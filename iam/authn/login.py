@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL, account_key
+from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
 from iam.config import SCOPE_TOKEN
 from iam.errors import OAuthError
 from iam.http import client_address, is_digits, parse_params, read_form
@@ -200,7 +200,7 @@ async def login_submit(request: Request) -> Response:
         return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
     username = form.get("username", "").strip()[:255]
     password = form.get("password", "")
-    account, address = account_key(username), client_address(request, iam.settings.trusted_proxies)
+    account, address = username, client_address(request, iam.settings.trusted_proxies)
     wait = await iam.throttle.check(account, address, known_device(request))
     source = source_of(request)
     if wait:

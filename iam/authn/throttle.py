@@ -63,15 +63,15 @@ class Throttle:
     def _keys(account: str | None, address: str) -> list[str]:
         keys = [f"addr:{address}"]
         if account is not None:
-            keys += [f"pair:{address} {account}", f"acct:{account}"]
+            keys += [f"pair:{address} {account_key(account)}", f"acct:{account_key(account)}"]
         return keys
 
     async def check(self, account: str | None, address: str, device: str | None = None) -> int:
-        """Seconds until this guess may be made (0: now). `account` None throttles by address only (user codes);
-        `device` is the browser's known-device cookie, if it sent one."""
+        """Seconds until this guess may be made (0: now). `account` is the username as typed (None throttles by
+        address only, for user codes); `device` is the browser's known-device cookie, if it sent one."""
         keys = self._keys(account, address)
         if account is not None and device and await self._known(account, device):
-            keys.remove(f"acct:{account}")
+            keys.pop()  # the account's bucket
         now = int(self.clock())
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(login_failures).where(login_failures.c.key.in_(keys)))).all()
@@ -94,12 +94,12 @@ class Throttle:
         """The right secret from this address: its pair counter starts afresh. The account's bucket does not (a
         sign-in by the owner must not hand an attacker elsewhere a new burst of guesses)."""
         async with self.engine.begin() as conn:
-            await conn.execute(delete(login_failures).where(login_failures.c.key == f"pair:{address} {account}"))
+            await conn.execute(delete(login_failures).where(login_failures.c.key == self._keys(account, address)[1]))
 
     def device_cookie(self, account: str) -> str:
         """The known-device cookie's value for a browser that just signed in as `account`."""
-        return self.identity.sign(Role.AUTHENTICATION, DEVICE_TYP, {"acct": account}, issuer=Role.AUTHENTICATION,
-                                  ttl=DEVICE_TTL)
+        return self.identity.sign(Role.AUTHENTICATION, DEVICE_TYP, {"acct": account_key(account)},
+                                  issuer=Role.AUTHENTICATION, ttl=DEVICE_TTL)
 
     async def _known(self, account: str, device: str) -> bool:
         try:
@@ -108,7 +108,7 @@ class Throttle:
                                                  max_ttl=DEVICE_TTL)
         except PeerRejected:
             return False
-        return claims.get("acct") == account
+        return claims.get("acct") == account_key(account)
 
     async def purge_stale(self, now: int, batch: int) -> int:
         """Delete at most `batch` rows that neither lock, count nor owe any more (their window is over)."""
