@@ -13,6 +13,9 @@ from iam.errors import OAuthError
 MAX_FORM_BYTES = 16 * 1024
 MAX_VALUE_CHARS = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
+# The `token` of introspection and revocation is whatever a resource server or client holds, often a long JWT
+# of another issuer: RFC 7662 §2.2 answers it `active: false` and RFC 7009 §2.2 200, never a 400.
+TOKEN_PARAMETER = frozenset({"token"})
 
 
 def is_digits(text: str) -> bool:
@@ -20,10 +23,11 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-async def read_form(request: Request) -> dict[str, str]:
+async def read_form(request: Request, long_values: frozenset[str] = frozenset()) -> dict[str, str]:
     """Parse an `application/x-www-form-urlencoded` body (RFC 6749 §3.2, §4.1.3).
 
-    Parameters sent more than once are refused (RFC 6749 §3.1); so are bodies and values over the limits.
+    Parameters sent more than once are refused (RFC 6749 §3.1); so are bodies and values over the limits. The
+    parameters named in `long_values` are bounded by the body limit alone (see TOKEN_PARAMETER).
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != FORM_TYPE:
@@ -37,7 +41,7 @@ async def read_form(request: Request) -> dict[str, str]:
         if len(body) > MAX_FORM_BYTES:
             raise OAuthError("invalid_request", "request body too large", 413)
     try:
-        return parse_params(body.decode())
+        return parse_params(body.decode(), long_values)
     except UnicodeDecodeError:
         raise OAuthError("invalid_request", "malformed form body") from None
 
@@ -47,7 +51,7 @@ async def read_params(request: Request) -> dict[str, str]:
     return await read_form(request) if request.method == "POST" else parse_params(request.url.query)
 
 
-def parse_params(encoded: str) -> dict[str, str]:
+def parse_params(encoded: str, long_values: frozenset[str] = frozenset()) -> dict[str, str]:
     """Parse urlencoded parameters, refusing repeats (RFC 6749 §3.1) and values over the limit."""
     if len(encoded) > MAX_FORM_BYTES:
         raise OAuthError("invalid_request", "request too large", 413)
@@ -59,7 +63,7 @@ def parse_params(encoded: str) -> dict[str, str]:
     for name, value in pairs:
         if name in form:
             raise OAuthError("invalid_request", f"parameter {name} sent more than once")
-        if len(value) > MAX_VALUE_CHARS:
+        if len(value) > MAX_VALUE_CHARS and name not in long_values:
             raise OAuthError("invalid_request", f"parameter {name} is too long")
         if value:  # RFC 6749 §3.1: parameters sent without a value are treated as omitted
             form[name] = value

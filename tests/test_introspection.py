@@ -121,6 +121,28 @@ async def test_unknown_or_malformed_tokens_are_inactive(client, token):
         assert response.json() == {"active": False}
 
 
+FOREIGN_JWT = "eyJhbGciOiJSUzI1NiJ9." + "eyJncm91cHMiOlsi" + "Z3JvdXAtYS" * 1500 + ".c2ln"  # ~15 KB, many groups
+
+
+@pytest.mark.parametrize("token", ["x" * 5000, FOREIGN_JWT], ids=["5000-chars", "foreign-jwt"])
+async def test_a_long_token_of_another_issuer_is_inactive_rfc7662_s2_2(client, token):
+    """RFC 7662 §2.2: any token the server does not know is `active: false`, however long, within the body limit."""
+    assert (await introspect(client, token)).json() == {"active": False}
+    assert (await introspect(client, token, accept="application/jwt")).json() == {"active": False}
+    # RFC 7009 §2.2: revoking a token the server does not know answers 200.
+    revoked = await client.post("/oauth/v2/revoke", data={"token": token}, headers=basic("svc-basic"))
+    assert revoked.status_code == 200
+
+
+async def test_a_body_over_the_limit_is_still_refused(client):
+    response = await introspect(client, "x" * 17000)
+    assert response.status_code == 413 and response.json()["error"] == "invalid_request"
+    # Other parameters keep their per-value bound.
+    response = await client.post("/oauth/v2/introspect", headers=basic("svc-basic"),
+                                 data={"token": "x", "token_type_hint": "y" * 5000})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+
+
 async def test_introspection_requires_client_authentication(client):
     token = (await get_token(client))["access_token"]
     anonymous = await client.post("/oauth/v2/introspect", data={"token": token})

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
-from iam.http import PlainRoute, read_form
+from iam.http import TOKEN_PARAMETER, PlainRoute, read_form
 from iam.internal import require_peer
 from iam.observability import INTROSPECTIONS
 from iam.roles import Role
@@ -26,7 +26,7 @@ JWT_RESPONSE = "application/token-introspection+jwt"
 
 async def introspect(request: Request) -> Response:
     iam = request.app.state.iam
-    form = await read_form(request)
+    form = await read_form(request, TOKEN_PARAMETER)
     caller = await authenticate(request, form)
     if caller.is_public:
         # RFC 7662 §2.1 / §4: the endpoint requires authorization, against token scanning.

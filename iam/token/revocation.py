@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError
-from iam.http import read_form
+from iam.http import TOKEN_PARAMETER, read_form
 from iam.internal import require_peer
 from iam.observability import audit, source_of
 from iam.roles import Role
@@ -23,7 +23,7 @@ async def revoke_subject(sub: str, request: Request) -> Response:
 @router.post("/oauth/v2/revoke")
 async def revoke(request: Request) -> Response:
     iam = request.app.state.iam
-    form = await read_form(request)
+    form = await read_form(request, TOKEN_PARAMETER)
     client = await authenticate(request, form)
     token = form.get("token")
     if token is None:
