@@ -655,8 +655,9 @@ async def test_discovery(scim):
     scim_error(await scim.get("/ResourceTypes/Nope"), 404)
 
     schemas = (await scim.get("/Schemas")).json()
-    assert {s["id"] for s in schemas["Resources"]} == {USER_SCHEMA, IAM_USER,
-                                                       "urn:ietf:params:scim:schemas:core:2.0:Group"}
+    assert {s["id"] for s in schemas["Resources"]} == {USER_SCHEMA, IAM_USER, *(
+        f"urn:ietf:params:scim:schemas:core:2.0:{name}" for name in ("Group", "ServiceProviderConfig",
+                                                                     "ResourceType", "Schema"))}
     user_schema = (await scim.get(f"/Schemas/{USER_SCHEMA}")).json()
     attrs = {a["name"]: a for a in user_schema["attributes"]}
     assert attrs["password"]["returned"] == "never" and attrs["password"]["mutability"] == "writeOnly"
@@ -691,3 +692,41 @@ def test_the_scim_base_url_is_configurable(tmp_path):
     assert Settings.model_validate({"issuer": "https://iam.test"}).scim_base == "https://iam.test/scim/v2"
     with pytest.raises(ValueError, match="scim_url"):
         Settings.model_validate({"issuer": "https://iam.test", "scim_url": "scim.internal"})
+
+
+SCIM_TYPES = {"string": str, "reference": str, "dateTime": str, "boolean": bool, "integer": int, "complex": dict}
+
+
+def conforms(value: dict, attributes: list[dict], where: str) -> None:
+    """`value` holds only attributes of these definitions, of their type, with every required one present."""
+    defined = {a["name"]: a for a in attributes}
+    for name in value:
+        assert name in defined or name in ("schemas", "meta", "id"), f"{where}.{name} is not in its schema"
+    for name, attr in defined.items():
+        if name not in value:
+            assert not attr["required"] or name == "id", f"{where}.{name} is required"
+            continue
+        values = value[name] if attr["multiValued"] else [value[name]]
+        assert isinstance(values, list), f"{where}.{name} is multi-valued"
+        for item in values:
+            assert type(item) is SCIM_TYPES[attr["type"]], f"{where}.{name} is not a {attr['type']}"
+            if attr["type"] == "complex":  # RFC 7643 §7: subAttributes have the characteristics of attributes
+                conforms(item, attributes if name == "subAttributes" else attr["subAttributes"], f"{where}.{name}")
+            if "canonicalValues" in attr and attr["type"] == "string":
+                assert item in attr["canonicalValues"], f"{where}.{name}: {item!r}"
+
+
+async def test_discovery_documents_are_described_by_their_schemas_rfc7643_s5_to_s7(scim):
+    """A client reads /Schemas to interpret /ServiceProviderConfig, /ResourceTypes and /Schemas themselves."""
+    described = {s["id"]: s for s in (await scim.get("/Schemas")).json()["Resources"]}
+    documents = [(await scim.get("/ServiceProviderConfig")).json(),
+                 *(await scim.get("/ResourceTypes")).json()["Resources"], *described.values()]
+    for document in documents:
+        (urn,) = document["schemas"]
+        assert urn in described, f"/Schemas does not describe {urn}"
+        conforms(document, described[urn]["attributes"], urn)
+        assert (await scim.get(f"/Schemas/{urn}")).json() == described[urn]
+    spc = {a["name"]: a for a in described["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"]["attributes"]}
+    assert spc["bulk"]["subAttributes"][1] == {
+        "name": "maxOperations", "type": "integer", "multiValued": False, "required": True, "mutability": "readOnly",
+        "description": "The maximum number of operations.", "returned": "default", "uniqueness": "none"}

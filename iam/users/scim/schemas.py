@@ -27,7 +27,7 @@ DEFAULT_COUNT = 100
 @dataclass(frozen=True)
 class Attr:
     name: str
-    type: str = "string"  # string | boolean | complex | reference | dateTime
+    type: str = "string"  # string | boolean | integer | complex | reference | dateTime
     multi: bool = False
     required: bool = False
     case_exact: bool = False
@@ -218,10 +218,96 @@ class ResourceType:
         }
 
 
+# The schemas of the discovery resources themselves (RFC 7643 §5-7, as §8.7.2 represents them): clients read
+# these to interpret /ServiceProviderConfig, /ResourceTypes and /Schemas. Every attribute is read-only.
+def _ro(name: str, type_: str = "string", **kw) -> Attr:
+    return Attr(name, type_, mutability="readOnly", **kw)
+
+
+def _supported(name: str, description: str, *extra: Attr) -> Attr:
+    return _ro(name, "complex", required=True, description=description, sub=(
+        _ro("supported", "boolean", required=True, description="Whether the operation is supported."), *extra))
+
+
+SPC_SCHEMA_DEFINITION = Schema(SPC_SCHEMA, "Service Provider Configuration",
+                               "Schema for representing the service provider's configuration", (
+    _ro("documentationUri", "reference", reference_types=("external",), max_length=2048,
+        description="An HTTP-addressable URL pointing to the service provider's human-consumable help documentation."),
+    _supported("patch", "A complex type that specifies PATCH configuration options."),
+    _supported("bulk", "A complex type that specifies bulk configuration options.",
+               _ro("maxOperations", "integer", required=True, description="The maximum number of operations."),
+               _ro("maxPayloadSize", "integer", required=True, description="The maximum payload size in bytes.")),
+    _supported("filter", "A complex type that specifies FILTER options.",
+               _ro("maxResults", "integer", required=True, description="The maximum number of resources returned.")),
+    _supported("changePassword", "A complex type that specifies configuration options related to changing a password."),
+    _supported("sort", "A complex type that specifies sort result options."),
+    _supported("etag", "A complex type that specifies ETag configuration options."),
+    _ro("authenticationSchemes", "complex", multi=True, required=True,
+        description="A complex type that specifies supported authentication scheme properties.", sub=(
+            _ro("type", required=True, canonical=("oauth", "oauth2", "oauthbearertoken", "httpbasic", "httpdigest"),
+                description="The authentication scheme."),
+            _ro("name", required=True, description="The common authentication scheme name, e.g., HTTP Basic."),
+            _ro("description", required=True, description="A description of the authentication scheme."),
+            _ro("specUri", "reference", reference_types=("external",), max_length=2048,
+                description="An HTTP-addressable URL pointing to the authentication scheme's specification."),
+            _ro("documentationUri", "reference", reference_types=("external",), max_length=2048,
+                description="An HTTP-addressable URL pointing to the authentication scheme's usage documentation."),
+            _ro("primary", "boolean", description="Whether this is the preferred authentication scheme."),
+        )),
+))
+
+RESOURCE_TYPE_SCHEMA_DEFINITION = Schema(RESOURCE_TYPE_SCHEMA, "ResourceType",
+                                         "Specifies the schema that describes a SCIM resource type", (
+    _ro("id", description="The resource type's server unique id; the same as the 'name' attribute."),
+    _ro("name", required=True, description="The resource type name, e.g. 'User'."),
+    _ro("description", description="The resource type's human-readable description."),
+    _ro("endpoint", "reference", required=True, reference_types=("uri",), max_length=2048,
+        description="The resource type's HTTP-addressable endpoint relative to the Base URL, e.g., '/Users'."),
+    _ro("schema", "reference", required=True, case_exact=True, reference_types=("uri",), max_length=2048,
+        description="The resource type's primary/base schema URI."),
+    _ro("schemaExtensions", "complex", multi=True,
+        description="A list of URIs of the resource type's schema extensions.", sub=(
+            _ro("schema", "reference", required=True, case_exact=True, reference_types=("uri",), max_length=2048,
+                description="The URI of a schema extension."),
+            _ro("required", "boolean", required=True,
+                description="Whether the extension is required for this resource type."),
+        )),
+))
+
+_ATTRIBUTE_CHARACTERISTICS = (
+    _ro("name", required=True, case_exact=True, description="The attribute's name."),
+    _ro("type", required=True, canonical=("string", "complex", "boolean", "decimal", "integer", "dateTime",
+                                          "reference", "binary"), description="The attribute's data type."),
+    _ro("multiValued", "boolean", required=True, description="Whether the attribute is multi-valued."),
+    _ro("description", description="A human-readable description of the attribute."),
+    _ro("required", "boolean", required=True, description="Whether the attribute is required."),
+    _ro("canonicalValues", multi=True, case_exact=True, description="A collection of suggested canonical values."),
+    _ro("caseExact", "boolean", description="Whether string values are case sensitive."),
+    _ro("mutability", canonical=("readOnly", "readWrite", "immutable", "writeOnly"),
+        description="Whether and how the attribute can be modified."),
+    _ro("returned", canonical=("always", "never", "default", "request"),
+        description="When the attribute is returned in a response."),
+    _ro("uniqueness", canonical=("none", "server", "global"), description="How the attribute's values must be unique."),
+    _ro("referenceTypes", multi=True, description="The names of the resource types that may be referenced."),
+)
+
+SCHEMA_SCHEMA_DEFINITION = Schema(SCHEMA_SCHEMA, "Schema",
+                                  "Specifies the schema attribute definitions of a resource or extension", (
+    _ro("id", required=True, description="The unique URI of the schema."),
+    _ro("name", description="The schema's human-readable name."),
+    _ro("description", description="The schema's human-readable description."),
+    _ro("attributes", "complex", multi=True, required=True, description="A complex attribute that includes the "
+        "attributes of a schema.", sub=(*_ATTRIBUTE_CHARACTERISTICS, _ro(
+            "subAttributes", "complex", multi=True, sub=_ATTRIBUTE_CHARACTERISTICS,
+            description="Used to define the sub-attributes of a complex attribute."))),
+))
+
 USER = ResourceType("User", "/Users", "User Account", USER_SCHEMA, (IAM_USER_SCHEMA,))
 GROUP = ResourceType("Group", "/Groups", "Group", GROUP_SCHEMA)
 RESOURCE_TYPES = (USER, GROUP)
-ALL_SCHEMAS = (USER_SCHEMA, GROUP_SCHEMA, IAM_USER_SCHEMA)
+# Everything /Schemas describes: the resources' schemas, then those of the discovery documents (RFC 7644 §4).
+ALL_SCHEMAS = (USER_SCHEMA, GROUP_SCHEMA, IAM_USER_SCHEMA,
+               SPC_SCHEMA_DEFINITION, RESOURCE_TYPE_SCHEMA_DEFINITION, SCHEMA_SCHEMA_DEFINITION)
 
 
 def service_provider_config(base: str) -> dict:
