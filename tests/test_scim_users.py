@@ -324,6 +324,58 @@ async def test_patch_errors_change_nothing(scim):
     assert await dump_store(scim.app) == before
 
 
+# -- unassigned attributes (RFC 7643 §2.5, RFC 7644 §3.5.1, §3.5.2.2) -------------------------------------------
+async def test_active_cannot_be_unassigned_and_a_refusal_changes_nothing(scim):
+    """A user is active or not: unassigning `active` (remove, null) is 400 invalidValue, never a silent 200."""
+    user = await scim.create_user(active=False)
+    path = f"/Users/{user['id']}"
+    before = await dump_store(scim.app)
+    for operations in ([{"op": "remove", "path": "active"}],
+                       [{"op": "replace", "path": "active", "value": None}],
+                       [{"op": "replace", "value": {"active": None}}],
+                       [{"op": "add", "path": "active", "value": None}],
+                       [{"op": "replace", "path": "password", "value": None}],
+                       [{"op": "remove", "path": "password"}]):
+        body = scim_error(await scim.patch(path, operations), 400, "mutability" if operations[0].get(
+            "path") == "password" and operations[0]["op"] == "remove" else "invalidValue")
+        assert "unassigned" in body["detail"] or "removed" in body["detail"], body
+    for put in ({"active": None}, {"password": None}):
+        scim_error(await scim.put(path, {"schemas": [USER_SCHEMA], "userName": user["userName"], **put}), 400,
+                   "invalidValue")
+    assert await dump_store(scim.app) == before
+    assert (await scim.directory.claims(user["id"])).active is False
+    # Omitted from a PUT, it is not asserted (RFC 7644 §3.5.1): the current value stays.
+    kept = await scim.put(path, {"schemas": [USER_SCHEMA], "userName": user["userName"]})
+    assert kept.status_code == 200 and kept.json()["active"] is False
+
+
+@pytest.mark.parametrize("unassign", [
+    [{"op": "remove", "path": f"{IAM_USER}:emailVerified"}],
+    [{"op": "replace", "path": f"{IAM_USER}:emailVerified", "value": None}],
+    [{"op": "replace", "value": {f"{IAM_USER}:emailVerified": None}}],
+    [{"op": "remove", "path": IAM_USER}],
+    {IAM_USER: {"emailVerified": None}},
+    {IAM_USER: None},
+], ids=["patch-remove", "patch-null", "patch-no-path-null", "patch-remove-extension", "put-null",
+        "put-null-extension"])
+async def test_unassigned_email_verified_is_false(scim, unassign):
+    """An address nobody asserted as verified is not verified: the OIDC email_verified claim becomes false."""
+    user = await scim.create_user(emails=[{"value": "v@example.com", "primary": True}], **{IAM_USER: {"emailVerified": True}})
+    path = f"/Users/{user['id']}"
+    if isinstance(unassign, list):
+        response = await scim.patch(path, unassign)
+    else:
+        response = await scim.put(path, {"schemas": [USER_SCHEMA, IAM_USER], "userName": user["userName"],
+                                         "emails": user["emails"], **unassign})
+    assert response.status_code == 200, response.text
+    assert response.json()[IAM_USER] == {"emailVerified": False}
+    assert (await scim.directory.claims(user["id"])).email_verified is False
+    # Omitted from a PUT with the same primary address, it is not asserted: kept.
+    await scim.patch(path, [{"op": "replace", "path": f"{IAM_USER}:emailVerified", "value": True}])
+    kept = await scim.put(path, {"schemas": [USER_SCHEMA], "userName": user["userName"], "emails": user["emails"]})
+    assert kept.json()[IAM_USER] == {"emailVerified": True}
+
+
 # -- replace: read-only attributes ------------------------------------------------------------------------------
 async def test_put_accepts_what_get_returned_but_no_change_to_read_only_attributes(scim):
     user = await scim.create_user(displayName="Round Trip")

@@ -178,14 +178,14 @@ def _apply(doc: dict, op: str, target: Target, value: Any, rtype: ResourceType, 
         if op == "remove":
             raise mutability(f"{attr.name} cannot be removed: set a new one, or deactivate the user")
         container[attr.name] = validate(attr, value, where)
-        if container[attr.name] is None:
-            raise invalid_value(f"{where} must be a string")
         return
     if target.filter is not None:
         _filtered(container, op, target, value)
     elif target.sub is not None:
         _sub(container, op, attr, target.sub, value, where)
     elif op == "remove":
+        if not attr.clearable:  # the same rule as a null value
+            validate(attr, None, where)
         if value is not None and attr.multi and attr.child("value") is not None:
             _remove_listed(container, attr, value, where)
         else:

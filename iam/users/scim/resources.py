@@ -39,6 +39,8 @@ NAME_COLUMNS = ("givenName", "familyName")
 def validate(attr: Attr, value: Any, where: str) -> Any:
     """The canonical form of `value` for `attr`, or None for "unassigned" (null, [] and {} alike)."""
     if value is None:
+        if not attr.clearable:
+            raise invalid_value(f"{where} cannot be unassigned: give it a value")
         return None
     if attr.multi:
         if not isinstance(value, list):
@@ -118,8 +120,8 @@ def document(body: Any, rtype: ResourceType) -> tuple[dict, dict]:
             if key.casefold() in seen:
                 raise invalid_syntax(f"{extension.id} is given twice")
             seen.add(key.casefold())
-            if value is None:
-                continue
+            if value is None:  # null clears every attribute of the extension (RFC 7644 §3.5.1)
+                value = dict.fromkeys(a.name for a in extension.attributes)
             if not isinstance(value, dict):
                 raise invalid_value(f"{extension.id} must be an object")
             inner: dict = {}
@@ -191,7 +193,9 @@ def user_input(doc: dict, read_only: dict | None = None) -> UserInput:
         attributes=attributes,
         emails=emails,
     )
-    verified = (doc.get(IAM_USER) or {}).get("emailVerified")
+    extension = doc.get(IAM_USER) or {}
+    # Given, unassigned (null) is false; omitted, None: the current value stays while the primary email does.
+    verified = extension["emailVerified"] is True if "emailVerified" in extension else None
     password = doc.get("password")
     return UserInput(new, password, doc.get("active"), verified, _read_only_id(read_only),
                      _group_ids(read_only.get("groups")))

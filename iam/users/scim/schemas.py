@@ -39,6 +39,9 @@ class Attr:
     canonical: tuple[str, ...] = ()
     reference_types: tuple[str, ...] = ()
     max_length: int = 255
+    # False: the attribute may be omitted (a default applies, or a PUT keeps the value) but never unassigned
+    # (null, or PATCH remove: RFC 7643 §2.5, RFC 7644 §3.5.2.2): that is 400 invalidValue, not a silent no-op.
+    clearable: bool = True
 
     def child(self, name: str) -> Attr | None:
         folded = name.casefold()
@@ -139,8 +142,9 @@ USER_SCHEMA = Schema(CORE_USER, "User", "User Account", (
     _s("preferredLanguage", description="The user's preferred language (RFC 7231 Accept-Language)."),
     _s("locale", description="The user's default location (language tag)."),
     _s("timezone", description="The user's time zone (IANA name)."),
-    Attr("active", "boolean", description="Whether the user may sign in; false stops new logins and refreshes."),
-    _s("password", mutability="writeOnly", returned="never", max_length=1024,
+    Attr("active", "boolean", clearable=False,
+         description="Whether the user may sign in; false stops new logins and refreshes. Cannot be unassigned."),
+    _s("password", mutability="writeOnly", returned="never", max_length=1024, clearable=False,
        description="The user's cleartext password; handed to the authentication role, never stored or returned."),
     _multi_value("emails", "Email addresses", ("work", "home", "other"), value_length=320),
     _multi_value("phoneNumbers", "Phone numbers", ("work", "home", "mobile", "fax", "pager", "other")),
@@ -156,7 +160,8 @@ USER_SCHEMA = Schema(CORE_USER, "User", "User Account", (
 IAM_USER_SCHEMA = Schema(IAM_USER, "IamUser", "iam's User extension", (
     Attr("emailVerified", "boolean",
          description="Whether the primary email address is verified (the OIDC email_verified claim). "
-                     "Reset to false when the primary email changes unless set in the same request."),
+                     "Reset to false when the primary email changes unless set in the same request; "
+                     "unassigned (null, removed) is false."),
 ))
 
 GROUP_SCHEMA = Schema(CORE_GROUP, "Group", "Group", (
