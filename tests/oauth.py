@@ -77,3 +77,12 @@ async def refresh(http, token, client_id="webapp", **extra) -> httpx.Response:
     if client_id in SECRETS:
         return await http.post("/oauth/v2/token", data=data, headers=basic(client_id))
     return await http.post("/oauth/v2/token", data={**data, "client_id": client_id})
+
+
+def advertised_paths(metadata: dict) -> list[str]:
+    """The path of every endpoint a discovery document (RFC 8414 §2) points clients at, and its own."""
+    issuer = metadata["issuer"].rstrip("/")
+    urls = [v for k, v in metadata.items() if k.endswith(("_endpoint", "_uri")) and isinstance(v, str)]
+    assert all(url.startswith(issuer + "/") for url in urls), urls
+    wellknown = ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"]
+    return sorted({url[len(issuer):] for url in urls} | set(wellknown))

@@ -18,6 +18,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from iam.config import load_settings
+from iam.token.discovery import metadata
+from iam.token.endpoint import GRANTS
+from tests.oauth import advertised_paths
 from tests.postgres import _bin, free_port
 from tests.server import iam, serve
 
@@ -36,6 +40,7 @@ PUBLIC = [
     "/oauth/v2/token",
     "/oauth/v2/authorize",
     "/oauth/v2/authorize/resume",
+    "/oauth/v2/par",
     "/oauth/v2/introspect",
     "/oauth/v2/revoke",
     "/oauth/v2/jwks",
@@ -260,6 +265,17 @@ def test_ingresses_route_the_public_endpoints_and_nothing_internal(overlay):
             e["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for e in r["http"]["paths"]
         }
         assert "iam-user-management" not in backends
+
+
+def test_the_ingress_routes_every_endpoint_discovery_advertises(overlay):
+    """Discovery, built by the server from the shipped config/iam.yaml, points only at paths the Ingress routes
+    to the token role (an endpoint added to discovery but not to the Ingress is a 404 behind it)."""
+    settings = load_settings(ROOT / "config" / "iam.yaml", env={})
+    advertised = advertised_paths(metadata(settings, sorted(GRANTS)))
+    assert "/oauth/v2/par" in advertised
+    public = of_kind(overlay, "Ingress")["iam-public"]
+    for path in advertised:
+        assert routes(public, path) == ["iam-token"], path
 
 
 def test_the_example_api_gets_jwts_from_the_phantom_endpoint(overlay):

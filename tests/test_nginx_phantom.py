@@ -22,7 +22,8 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from tests.conftest import ISSUER, basic, client_config
+from tests.conftest import ISSUER, WEBAPP_CALLBACK, basic, client_config
+from tests.oauth import advertised_paths
 from tests.postgres import free_port
 from tests.server import serve, token_role_env
 
@@ -332,3 +333,20 @@ def test_the_compose_gateway_routes_only_public_endpoints_to_iam(stack):
             assert received == []
             assert httpx.get(f"{base}/api/orders", headers=bearer(token)).status_code == 200
             assert received[0]["headers"]["Authorization"].startswith("Bearer ey")
+            received.clear()
+
+            # Every endpoint discovery advertises reaches the token role: the same answer as asked directly.
+            advertised = advertised_paths(httpx.get(f"{base}/.well-known/openid-configuration").json())
+            assert "/oauth/v2/par" in advertised
+            for path in advertised:
+                for method in ("GET", "POST"):
+                    direct = httpx.request(method, f"{stack.iam}{path}")
+                    through = httpx.request(method, f"{base}{path}")
+                    assert (through.status_code, through.headers.get("content-type")) == (
+                        direct.status_code, direct.headers.get("content-type")), (method, path)
+            assert received == []
+            # RFC 9126 through the gateway.
+            pushed = httpx.post(f"{base}/oauth/v2/par", headers=basic("webapp"), data={
+                "response_type": "code", "redirect_uri": WEBAPP_CALLBACK, "scope": "openid",
+                "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM", "code_challenge_method": "S256"})
+            assert pushed.status_code == 201, pushed.text
