@@ -23,6 +23,7 @@ from iam.pages import HARDENING, error_page, render
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.security import constant_time_equal
+from iam.token.claims import ACR_MFA, acr_of, known_acr_values
 from iam.token.device import normalise_user_code
 
 router = APIRouter()
@@ -92,6 +93,7 @@ class Flow:
     login_hint: str | None
     device: str | None = None  # a user code to return to after sign-in (RFC 8628 verification)
     scope: str | None = None  # what a client that needs consent asks for (the token role checks it again)
+    acr_values: str | None = None  # the known acr values asked for, in order of preference
 
     @classmethod
     def parse(cls, params: dict[str, str]) -> Flow:
@@ -112,13 +114,18 @@ class Flow:
         if scope is not None and (len(scope) > 1000 or not all(SCOPE_TOKEN.match(t) for t in scope.split())):
             raise ValueError("malformed scope")
         return cls(request, params.get("client_id"), prompt, int(max_age) if max_age else None,
-                   hint[:255] if hint else None, device, " ".join(scope.split()) if scope else None)
+                   hint[:255] if hint else None, device, " ".join(scope.split()) if scope else None,
+                   known_acr_values(params.get("acr_values")))
+
+    @property
+    def wants_mfa(self) -> bool:
+        return (self.acr_values or "").split(" ")[0] == ACR_MFA
 
     def fields(self) -> dict[str, str]:
         """Hidden form fields that carry the flow through the form posts."""
         values = {"request": self.request, "client_id": self.client_id, "prompt": " ".join(sorted(self.prompt)),
                   "max_age": None if self.max_age is None else str(self.max_age), "device": self.device,
-                  "scope": self.scope}
+                  "scope": self.scope, "acr_values": self.acr_values}
         return {key: value for key, value in values.items() if value}
 
 
@@ -166,9 +173,21 @@ async def current_session(request: Request):
 
 
 def login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
-                username: str | None = None) -> Response:
+                username: str | None = None, account: str | None = None) -> Response:
     return page(request, "login.html", status, flow=flow.fields(), client_name=_client_name(request, flow),
-                error=error, username=username or flow.login_hint or "")
+                error=error, username=username or flow.login_hint or "", account=account)
+
+
+async def _reusable(request: Request, flow: Flow, session) -> bool:
+    """Whether the SSO session answers this sign-in request without a new sign-in (OIDC Core §3.1.2.1)."""
+    iam = request.app.state.iam
+    if session is None or "login" in flow.prompt:
+        return False
+    if flow.max_age is not None and iam.sessions.clock() - session.auth_time > flow.max_age:
+        return False
+    # acr_values preferring the second factor: a session of one factor signs in again when the user has TOTP
+    # (else the ID token says the acr it has: acr is a voluntary claim).
+    return not (flow.wants_mfa and acr_of(session.amr) != ACR_MFA and await iam.totp.enabled(session.subject))
 
 
 @router.get("/authn/login")
@@ -178,9 +197,10 @@ async def login_page(request: Request) -> Response:
     except (OAuthError, ValueError):
         return error_page("Invalid sign-in request", "The sign-in link is malformed. Start again from the application.")
     session = await current_session(request)
-    now = request.app.state.iam.sessions.clock()
-    fresh_enough = session is not None and (flow.max_age is None or now - session.auth_time <= flow.max_age)
-    if session is not None and fresh_enough and "login" not in flow.prompt:
+    if await _reusable(request, flow, session):
+        if "select_account" in flow.prompt:  # one session per browser: continue with it, or sign in as another
+            user = await request.app.state.iam.directory.claims(session.subject)
+            return login_form(request, flow, account=user.preferred_username if user else session.subject)
         return await _signed_in(request, flow, session)  # SSO: no new sign-in
     if "none" in flow.prompt and flow.request:
         return _handoff(request, flow, {"error": "login_required",
@@ -223,6 +243,22 @@ async def login_submit(request: Request) -> Response:
                                     issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
         return page(request, "totp.html", mfa=pending)
     return await _start_session(request, flow, subject, ["pwd"], account)
+
+
+@router.post("/authn/login/continue")
+async def continue_as(request: Request) -> Response:
+    """prompt=select_account: the person chose the account they are signed in with."""
+    try:
+        form = await read_form(request)
+        flow = Flow.parse(form)
+    except (OAuthError, ValueError):
+        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
+    if not csrf_ok(request, form):
+        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    session = await current_session(request)
+    if not await _reusable(request, flow, session):
+        return login_form(request, flow)
+    return await _signed_in(request, flow, session)
 
 
 def known_device(request: Request) -> str | None:

@@ -22,7 +22,7 @@ from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
-from iam.token.claims import id_token_hint_claims
+from iam.token.claims import id_token_hint_claims, known_acr_values
 from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
@@ -93,6 +93,7 @@ async def _to_login(iam, client: ClientConfig, pending: dict, status: int, login
         "prompt": pending["prompt"],
         "max_age": pending["max_age"],
         "login_hint": login_hint,
+        "acr_values": pending["acr_values"],
         "scope": pending["scope"] if client.require_consent else None,  # what the consent page asks for
     }
     query = urlencode({key: value for key, value in login.items() if value is not None})
@@ -167,6 +168,7 @@ def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, st
         "prompt": " ".join(sorted(prompts)) or None,
         "max_age": int(max_age) if max_age is not None else None,
         "subject_hint": _hinted_subject(iam, client, params.get("id_token_hint")),
+        "acr_values": known_acr_values(params.get("acr_values")),
         "created_at": now,
         "expires_at": now + PENDING_TTL,
     }

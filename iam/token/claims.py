@@ -23,6 +23,23 @@ CLAIMS_SUPPORTED = sorted({"sub", "iss", "aud", "exp", "iat", "auth_time", "nonc
                            "sid", *(c for names in SCOPE_CLAIMS.values() for c in names)})
 
 
+# The acr values (OIDC Core §2) iam produces, from what the sign-in proved (its amr, RFC 8176).
+ACR_PASSWORD = "urn:iam:acr:pwd"  # one factor: a password (or an upstream sign-in without a second factor)
+ACR_MFA = "urn:iam:acr:mfa"  # two factors: a password and a TOTP code (or an upstream "mfa")
+ACR_VALUES = (ACR_PASSWORD, ACR_MFA)
+
+
+def acr_of(amr: list[str]) -> str:
+    return ACR_MFA if "mfa" in amr or len(set(amr)) > 1 else ACR_PASSWORD
+
+
+def known_acr_values(acr_values: str | None) -> str | None:
+    """The acr_values this server knows, in the client's order of preference (OIDC Core §3.1.2.1); the others
+    are ignored, as acr_values asks for a voluntary claim."""
+    known = [value for value in dict.fromkeys((acr_values or "").split()) if value in ACR_VALUES]
+    return " ".join(known) or None
+
+
 def scoped_claims(user: UserClaims, scopes: set[str]) -> dict:
     """The user's claims released by these scopes; empty values are left out."""
     released: dict = {}
@@ -45,6 +62,7 @@ def at_hash(access_token: str) -> str:
 
 def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaims, access_token: str, now: int,
                     ttl: int, include_nonce: bool) -> dict:
+    amr = grant["amr"].split()
     claims = {
         "iss": issuer,
         "sub": user.sub,
@@ -53,13 +71,12 @@ def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaim
         "exp": now + ttl,
         "iat": now,
         "auth_time": grant["auth_time"],
-        "amr": grant["amr"].split(),
+        "amr": amr,
+        "acr": grant.get("acr") or acr_of(amr),  # an upstream's acr as given, else iam's own
         "at_hash": at_hash(access_token),
     }
     if grant.get("sid"):
         claims["sid"] = grant["sid"]
-    if grant.get("acr"):
-        claims["acr"] = grant["acr"]
     if include_nonce and grant.get("nonce"):
         claims["nonce"] = grant["nonce"]
     claims.update(scoped_claims(user, set(grant["scope"].split())))

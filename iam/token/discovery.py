@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.config import Settings
 from iam.token.authorize import PROMPTS
-from iam.token.claims import CLAIMS_SUPPORTED
+from iam.token.claims import ACR_VALUES, CLAIMS_SUPPORTED
 
 router = APIRouter()
 
@@ -37,6 +37,7 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict:
         "response_modes_supported": ["query"],
         "scopes_supported": scopes,
         "claims_supported": CLAIMS_SUPPORTED,
+        "acr_values_supported": list(ACR_VALUES),
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
         "code_challenge_methods_supported": ["S256"],
@@ -46,7 +47,7 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict:
         "revocation_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
         "introspection_signing_alg_values_supported": ["RS256"],
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
-        "claims_parameter_supported": False,
+        "claims_parameter_supported": False,  # OIDC Core §5.5: the claims parameter is ignored
         "request_parameter_supported": False,
         "request_uri_parameter_supported": False,
     }

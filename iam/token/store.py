@@ -84,6 +84,7 @@ authorization_requests = Table(
     Column("prompt", String(64)),
     Column("max_age", Integer),
     Column("subject_hint", String(255)),  # the `sub` of a valid id_token_hint
+    Column("acr_values", String(64)),  # the known acr_values asked for, in order of preference
     Column("created_at", Integer, nullable=False),
     Column("expires_at", Integer, nullable=False, index=True),
 )
