@@ -222,7 +222,8 @@ class RemoteCredentials(_Remote):
 
         response = await self.call("PUT", f"/internal/v1/credentials/{_segment(sub)}", json={"password": password})
         if response.status_code == 400:
-            raise PasswordRejected(response.json().get("detail", "password rejected"))
+            body = response.json()  # an authentication role of the previous release answers {"detail": ...}
+            raise PasswordRejected(body.get("error_description") or body.get("detail") or "password rejected")
         response.raise_for_status()
 
     async def end_sessions(self, sub: str) -> None:

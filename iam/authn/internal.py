@@ -1,9 +1,12 @@
-"""The authentication role's internal API: the user-management role sets and removes credentials here."""
+"""The authentication role's internal API: the user-management role sets and removes credentials here.
+
+Errors are OAuth-style JSON bodies (`error`, `error_description`), as everywhere else.
+"""
 
 from fastapi import APIRouter, Request, Response
 
 from iam.authn.credentials import PasswordRejected
-from iam.errors import json_response
+from iam.errors import OAuthError, json_response
 from iam.internal import require_peer
 from iam.roles import Role
 
@@ -19,11 +22,11 @@ async def set_password(sub: str, request: Request) -> Response:
         if not isinstance(password, str):
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        return json_response({"detail": "body must be {\"password\": string}"}, 400)
+        raise OAuthError("invalid_request", "the body must be a JSON object with a string password") from None
     try:
         await request.app.state.iam.credentials.set_password(sub, password)
     except PasswordRejected as exc:
-        return json_response({"detail": str(exc)}, 400)
+        raise OAuthError("invalid_request", str(exc)) from None
     return Response(status_code=204)
 
 
@@ -46,4 +49,4 @@ async def remove_password(sub: str, request: Request) -> Response:
 async def reset_second_factor(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
     removed = await request.app.state.iam.credentials.reset_second_factor(sub)
-    return Response(status_code=204 if removed else 404)
+    return Response(status_code=204) if removed else json_response({"error": "not_found"}, 404)
