@@ -50,7 +50,7 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline
 ERROR_CODE = set(map(chr, range(0x20, 0x7F))) - {'"', "\\"}
 COUNTED_WHEN_REFUSED = {"login_failures"}
 PEERS = (Role.TOKEN, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
-CSRF = "c" * 43  # the double-submit cookie and form field, when a request carries both
+CSRF = "fuzz-csrf"  # the double-submit cookie and form field, when a request carries both
 SKIPPED_ROUTES = {"/health/live", "/health/ready", "/metrics", "/assets/iam.css"}  # no input to fuzz
 
 
@@ -87,13 +87,13 @@ def without_counters(state: dict) -> dict:
 
 
 # -- strategies ----------------------------------------------------------------------------------------------
-# (no "gateway": its secret is an argon2 hash, and every wrong guess would run argon2)
+# (no "gateway": its secret is an argon2 hash, and every wrong guess would run argon2; nothing shaped like a
+# token either: a client_id is logged as sent, and the suite fails on anything in its logs that looks like one)
 KNOWN = ["svc-basic", "webapp", "kubectl", "native", "partner", "legacy", "disabled", "alice", WEBAPP_CALLBACK,
          "https://app.test/other", "http://127.0.0.1:8123/cb", "code", "token", "S256", "plain", "openid",
          "openid profile email groups offline_access", "api:read", "none", "login", "consent", "select_account",
          "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code",
-         "access_token", "refresh_token", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM", "urn:iam:acr:mfa",
-         "urn:ietf:params:oauth:request_uri:" + "A" * 43, "0", "-1", "99999999999", "true", "null", "[]", "{}",
+         "access_token", "refresh_token", "urn:iam:acr:mfa", "urn:ietf:params:oauth:request_uri:A", "0", "-1", "99999999999", "true", "null", "[]", "{}",
          "%00", "\x00", "é", "\ud7ff", "a" * 300, "a" * 5000, PASSWORD, CSRF, "allow", "deny"]
 junk = st.one_of(st.sampled_from(KNOWN), st.text(max_size=30), st.text(st.characters(codec="ascii"), max_size=80))
 OAUTH_PARAMS = ["grant_type", "client_id", "client_secret", "code", "code_verifier", "redirect_uri", "scope",
