@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import MetaData
 
 from iam import __version__, errors, health, internal, pages
 from iam.audit_store import AuditSink, purge_before
@@ -30,6 +31,19 @@ from iam.store import Store, StoreError, StoreUnreachable
 log = logging.getLogger("iam")
 
 
+def store_metadata(name: str) -> MetaData:
+    """A store's tables, from its role's store module: imported lazily, so each role loads only its own."""
+    if name == "token":
+        from iam.token.store import metadata
+    elif name == "authn":
+        from iam.authn.store import metadata
+    elif name == "users":
+        from iam.users.store import metadata
+    else:
+        raise ValueError(name)
+    return metadata
+
+
 class StartupError(Exception):
     """Start-up cannot go on; the message is the one line an operator needs."""
 
@@ -40,7 +54,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.role = role = settings.role
-        self.stores = {name: Store(name, getattr(settings.stores, name)) for name in role.stores}
+        self.stores = {name: Store(name, getattr(settings.stores, name), store_metadata(name)) for name in role.stores}
         for store in self.stores.values():
             instrument_store(store)
         self.draining = False

@@ -18,7 +18,7 @@ from collections import deque
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text, delete, insert, select
 
 from iam.observability import AUDIT_DROPPED
-from iam.store import _metadata, _reason
+from iam.store import _reason
 
 log = logging.getLogger("iam.audit_store")
 
@@ -47,8 +47,8 @@ def audit_table(metadata: MetaData) -> Table:
     )
 
 
-def _table(store_name: str) -> Table:
-    return _metadata(store_name).tables["audit_events"]
+# The same table, for the statements here: a statement names its table, not the role's metadata it belongs to.
+_AUDIT_EVENTS = audit_table(MetaData())
 
 
 class AuditSink(logging.Handler):
@@ -95,7 +95,7 @@ class AuditSink(logging.Handler):
             store = self.stores[name]
             try:
                 async with store.engine.begin() as conn:
-                    await conn.execute(insert(_table(name)), batch)
+                    await conn.execute(insert(_AUDIT_EVENTS), batch)
                 written += len(batch)
             except Exception as exc:
                 log.warning("audit events not written to the %s store yet (%s); kept for the next try",
@@ -114,7 +114,7 @@ def _text(value, limit: int) -> str | None:
 
 async def purge_before(store, cutoff_ms: int, batch: int) -> int:
     """Delete at most `batch` audit events older than the retention from one store."""
-    table = _table(store.name)
+    table = _AUDIT_EVENTS
     old = select(table.c.id).where(table.c.at < cutoff_ms).limit(batch)
     async with store.engine.begin() as conn:
         return (await conn.execute(delete(table).where(table.c.id.in_(old)))).rowcount
@@ -123,7 +123,7 @@ async def purge_before(store, cutoff_ms: int, batch: int) -> int:
 async def recent(store, *, event: str | None = None, actor: str | None = None, since_ms: int = 0,
                  limit: int = 100) -> list[dict]:
     """The newest events of one store, newest first."""
-    table = _table(store.name)
+    table = _AUDIT_EVENTS
     query = select(table).where(table.c.at >= since_ms).order_by(table.c.at.desc(), table.c.id.desc()).limit(limit)
     if event:
         query = query.where(table.c.event == event)

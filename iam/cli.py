@@ -54,6 +54,7 @@ def _tls_files(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
+    from iam.app import store_metadata
     from iam.store import Store
 
     settings = _settings(args)
@@ -61,7 +62,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
     async def migrate() -> None:
         for name in settings.role.stores:
-            store = Store(name, getattr(settings.stores, name))
+            store = Store(name, getattr(settings.stores, name), store_metadata(name))
             try:
                 await store.migrate()
             finally:
@@ -488,9 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     from sqlalchemy.exc import DBAPIError
 
     from iam.app import StartupError
-    from iam.authn.credentials import PasswordRejected
+    from iam.errors import PasswordRejected, PeerRejected, PeerUnavailable
     from iam.keys import KeyRingError
-    from iam.peers import PeerRejected, PeerUnavailable
     from iam.store import StoreError
     from iam.users.directory import DirectoryError
 

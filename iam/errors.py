@@ -27,6 +27,18 @@ def description_text(text: str | None) -> str | None:
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text[:MAX_DESCRIPTION])
 
 
+class PeerUnavailable(Exception):
+    """The other role did not answer; callers turn this into 503 / temporarily_unavailable."""
+
+
+class PeerRejected(Exception):
+    """The other role refused the call (the message says why)."""
+
+
+class PasswordRejected(ValueError):
+    """The password does not meet the policy (the message says which rule)."""
+
+
 class OAuthError(Exception):
     """An error the client can act on. `status` follows RFC 6749 §5.2 unless the endpoint's RFC says otherwise."""
 
@@ -113,8 +125,6 @@ def install(app: FastAPI) -> None:
         # closed request") keeps it out of the 5xx error rate.
         log.info("client disconnected before its request was read", extra={"path": request.url.path})
         return Response(status_code=499)
-
-    from iam.peers import PeerRejected, PeerUnavailable
 
     @app.exception_handler(PeerUnavailable)
     @app.exception_handler(PeerRejected)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import invalid_token
+from iam.formats import jwt_claims
 from iam.http import bearer_token
 from iam.peers import SERVICE_TYP, PeerRejected, role_id
 from iam.roles import Role
-from iam.token.access_tokens import jwt_claims
 
 router = APIRouter()
 

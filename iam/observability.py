@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from iam import __version__
+from iam.http import client_address
 
 # -- logs ------------------------------------------------------------------------------------------------
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName",
@@ -113,8 +114,6 @@ def audit(event: str, outcome: str = "success", *, actor: str | None = None, cli
 
 def source_of(request) -> str | None:
     """The client address of a request, as the configured proxies vouch for it."""
-    from iam.http import client_address
-
     return client_address(request, request.app.state.iam.settings.trusted_proxies)
 
 

@@ -21,6 +21,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from iam.errors import PasswordRejected, PeerRejected, PeerUnavailable
 from iam.keys import KeyRing
 from iam.observability import inject_trace_context
 from iam.roles import Role
@@ -31,14 +32,6 @@ ASSERTION_TTL = 60
 SERVICE_TYP = "iam-service+jwt"
 HANDOFF_TYP = "iam-handoff+jwt"  # authentication -> token, through the browser, bound to one pending request
 LOGOUT_TYP = "iam-logout+jwt"  # token -> authentication, through the browser: end this session, return here
-
-
-class PeerUnavailable(Exception):
-    """The other role did not answer; callers turn this into 503 / temporarily_unavailable."""
-
-
-class PeerRejected(Exception):
-    """The other role refused the call (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -218,8 +211,6 @@ class RemoteDirectory(_Remote):
 
 class RemoteCredentials(_Remote):
     async def set_password(self, sub: str, password: str) -> None:
-        from iam.authn.credentials import PasswordRejected
-
         response = await self.call("PUT", f"/internal/v1/credentials/{_segment(sub)}", json={"password": password})
         if response.status_code == 400:
             body = response.json()  # an authentication role of the previous release answers {"detail": ...}

@@ -32,31 +32,21 @@ class StoreUnreachable(StoreError):
     """The store does not answer."""
 
 
-def _metadata(name: str) -> MetaData:
-    # Imported lazily so `iam --help` stays fast and each role imports only its own tables.
-    if name == "token":
-        from iam.token.store import metadata
-    elif name == "authn":
-        from iam.authn.store import metadata
-    elif name == "users":
-        from iam.users.store import metadata
-    else:
-        raise ValueError(name)
-    return metadata
-
-
-def alembic_config(name: str) -> Config:
+def alembic_config(name: str, metadata: MetaData | None = None) -> Config:
+    """The alembic configuration of one store's tree; `metadata` is its role's tables (the role's store module
+    owns them: this module never imports a role)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(MIGRATIONS / name))
-    config.attributes["metadata"] = _metadata(name)
+    config.attributes["metadata"] = metadata
     return config
 
 
 class Store:
-    def __init__(self, name: str, url: str, *, pool_size: int = 20) -> None:
+    def __init__(self, name: str, url: str, metadata: MetaData | None = None, *, pool_size: int = 20) -> None:
         self.name = name
+        self.metadata = metadata
         self.url = make_url(url)
         self.head = ScriptDirectory.from_config(alembic_config(name)).get_current_head()
         if self.url.get_backend_name() == "sqlite":
@@ -114,7 +104,7 @@ class Store:
 
     async def migrate(self) -> None:
         def upgrade(sync_conn) -> None:
-            config = alembic_config(self.name)
+            config = alembic_config(self.name, self.metadata)
             config.attributes["connection"] = sync_conn
             command.upgrade(config, "head")
 

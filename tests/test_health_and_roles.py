@@ -175,10 +175,10 @@ async def test_each_stores_migrations_build_exactly_its_tables(app):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from iam.store import _metadata
+    from iam.app import store_metadata
 
     for name, store in app.state.iam.stores.items():
         async with store.engine.connect() as conn:
             diff = await conn.run_sync(
-                lambda sync, name=name: compare_metadata(MigrationContext.configure(sync), _metadata(name)))
+                lambda sync, name=name: compare_metadata(MigrationContext.configure(sync), store_metadata(name)))
         assert diff == [], (name, diff)

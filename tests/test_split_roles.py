@@ -15,7 +15,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from iam.store import alembic_config
+from iam.app import store_metadata
 from tests.conftest import PASSWORD, create_database
 from tests.oauth import authorize, follow, hidden_fields, pkce, query, sign_in
 from tests.postgres import free_port
@@ -23,7 +23,7 @@ from tests.server import iam, serve, write_config
 
 CALLBACK = "https://app.test/cb"
 STORE_OF = {"authentication": "authn", "token": "token", "user-management": "users"}
-ROLE_TABLES = {role: set(alembic_config(store).attributes["metadata"].tables) for role, store in STORE_OF.items()}
+ROLE_TABLES = {role: set(store_metadata(store).tables) for role, store in STORE_OF.items()}
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from iam.authn.credentials import PasswordRejected
-from iam.authn.login import clear_cookie, cookie_name, csrf_ok, current_session, known_device, page
+from iam.authn.login import known_device
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
-from iam.errors import OAuthError
+from iam.authn.web import clear_cookie, cookie_name, csrf_ok, current_session, page
+from iam.errors import OAuthError, PasswordRejected
 from iam.http import client_address, parse_params, read_form, with_params
 from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render

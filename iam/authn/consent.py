@@ -14,8 +14,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iam.authn.login import Flow, _handoff, client_of, csrf_ok, current_session, page
 from iam.authn.store import consents
+from iam.authn.web import Flow, client_of, csrf_ok, current_session, handoff, page
 from iam.errors import OAuthError
 from iam.http import read_form
 from iam.observability import audit, source_of
@@ -73,13 +73,13 @@ async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
     claims = _signed_in_claims(session)
     client = client_of(request, flow)
     if client is None or not client.require_consent:
-        return _handoff(request, flow, claims)
+        return handoff(request, flow, claims)
     allowed = await request.app.state.iam.consents.scopes(session.subject, client.client_id)
     wanted = set((flow.scope or "").split())
     if wanted <= allowed and "consent" not in flow.prompt:
-        return _handoff(request, flow, {**claims, "consent": " ".join(sorted(allowed))})
+        return handoff(request, flow, {**claims, "consent": " ".join(sorted(allowed))})
     if "none" in flow.prompt:  # OIDC Core §3.1.2.6: no page may be shown
-        return _handoff(request, flow, {"error": "consent_required",
+        return handoff(request, flow, {"error": "consent_required",
                                         "error_description": "the user has not allowed this application"})
     return page(request, "consent.html", flow=flow.fields(), client_name=client.client_name or client.client_id,
                 scopes=[(scope, SCOPE_TEXT.get(scope, scope)) for scope in sorted(wanted, key=_reading_order)],
@@ -101,9 +101,9 @@ async def consent_submit(request: Request) -> Response:
     if form.get("decision") != "allow":
         audit("consent.denied", "failure", actor=session.subject, client_id=client.client_id,
               source=source_of(request), scope=flow.scope)
-        return _handoff(request, flow, {"error": "access_denied",
+        return handoff(request, flow, {"error": "access_denied",
                                         "error_description": "the user did not allow this application"})
     allowed = await iam.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
     audit("consent.granted", actor=session.subject, client_id=client.client_id, source=source_of(request),
           scope=flow.scope)
-    return _handoff(request, flow, {**_signed_in_claims(session), "consent": " ".join(sorted(allowed))})
+    return handoff(request, flow, {**_signed_in_claims(session), "consent": " ".join(sorted(allowed))})

@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import consents, credentials, totp
+from iam.errors import PasswordRejected
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
 MAX_PASSWORD = 256
@@ -21,10 +22,6 @@ MAX_PASSWORD = 256
 _hasher = PasswordHasher()
 # A dummy hash verified for unknown users, so a missing account costs the same time as a wrong password.
 _DUMMY_HASH = _hasher.hash("iam: timing equaliser")
-
-
-class PasswordRejected(ValueError):
-    """The password does not meet the policy (the message says which rule)."""
 
 
 @functools.cache

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from iam.authn.login import Flow, csrf_ok, current_session, login_form, page
+from iam.authn.login import login_form
+from iam.authn.web import Flow, csrf_ok, current_session, page
 from iam.errors import OAuthError
+from iam.formats import normalise_user_code
 from iam.http import client_address, parse_params, read_form
 from iam.observability import audit, source_of
 from iam.pages import error_page
-from iam.token.device import normalise_user_code
 
 router = APIRouter()
 

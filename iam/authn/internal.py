@@ -5,8 +5,7 @@ Errors are OAuth-style JSON bodies (`error`, `error_description`), as everywhere
 
 from fastapi import APIRouter, Request, Response
 
-from iam.authn.credentials import PasswordRejected
-from iam.errors import OAuthError, json_response
+from iam.errors import OAuthError, PasswordRejected, json_response
 from iam.internal import require_peer
 from iam.roles import Role
 

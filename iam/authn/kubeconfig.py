@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from iam.authn.login import current_session, page
+from iam.authn.web import current_session, page
 from iam.kube import kubeconfig
 from iam.pages import HARDENING, error_page
 

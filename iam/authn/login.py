@@ -1,4 +1,5 @@
-"""The sign-in pages: password, optional TOTP, SSO sessions, and the signed handoff back to the token role.
+"""The sign-in pages: password, optional TOTP, and the start of an SSO session (iam/authn/web.py holds the
+cookies, the sign-in request and the signed handoff back to the token role).
 
 Forms work without JavaScript and carry a CSRF token (double-submit cookie). Failures say only
 "incorrect username or password", and are throttled as iam/authn/throttle.py describes.
@@ -6,152 +7,29 @@ Forms work without JavaScript and carry a CSRF token (double-submit cookie). Fai
 
 from __future__ import annotations
 
-import re
-import secrets
-from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.authn.consent import hand_off_or_ask
 from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
-from iam.config import SCOPE_TOKEN
+from iam.authn.web import Flow, client_name, cookie_name, csrf_ok, current_session, handoff, page, set_cookie
 from iam.errors import OAuthError
-from iam.http import client_address, is_digits, parse_params, read_form
+from iam.formats import ACR_MFA, acr_of
+from iam.http import client_address, parse_params, read_form
 from iam.observability import LOGINS, audit, source_of
-from iam.pages import HARDENING, error_page, render
-from iam.peers import HANDOFF_TYP, PeerRejected, role_id
+from iam.pages import HARDENING, error_page
+from iam.peers import PeerRejected, role_id
 from iam.roles import Role
-from iam.security import constant_time_equal
-from iam.token.claims import ACR_MFA, acr_of, known_acr_values
-from iam.token.device import normalise_user_code
 
 router = APIRouter()
 
 MFA_TYP = "iam-mfa+jwt"  # password accepted, second factor pending (authentication -> itself)
 MFA_TTL = 300
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
-PROMPTS = {"none", "login", "consent", "select_account"}
-
-
-# -- cookies --------------------------------------------------------------------------------------------
-def _secure(request: Request) -> bool:
-    return request.app.state.iam.settings.login_base.startswith("https://")
-
-
-def cookie_name(request: Request, name: str) -> str:
-    # `__Host-` binds the cookie to this exact origin, https only, path / (RFC 6265bis §4.1.3.2).
-    return f"__Host-{name}" if _secure(request) else name
-
-
-def set_cookie(request: Request, response: Response, name: str, value: str, max_age: int | None = None) -> None:
-    response.set_cookie(cookie_name(request, name), value, max_age=max_age, path="/", secure=_secure(request),
-                        httponly=True, samesite="lax")
-
-
-def clear_cookie(request: Request, response: Response, name: str) -> None:
-    response.delete_cookie(cookie_name(request, name), path="/", secure=_secure(request), httponly=True,
-                           samesite="lax")
-
-
-def csrf_token(request: Request, response_cookies: dict) -> str:
-    """The CSRF token for this browser (double-submit): reuse the cookie's, or mint one to set."""
-    current = request.cookies.get(cookie_name(request, "iam_csrf"))
-    if current and re.fullmatch(r"[A-Za-z0-9_-]{43}", current):
-        return current
-    response_cookies["iam_csrf"] = token = secrets.token_urlsafe(32)
-    return token
-
-
-def csrf_ok(request: Request, form: dict[str, str]) -> bool:
-    # A cross-site POST is refused outright (Fetch Metadata), and the token must match the cookie.
-    if request.headers.get("sec-fetch-site") == "cross-site":
-        return False
-    cookie = request.cookies.get(cookie_name(request, "iam_csrf"), "")
-    return bool(cookie) and constant_time_equal(cookie, form.get("csrf", ""))
-
-
-def page(request: Request, template: str, status: int = 200, **context) -> Response:
-    """Render a page with a CSRF token for its forms, setting the cookie when it is new."""
-    cookies: dict[str, str] = {}
-    context["csrf"] = csrf_token(request, cookies)
-    response = render(template, status, **context)
-    for name, value in cookies.items():
-        set_cookie(request, response, name, value)
-    return response
-
-
-# -- the sign-in request --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Flow:
-    """What the token role asked for: the pending request it will resume, and the OIDC prompt rules."""
-
-    request: str | None
-    client_id: str | None
-    prompt: frozenset[str]
-    max_age: int | None
-    login_hint: str | None
-    device: str | None = None  # a user code to return to after sign-in (RFC 8628 verification)
-    scope: str | None = None  # what a client that needs consent asks for (the token role checks it again)
-    acr_values: str | None = None  # the known acr values asked for, in order of preference
-
-    @classmethod
-    def parse(cls, params: dict[str, str]) -> Flow:
-        request = params.get("request")
-        if request is not None and not REQUEST_ID.match(request):
-            raise ValueError("malformed request reference")
-        prompt = frozenset((params.get("prompt") or "").split())
-        if not prompt <= PROMPTS:
-            raise ValueError("invalid prompt")
-        max_age = params.get("max_age")
-        if max_age is not None and not (is_digits(max_age) and len(max_age) < 10):
-            raise ValueError("invalid max_age")
-        hint = params.get("login_hint")
-        device = params.get("device")
-        if device is not None and normalise_user_code(device) is None:
-            raise ValueError("malformed user code")
-        scope = params.get("scope")
-        if scope is not None and (len(scope) > 1000 or not all(SCOPE_TOKEN.match(t) for t in scope.split())):
-            raise ValueError("malformed scope")
-        return cls(request, params.get("client_id"), prompt, int(max_age) if max_age else None,
-                   hint[:255] if hint else None, device, " ".join(scope.split()) if scope else None,
-                   known_acr_values(params.get("acr_values")))
-
-    @property
-    def wants_mfa(self) -> bool:
-        return (self.acr_values or "").split(" ")[0] == ACR_MFA
-
-    def fields(self) -> dict[str, str]:
-        """Hidden form fields that carry the flow through the form posts."""
-        values = {"request": self.request, "client_id": self.client_id, "prompt": " ".join(sorted(self.prompt)),
-                  "max_age": None if self.max_age is None else str(self.max_age), "device": self.device,
-                  "scope": self.scope, "acr_values": self.acr_values}
-        return {key: value for key, value in values.items() if value}
-
-
-def client_of(request: Request, flow: Flow):
-    """The configured client the sign-in is for, if any."""
-    return next((c for c in request.app.state.iam.settings.clients if c.client_id == flow.client_id), None)
-
-
-def _client_name(request: Request, flow: Flow) -> str | None:
-    client = client_of(request, flow)
-    return None if client is None else client.client_name or client.client_id
-
-
-def _handoff(request: Request, flow: Flow, claims: dict) -> Response:
-    """Back to the token role with a signed assertion bound to the pending request (≤ 60 s, single use)."""
-    iam = request.app.state.iam
-    assertion = iam.identity.sign(Role.TOKEN, HANDOFF_TYP, {"req": flow.request, **claims},
-                                  issuer=Role.AUTHENTICATION)
-    query = urlencode({"request": flow.request, "handoff": assertion})
-    return RedirectResponse(f"{iam.settings.issuer.rstrip('/')}/oauth/v2/authorize/resume?{query}", 303,
-                            headers=HARDENING)
 
 
 async def _signed_in(request: Request, flow: Flow, session) -> Response:
-    from iam.authn.consent import hand_off_or_ask  # consent builds on this module
-
     if flow.device is not None:  # back to the device verification page, on this origin only
         return RedirectResponse(f"/authn/device?{urlencode({'user_code': flow.device})}", 303, headers=HARDENING)
     if flow.request is None:
@@ -159,22 +37,9 @@ async def _signed_in(request: Request, flow: Flow, session) -> Response:
     return await hand_off_or_ask(request, flow, session)
 
 
-async def current_session(request: Request):
-    """The browser's live SSO session, if its user is still active."""
-    iam = request.app.state.iam
-    session = await iam.sessions.current(request.cookies.get(cookie_name(request, "iam_session")))
-    if session is None:
-        return None
-    user = await iam.directory.claims(session.subject)
-    if user is None or not user.active:
-        await iam.sessions.end(sid=session.sid)
-        return None
-    return session
-
-
 def login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
                 username: str | None = None, account: str | None = None) -> Response:
-    return page(request, "login.html", status, flow=flow.fields(), client_name=_client_name(request, flow),
+    return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
                 error=error, username=username or flow.login_hint or "", account=account)
 
 
@@ -203,7 +68,7 @@ async def login_page(request: Request) -> Response:
             return login_form(request, flow, account=user.preferred_username if user else session.subject)
         return await _signed_in(request, flow, session)  # SSO: no new sign-in
     if "none" in flow.prompt and flow.request:
-        return _handoff(request, flow, {"error": "login_required",
+        return handoff(request, flow, {"error": "login_required",
                                         "error_description": "the user is not signed in"})
     return login_form(request, flow)
 

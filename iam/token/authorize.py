@@ -17,12 +17,13 @@ from fastapi.responses import RedirectResponse
 
 from iam.config import ClientConfig
 from iam.errors import NO_STORE, OAuthError, description_text, json_response
+from iam.formats import PROMPTS, known_acr_values
 from iam.http import is_digits, parse_params, read_form, read_params, with_params
 from iam.pages import HARDENING, error_page
 from iam.peers import HANDOFF_TYP, PeerRejected, role_id
 from iam.roles import Role
 from iam.token.access_tokens import digest, new_token
-from iam.token.claims import id_token_hint_claims, known_acr_values
+from iam.token.claims import id_token_hint_claims
 from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
@@ -31,7 +32,6 @@ router = APIRouter()
 
 PENDING_TTL = 600  # seconds a person has to sign in
 CODE_TTL = 60  # RFC 6749 §4.1.2 recommends ≤ 10 min; FAPI and ASVS L3 use 60 s
-PROMPTS = {"none", "login", "consent", "select_account"}
 S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
 PAR_URN = "urn:ietf:params:oauth:request_uri:"  # RFC 9126 §2.2
 PAR_TTL = 60  # seconds a pushed request waits for the browser

@@ -8,6 +8,7 @@ import hashlib
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from iam.formats import acr_of
 from iam.peers import UserClaims
 
 ID_TOKEN_TYP = "JWT"  # what ID tokens carry in `typ`; access tokens are at+jwt, signed introspection responses
@@ -21,23 +22,6 @@ SCOPE_CLAIMS = {
 USER_SCOPES = ("openid", "profile", "email", "groups", "offline_access")
 CLAIMS_SUPPORTED = sorted({"sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "at_hash",
                            "sid", *(c for names in SCOPE_CLAIMS.values() for c in names)})
-
-
-# The acr values (OIDC Core §2) iam produces, from what the sign-in proved (its amr, RFC 8176).
-ACR_PASSWORD = "urn:iam:acr:pwd"  # one factor: a password (or an upstream sign-in without a second factor)
-ACR_MFA = "urn:iam:acr:mfa"  # two factors: a password and a TOTP code (or an upstream "mfa")
-ACR_VALUES = (ACR_PASSWORD, ACR_MFA)
-
-
-def acr_of(amr: list[str]) -> str:
-    return ACR_MFA if "mfa" in amr or len(set(amr)) > 1 else ACR_PASSWORD
-
-
-def known_acr_values(acr_values: str | None) -> str | None:
-    """The acr_values this server knows, in the client's order of preference (OIDC Core §3.1.2.1); the others
-    are ignored, as acr_values asks for a voluntary claim."""
-    known = [value for value in dict.fromkeys((acr_values or "").split()) if value in ACR_VALUES]
-    return " ".join(known) or None
 
 
 def scoped_claims(user: UserClaims, scopes: set[str]) -> dict:

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
+from iam.formats import USER_CODE_ALPHABET, USER_CODE_LENGTH, normalise_user_code
 from iam.http import read_form
 from iam.internal import require_peer
 from iam.roles import Role
@@ -24,15 +25,6 @@ router = APIRouter()
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 DEVICE_CODE_TTL = 600
 POLL_INTERVAL = 5
-# RFC 8628 §6.1: 20 consonants, 8 characters (~34 bits), no vowels (no words), no look-alikes.
-USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
-
-
-def normalise_user_code(value: str) -> str | None:
-    code = "".join(ch for ch in value.upper() if ch.isalnum())
-    return code if len(code) == 8 and all(ch in USER_CODE_ALPHABET for ch in code) else None
-
-
 def user_code_digest(code: str) -> bytes:
     return hashlib.sha256(code.encode()).digest()
 
@@ -46,7 +38,7 @@ async def device_authorization(request: Request) -> Response:
         raise OAuthError("unauthorized_client", "the client may not use the device authorization grant")
     scope = granted_scope(form.get("scope"), client.scopes)
     device_code = new_token()
-    code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(8))
+    code = "".join(secrets.choice(USER_CODE_ALPHABET) for _ in range(USER_CODE_LENGTH))
     now = int(time.time())
     await iam.token_store.add_device_code({
         "digest": digest(device_code), "user_code": user_code_digest(code), "client_id": client.client_id,

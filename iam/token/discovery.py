@@ -8,8 +8,8 @@ import json
 from fastapi import APIRouter, Request, Response
 
 from iam.config import Settings
-from iam.token.authorize import PROMPTS
-from iam.token.claims import ACR_VALUES, CLAIMS_SUPPORTED
+from iam.formats import ACR_VALUES, PROMPTS
+from iam.token.claims import CLAIMS_SUPPORTED
 
 router = APIRouter()
 

@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_token, json_response
+from iam.formats import jwt_claims
 from iam.http import bearer_token
-from iam.token.access_tokens import jwt_claims
 from iam.token.claims import scoped_claims
 
 router = APIRouter()

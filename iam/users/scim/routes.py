@@ -17,9 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
-from iam.authn.credentials import PasswordRejected
-from iam.errors import OAuthError
-from iam.peers import PeerRejected, PeerUnavailable
+from iam.errors import OAuthError, PasswordRejected, PeerRejected, PeerUnavailable
 from iam.resource import require_token
 from iam.users.directory import DirectoryError, IfMatch
 from iam.users.scim import resources
