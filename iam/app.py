@@ -1,4 +1,5 @@
-"""create_app(): the configured role(s) decide which routers are mounted and which stores are opened."""
+"""create_app(): the configured role(s) decide which routers are mounted, which stores are opened and which
+services run; Runtime composes them and wires each role to its peers (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI
@@ -15,20 +17,32 @@ from sqlalchemy import MetaData
 from iam import __version__, errors, health, internal, pages
 from iam.audit_store import AuditSink, purge_before
 from iam.config import PEERS_NEEDED, Settings
-from iam.keys import DATA_KEY, KeyRing, KeyRingError
-from iam.observability import (
-    AUDIT,
-    SSO_SESSIONS,
-    Observability,
-    instrument_store,
-    setup_tracing,
-    shutdown_tracing,
+from iam.keys import KeyRing, KeyRingError
+from iam.observability import AUDIT, Observability, instrument_store, setup_tracing, shutdown_tracing
+from iam.peers import (
+    AppAccess,
+    Credentials,
+    DeviceApprovals,
+    Directory,
+    PeerKeys,
+    RemoteCredentials,
+    RemoteDirectory,
+    RemoteTokens,
+    ServiceIdentity,
+    Tokens,
 )
-from iam.peers import PeerKeys, RemoteCredentials, RemoteDirectory, RemoteTokens, ServiceIdentity
 from iam.roles import Role
+from iam.runtime import Shared, StartupError
 from iam.store import Store, StoreError, StoreUnreachable
 
+if TYPE_CHECKING:  # each role's package is imported only where the role is played (see _token and the others)
+    from iam.authn.services import AuthnServices
+    from iam.token.services import TokenServices
+    from iam.users.services import UserServices
+
 log = logging.getLogger("iam")
+
+__all__ = ["Runtime", "StartupError", "create_app", "store_metadata"]
 
 
 def store_metadata(name: str) -> MetaData:
@@ -44,12 +58,11 @@ def store_metadata(name: str) -> MetaData:
     return metadata
 
 
-class StartupError(Exception):
-    """Start-up cannot go on; the message is the one line an operator needs."""
-
-
-class Runtime:
-    """What a running instance holds: settings, its role's stores and services, keys, and its peers."""
+class Runtime(Shared):
+    """A running instance: what every role holds (iam/runtime.py), and the services of the role(s) it plays,
+    one object per role (`token`, `authn`, `users`; None for a role played elsewhere). Each role's services
+    own their stores' work; this class only wires the peers: in one process each other's services, apart the
+    HTTP clients of iam/peers.py."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -59,83 +72,58 @@ class Runtime:
             instrument_store(store)
         self.draining = False
         self._started = False
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.audit_sink = AuditSink(self.stores) if settings.audit_store else None
-        self.revocation_listener = None  # the token role's, on PostgreSQL (below)
 
         # Every role signs something (tokens, handoffs, service assertions) with its own key ring.
         self.keys = KeyRing(settings.keys.dir, settings.keys.activation_delay)
         remote = {peer: settings.peers.url(peer) for peer in PEERS_NEEDED[role]}
-        self.http = httpx.AsyncClient() if remote else None
+        self.http = http = httpx.AsyncClient() if remote else None
         self.identity = ServiceIdentity(role, self.keys)
         self.peer_keys = PeerKeys(self.keys, remote, self.http)
 
-        def peer(cls, callee: Role):
-            return cls(self.http, remote[callee], self.identity, callee)
+        self.token = token = self._token() if role.serves(Role.TOKEN) else None
+        self.authn = authn = self._authn() if role.serves(Role.AUTHENTICATION) else None
+        self.users = users = self._users() if role.serves(Role.USER_MANAGEMENT) else None
 
-        if role.serves(Role.AUTHENTICATION):
-            from iam.authn.consent import Consents
-            from iam.authn.credentials import CredentialService
-            from iam.authn.sessions import Sessions
-            from iam.authn.throttle import Throttle
-            from iam.authn.totp import Totp
+        def peer(callee: Role) -> tuple[httpx.AsyncClient, str, ServiceIdentity, Role]:
+            assert http is not None  # PEERS_NEEDED names every role played elsewhere
+            return http, remote[callee], self.identity, callee
 
-            engine = self.stores["authn"].engine
-            self.credentials = CredentialService(engine)
-            self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
-            self.throttle = Throttle(engine, self.identity, self.peer_keys)
-            self.totp = Totp(engine)
-            self.consents = Consents(engine)
-            self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
-                                  if settings.kubernetes.clusters else [])
-        if role.serves(Role.USER_MANAGEMENT):
-            from iam.users.directory import Directory
+        if users is not None:
+            credentials: Credentials = (authn.credentials if authn is not None
+                                        else RemoteCredentials(*peer(Role.AUTHENTICATION)))
+            tokens: Tokens = token.access_tokens if token is not None else RemoteTokens(*peer(Role.TOKEN))
+            users.connect(credentials, tokens)
+        if token is None and authn is None:
+            return
+        directory: Directory = users.directory if users is not None else RemoteDirectory(*peer(Role.USER_MANAGEMENT))
+        if token is not None:
+            token.connect(directory)
+        if authn is not None:
+            app_access: AppAccess
+            device_approvals: DeviceApprovals
+            if token is not None:
+                app_access, device_approvals = token.app_access, token.device_approvals
+            else:
+                app_access = device_approvals = RemoteTokens(*peer(Role.TOKEN))
+            authn.connect(directory, app_access, device_approvals)
 
-            credentials = self.credentials if role is Role.ALL else peer(RemoteCredentials, Role.AUTHENTICATION)
-            self.directory_service = Directory(self.stores["users"].engine, credentials)
-        if role in (Role.TOKEN, Role.AUTHENTICATION):
-            self.directory = peer(RemoteDirectory, Role.USER_MANAGEMENT)
-        elif role is Role.ALL:
-            self.directory = self.directory_service
-        if role.serves(Role.TOKEN):
-            from iam.token.access_tokens import AccessTokens
-            from iam.token.clients import ClientRegistry
-            from iam.token.discovery import metadata_json
-            from iam.token.endpoint import GRANTS
-            from iam.token.hot_cache import HotCache, RevocationListener
-            from iam.token.store import TokenStore
+    def _token(self) -> TokenServices:
+        from iam.token.endpoint import GRANTS
+        from iam.token.services import TokenServices
 
-            self.clients = ClientRegistry(settings.clients)
-            token_store = self.stores["token"]
-            # Live token rows for introspection and forward-auth. On PostgreSQL the cache is on only while
-            # the revocation listener is connected (other replicas revoke too); on SQLite (one process)
-            # always.
-            seconds = settings.introspection_cache_seconds
-            self.hot_cache = HotCache(seconds, enabled=not token_store.is_postgresql)
-            if token_store.is_postgresql and seconds:
-                listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
-                self.revocation_listener = RevocationListener(
-                    self.hot_cache, lambda: token_store.connect_driver(server_settings=listener_name))
-            self.token_store = TokenStore(token_store.engine, self.hot_cache)
-            self.access_tokens = AccessTokens(settings, self.keys, self.token_store, cache=self.hot_cache)
-            self.metadata_json = metadata_json(settings, sorted(GRANTS))
-            from iam.token.app_access import AppAccess
-            from iam.token.device import DeviceApprovals
+        return TokenServices(self, sorted(GRANTS))
 
-            self.tokens = self.access_tokens
-            self.device_approvals = DeviceApprovals(self)
-            self.app_access = AppAccess(self)
-        else:
-            self.tokens = peer(RemoteTokens, Role.TOKEN)
-        if role is Role.AUTHENTICATION:
-            self.device_approvals = self.app_access = peer(RemoteTokens, Role.TOKEN)
-        if role.serves(Role.USER_MANAGEMENT):
-            # A disabled or deleted user loses every grant and session at once, in whichever process they live.
-            local = role is Role.ALL
-            self.directory_service.on_disabled += [
-                self.token_store.revoke_subject if local else self.tokens.revoke_subject,
-                self.sessions.end_all if local else self.directory_service.credentials.end_sessions,
-            ]
+    def _authn(self) -> AuthnServices:
+        from iam.authn.services import AuthnServices
+
+        return AuthnServices(self)
+
+    def _users(self) -> UserServices:
+        from iam.users.services import UserServices
+
+        return UserServices(self)
 
     async def start(self) -> None:
         """Open stores (migrating them if configured), load keys, start background jobs. Idempotent."""
@@ -156,29 +144,15 @@ class Runtime:
             self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
         except (KeyRingError, OSError) as exc:
             raise StartupError(f"signing keys: {exc}") from None
-        if self.role.serves(Role.AUTHENTICATION):
-            self.totp.data_key = self._data_key()
+        if self.authn is not None:
+            self.authn.start()
         if self.audit_sink is not None:
             AUDIT.addHandler(self.audit_sink)
             AUDIT.setLevel(logging.INFO)
         self._tasks.append(asyncio.create_task(self._maintain()))
-        if self.revocation_listener is not None:
-            self.revocation_listener.start()
+        if self.token is not None:
+            self.token.start()
         self._started = True
-
-    def _data_key(self) -> str | None:
-        """The key directory's data key, created on first run where the directory is writable."""
-        try:
-            try:
-                key = self.keys.data_key(generate=True)
-            except OSError:  # a read-only mounted Secret: only what was provisioned
-                key = self.keys.data_key()
-        except (KeyRingError, OSError) as exc:
-            raise StartupError(f"data key: {exc}") from None
-        if key is None:
-            log.warning("no %s in %s: TOTP secrets are stored unsealed (`iam keys rotate` creates it)",
-                        DATA_KEY, self.settings.keys.dir)
-        return key
 
     async def _maintain(self) -> None:
         """Pick up rotated keys; purge what has ended from the role's store, in bounded batches."""
@@ -188,8 +162,8 @@ class Runtime:
             await asyncio.sleep(10)
             try:
                 self.keys.reload_if_changed()
-                if self.role.serves(Role.TOKEN):
-                    self.hot_cache.sweep(time.time())
+                if self.token is not None:
+                    self.token.sweep()
                 await self.update_gauges()
                 if self.audit_sink is not None:
                     await self.audit_sink.flush()
@@ -202,11 +176,10 @@ class Runtime:
     async def purge(self, now: int) -> int:
         """One bounded batch per table of what can never be used again: stores must not grow without end."""
         batch, deleted = self.settings.purge_batch, 0
-        if self.role.serves(Role.TOKEN):
-            deleted += await self.token_store.purge_expired(now, batch)
-        if self.role.serves(Role.AUTHENTICATION):
-            deleted += await self.sessions.purge_ended(now, batch)
-            deleted += await self.throttle.purge_stale(now, batch)
+        if self.token is not None:
+            deleted += await self.token.purge(now, batch)
+        if self.authn is not None:
+            deleted += await self.authn.purge(now, batch)
         if self.audit_sink is not None:
             cutoff_ms = (now - self.settings.audit_retention_days * 86400) * 1000
             for store in self.stores.values():
@@ -215,8 +188,8 @@ class Runtime:
 
     async def update_gauges(self) -> None:
         """Gauges that need a store query are refreshed by the maintenance loop, not on every scrape."""
-        if self.role.serves(Role.AUTHENTICATION):
-            SSO_SESSIONS.set(await self.sessions.count_live())
+        if self.authn is not None:
+            await self.authn.update_gauges()
 
     async def stop(self) -> None:
         self.draining = True
@@ -230,8 +203,8 @@ class Runtime:
         if self.audit_sink is not None:
             AUDIT.removeHandler(self.audit_sink)
             await self.audit_sink.flush()  # what a store refuses now stays only in the audit log stream
-        if self.revocation_listener is not None:
-            await self.revocation_listener.stop()
+        if self.token is not None:
+            await self.token.stop()
         if self.http is not None:
             await self.http.aclose()
         for store in self.stores.values():
@@ -279,19 +252,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(users_internal.router)
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import (
-            app_access,
-            authorize,
-            device,
-            discovery,
-            endpoint,
-            introspection,
-            logout,
-            revocation,
-            userinfo,
-        )
+        from iam.token import authorize, discovery, logout, revocation, userinfo
+        from iam.token import device as token_device
+        from iam.token import internal as token_internal
 
-        for module in (authorize, endpoint, device, introspection, revocation, userinfo, logout, discovery,
-                       app_access):
+        for module in (authorize, token_device, revocation, userinfo, logout, discovery, token_internal):
             app.include_router(module.router)
     return app

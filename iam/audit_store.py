@@ -79,9 +79,10 @@ class AuditSink(logging.Handler):
 
     def store_for(self, event: str) -> str:
         owner = OWNER.get(event.split(".", 1)[0])
-        return owner if owner in self.stores else next(iter(self.stores))
+        return owner if owner is not None and owner in self.stores else next(iter(self.stores))
 
-    async def flush(self) -> int:
+    # Not logging.Handler's flush (whose stream is the queue here): the runtime awaits this one.
+    async def flush(self) -> int:  # type: ignore[override]
         """Write what is queued, one transaction per store; what a store refused goes back to the queue."""
         with self._lock:
             rows, self.queue = list(self.queue), deque()

@@ -120,7 +120,8 @@ def _with_directory(args: argparse.Namespace, action) -> None:
         runtime = Runtime(settings)
         try:
             await runtime.start()
-            await action(runtime.directory_service)
+            assert runtime.users is not None  # the role serves user-management (above)
+            await action(runtime.users.directory)
         finally:
             await runtime.stop()
 

@@ -71,6 +71,17 @@ def invalid_token(description: str | None = None) -> OAuthError:
     return OAuthError("invalid_token", description, 401, {"WWW-Authenticate": challenge})
 
 
+def invalid_grant(description: str) -> OAuthError:
+    # RFC 6749 §5.2: a code, refresh token or device code that is not (or no longer) good.
+    return OAuthError("invalid_grant", description)
+
+
+def insufficient_scope(scope: str, description: str) -> OAuthError:
+    # RFC 6750 §3.1: 403, naming the scope the call needs.
+    challenge = f'Bearer realm="iam", error="insufficient_scope", scope="{scope}"'
+    return OAuthError("insufficient_scope", description, 403, {"WWW-Authenticate": challenge})
+
+
 def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
         json.dumps(body, separators=(",", ":")).encode(), status, headers, media_type="application/json"

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import json_response
 from iam.observability import metrics_response
+from iam.runtime import shared
 from iam.store import StoreError
 
 router = APIRouter()
@@ -25,7 +26,7 @@ async def metrics() -> Response:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    iam = request.app.state.iam
+    iam = shared(request)
     if iam.draining:
         return json_response({"status": "draining"}, 503, _NO_CACHE)
     results = await asyncio.gather(*(store.check() for store in iam.stores.values()), return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import Request
@@ -104,7 +105,7 @@ def client_address(request: Request, trusted_proxies: list[str]) -> str:
     return peer
 
 
-def with_params(uri: str, params: dict[str, str]) -> str:
+def with_params(uri: str, params: Mapping[str, str | None]) -> str:
     """Add response parameters to a redirect URI, keeping the query it was registered with (RFC 6749 §3.1.2)."""
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return f"{uri}{'&' if urlsplit(uri).query else '?'}{query}"

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from iam.errors import invalid_token
+from iam.errors import PeerRejected, invalid_token
 from iam.formats import jwt_claims
 from iam.http import bearer_token
-from iam.peers import SERVICE_TYP, PeerRejected, role_id
+from iam.peers import SERVICE_TYP, role_id
 from iam.roles import Role
+from iam.runtime import shared
 
 router = APIRouter()
 
 
 @router.get("/internal/v1/jwks")
 async def jwks(request: Request) -> Response:
-    return Response(request.app.state.iam.keys.jwks_json, media_type="application/jwk-set+json")
+    return Response(shared(request).keys.jwks_json, media_type="application/jwk-set+json")
 
 
 async def require_peer(request: Request, owner: Role, *callers: Role) -> Role:
@@ -34,7 +35,7 @@ async def require_peer(request: Request, owner: Role, *callers: Role) -> Role:
     if caller is None:
         raise invalid_token("this caller may not use this API")
     try:
-        await request.app.state.iam.peer_keys.verify(token, issuer=caller, audience=role_id(owner), typ=SERVICE_TYP)
+        await shared(request).peer_keys.verify(token, issuer=caller, audience=role_id(owner), typ=SERVICE_TYP)
     except PeerRejected as exc:
         raise invalid_token(str(exc)) from None
     return caller

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
@@ -39,13 +40,12 @@ class SigningKey:
 
 def _new_key(alg: str, now: datetime) -> RSAKey | ECKey:
     kid = f"{now.strftime(_KID_TIME)}-{alg.lower()}-{secrets.token_hex(4)}"
-    params = {"kid": kid, "alg": alg, "use": "sig"}
     if alg == "RS256":
-        return RSAKey.generate_key(2048, parameters=params, private=True)
-    return ECKey.generate_key("P-256", parameters=params, private=True)
+        return RSAKey.generate_key(2048, parameters={"kid": kid, "alg": alg, "use": "sig"}, private=True)
+    return ECKey.generate_key("P-256", parameters={"kid": kid, "alg": alg, "use": "sig"}, private=True)
 
 
-def _write_private(path: Path, data: dict) -> None:
+def _write_private(path: Path, data: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle)
@@ -60,7 +60,7 @@ class KeyRing:
         self.activation_delay = activation_delay
         self._keys: list[SigningKey] = []
         self._signing: dict[str, SigningKey] = {}
-        self._fingerprint: tuple = ()
+        self._fingerprint: tuple[tuple[str, int], ...] = ()
         self.jwks_json: bytes = b'{"keys":[]}'
         self.public_set = KeySet([])
 
@@ -90,7 +90,7 @@ class KeyRing:
         log.info("key ring reloaded: %s", ", ".join(k.kid for k in self._keys))
         return True
 
-    def _listing(self) -> tuple:
+    def _listing(self) -> tuple[tuple[str, int], ...]:
         try:
             return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.directory.glob("*.json")))
         except OSError:
@@ -142,7 +142,7 @@ class KeyRing:
         except KeyError:
             raise KeyRingError(f"no {alg} key in {self.directory}") from None
 
-    def sign(self, claims: dict, *, alg: str, typ: str = "JWT") -> str:
+    def sign(self, claims: dict[str, Any], *, alg: str, typ: str = "JWT") -> str:
         key = self.signing_key(alg)
         return jwt.encode({"alg": alg, "typ": typ, "kid": key.kid}, claims, key.key, algorithms=[alg])
 
@@ -176,6 +176,7 @@ class KeyRing:
         for alg in ALGORITHMS:
             key = _new_key(alg, now)
             self._store(key)
+            assert key.kid is not None  # _new_key names every key
             added.append(key.kid)
         self._install(self._read())
         return added

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -197,7 +198,7 @@ def store_span(store: str, system: str, statement: str):
                               attributes={"db.system": system, "iam.store": store})
 
 
-def tracing_requested(env: dict[str, str] | None = None) -> bool:
+def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     exporter = env.get("OTEL_TRACES_EXPORTER", "")
     if exporter == "none" or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -213,10 +214,11 @@ def setup_tracing(service_name: str) -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name,
                                                         "service.version": __version__}))
+    exporter: SpanExporter
     if os.environ.get("OTEL_TRACES_EXPORTER") == "console":
         exporter = ConsoleSpanExporter(out=sys.stderr)
     else:
@@ -231,8 +233,11 @@ def setup_tracing(service_name: str) -> None:
 def shutdown_tracing() -> None:
     if _tracer is not None:
         from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
 
-        trace.get_tracer_provider().force_flush()
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):  # the one setup_tracing installed
+            provider.force_flush()
 
 
 def inject_trace_context(headers: dict[str, str]) -> None:
@@ -259,7 +264,7 @@ class Observability:
     """Pure ASGI middleware: per request, one counter and one histogram sample (and a span when tracing), and the
     headers every response carries (`headers`, computed once: iam.pages.every_response)."""
 
-    def __init__(self, app, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(self, app, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.app = app
         self.headers = list(headers)
         self._children: dict[tuple, tuple] = {}

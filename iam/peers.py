@@ -1,4 +1,4 @@
-"""How the roles talk to each other (DESIGN.md §1): one interface, two implementations.
+"""How the roles talk to each other (docs/architecture.md, "The runtime"): one interface, two implementations.
 
 In one process (`all`) a call is a plain function call into the other role's service. Apart, it is an
 HTTP call to the other role's `/internal/v1/...` API, authenticated with a service assertion: a JWT of at
@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from joserfc import jwt
@@ -49,12 +49,14 @@ class UserClaims:
     groups: list[str] = field(default_factory=list)
     updated_at: int = 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# The interfaces one role has of another. Each has two implementations, checked against it by mypy: the other
+# role's own service, in one process (`all`; wired in iam/app.py), and the HTTP client below (`Remote...`).
 class Directory(Protocol):
-    """The user-management role, as the token and authentication roles see it."""
+    """The user-management role, as the token and authentication roles see it (iam.users.directory)."""
 
     async def claims(self, sub: str) -> UserClaims | None: ...
 
@@ -62,35 +64,43 @@ class Directory(Protocol):
 
 
 class Credentials(Protocol):
-    """The authentication role's credential store, as the user-management role sees it."""
+    """The authentication role's credential store, as the user-management role sees it
+    (iam.authn.credentials)."""
 
-    async def set_password(self, sub: str, password: str) -> None: ...
+    async def set_password(self, sub: str, password: str) -> None:
+        """Raises PasswordRejected when the password does not meet the policy."""
 
     async def remove(self, sub: str) -> None: ...
 
     async def reset_second_factor(self, sub: str) -> bool: ...
 
+    async def end_sessions(self, sub: str) -> None: ...
+
 
 class Tokens(Protocol):
-    """The token role, as the other roles see it: what an access token stands for."""
+    """The token role, as the other roles see it: what an access token stands for, and the end of a user's
+    grants (iam.token.access_tokens)."""
 
-    async def introspect(self, token: str) -> dict | None: ...
+    async def introspect(self, token: str) -> dict[str, Any] | None: ...
+
+    async def revoke_subject(self, sub: str) -> None: ...
 
 
 class AppAccess(Protocol):
     """The token role's account of a person's applications (iam.token.app_access)."""
 
-    async def applications(self, sub: str) -> list[dict]: ...
+    async def applications(self, sub: str) -> list[dict[str, Any]]: ...
 
     async def remove(self, sub: str, client_id: str) -> int: ...
 
 
 class DeviceApprovals(Protocol):
-    """The token role's pending device codes, as the authentication role's verification page sees them."""
+    """The token role's pending device codes, as the authentication role's verification page sees them
+    (iam.token.device_codes)."""
 
-    async def device_lookup(self, user_code: str) -> dict | None: ...
+    async def device_lookup(self, user_code: str) -> dict[str, Any] | None: ...
 
-    async def device_decide(self, user_code: str, approve: bool, session: dict) -> bool: ...
+    async def device_decide(self, user_code: str, approve: bool, session: dict[str, Any]) -> bool: ...
 
 
 def role_id(role: Role) -> str:
@@ -105,7 +115,7 @@ class ServiceIdentity:
         self.keys = keys
         self._cache: dict[str, tuple[str, float]] = {}
 
-    def sign(self, audience: Role, typ: str, claims: dict | None = None, *, issuer: Role | None = None,
+    def sign(self, audience: Role, typ: str, claims: dict[str, Any] | None = None, *, issuer: Role | None = None,
              ttl: int = ASSERTION_TTL) -> str:
         """A JWT from this role (or, in one process, the named role) to `audience`, valid for `ttl` seconds."""
         now = int(time.time())
@@ -143,6 +153,7 @@ class PeerKeys:
             cached = self._sets.get(role)
             if cached and time.monotonic() - cached[1] < (5 if refresh else 300):
                 return cached[0]  # another task fetched it meanwhile; refetch at most every 5 s
+            assert self.http is not None  # a remote peer's URL comes with the client to reach it
             try:
                 response = await self.http.get(f"{self.urls[role]}/internal/v1/jwks", timeout=5)
                 response.raise_for_status()
@@ -152,7 +163,8 @@ class PeerKeys:
             self._sets[role] = (keys, time.monotonic())
             return keys
 
-    async def verify(self, token: str, *, issuer: Role, audience: str, typ: str, max_ttl: int = ASSERTION_TTL) -> dict:
+    async def verify(self, token: str, *, issuer: Role, audience: str, typ: str,
+                     max_ttl: int = ASSERTION_TTL) -> dict[str, Any]:
         """Verify signature, typ, iss, aud and lifetime; raise PeerRejected with the reason."""
         for refresh in (False, True):  # a failure may mean the peer rotated its keys: refetch once
             keys = await self.keyset(issuer, refresh=refresh)
@@ -185,7 +197,7 @@ class _Remote:
         self.identity = identity
         self.role = role
 
-    async def call(self, method: str, path: str, **kwargs) -> httpx.Response:
+    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.identity.assertion(self.role)}"}
         inject_trace_context(headers)
         try:
@@ -240,29 +252,31 @@ class RemoteTokens(_Remote):
         if response.status_code != 204:
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
 
-    async def introspect(self, token: str) -> dict | None:
+    async def introspect(self, token: str) -> dict[str, Any] | None:
         response = await self.call("POST", "/internal/v1/introspect", json={"token": token})
         body = response.json()
         return body if body.get("active") else None
 
-    async def applications(self, sub: str) -> list[dict]:
+    async def applications(self, sub: str) -> list[dict[str, Any]]:
         response = await self.call("GET", f"/internal/v1/subjects/{_segment(sub)}/applications")
         if response.status_code != 200:
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
-        return response.json()["applications"]
+        applications: list[dict[str, Any]] = response.json()["applications"]
+        return applications
 
     async def remove(self, sub: str, client_id: str) -> int:
         path = f"/internal/v1/subjects/{_segment(sub)}/applications/{_segment(client_id)}"
         response = await self.call("DELETE", path)
         if response.status_code != 200:
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
-        return response.json()["removed"]
+        removed: int = response.json()["removed"]
+        return removed
 
-    async def device_lookup(self, user_code: str) -> dict | None:
+    async def device_lookup(self, user_code: str) -> dict[str, Any] | None:
         response = await self.call("GET", f"/internal/v1/device/{_segment(user_code)}")
         return response.json() if response.status_code == 200 else None
 
-    async def device_decide(self, user_code: str, approve: bool, session: dict) -> bool:
+    async def device_decide(self, user_code: str, approve: bool, session: dict[str, Any]) -> bool:
         response = await self.call("POST", f"/internal/v1/device/{_segment(user_code)}",
                                    json={"approve": approve, "session": session})
         return response.status_code == 200
@@ -272,3 +286,8 @@ def _segment(value: str) -> str:
     from urllib.parse import quote
 
     return quote(value, safe="")
+
+
+# The remote implementations, checked against the interfaces (the in-process ones are, where iam/app.py wires them).
+_REMOTE: tuple[type[Directory], type[Credentials], type[Tokens], type[AppAccess], type[DeviceApprovals]] = (
+    RemoteDirectory, RemoteCredentials, RemoteTokens, RemoteTokens, RemoteTokens)

@@ -67,7 +67,7 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            timeout_graceful_shutdown=grace,
+            timeout_graceful_shutdown=grace,  # type: ignore[arg-type]  # uvicorn waits with asyncio: seconds may be fractional
             loop="none",
             ssl_certfile=ssl_certfile,  # https directly (kube-apiserver accepts only an https issuer)
             ssl_keyfile=ssl_keyfile,

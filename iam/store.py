@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -70,7 +71,7 @@ class Store:
     def is_postgresql(self) -> bool:
         return self.url.get_backend_name() == "postgresql"
 
-    async def connect_driver(self, **options):
+    async def connect_driver(self, **options: Any) -> Any:
         """A new asyncpg connection to this (PostgreSQL) store, outside the pool: same URL, same options.
 
         For a long-lived connection of its own, such as the token role's LISTEN connection.

@@ -198,7 +198,7 @@ async def alice(app) -> str:
 
     new = NewUser(user_name="alice", email="alice@example.com", email_verified=True, given_name="Alice",
                   family_name="Liddell")
-    return await app.state.iam.directory_service.create_user(new, password=PASSWORD,
+    return await app.state.iam.users.directory.create_user(new, password=PASSWORD,
                                                              group_names=("admins", "developers"))
 
 

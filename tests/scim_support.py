@@ -61,7 +61,7 @@ class Scim:
 
     @property
     def directory(self):
-        return self.app.state.iam.directory_service
+        return self.app.state.iam.users.directory
 
     def headers(self, who: str | None = "scim-admin", **extra) -> dict:
         headers = {"Content-Type": SCIM_JSON} if who is not None else {}

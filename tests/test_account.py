@@ -129,7 +129,7 @@ async def test_removing_access_needs_the_form_token_and_touches_only_ones_own_gr
     # Another person removing "webapp" from their own account leaves alice's grant alone.
     from iam.users.directory import NewUser
 
-    await app.state.iam.directory_service.create_user(NewUser(user_name="bob"), password="bob's long passphrase")
+    await app.state.iam.users.directory.create_user(NewUser(user_name="bob"), password="bob's long passphrase")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as bob:
         await sign_in(bob, await login_page(bob), username="bob", password="bob's long passphrase")
         assert (await remove_access(bob, "webapp")).status_code == 200
@@ -139,7 +139,7 @@ async def test_removing_access_needs_the_form_token_and_touches_only_ones_own_gr
 # -- an operator signs a user out everywhere (ASVS 5 V7.4.5) ---------------------------------------------------
 async def test_an_operator_signs_a_user_out_everywhere_and_they_can_sign_in_again(client, app, alice, caplog):
     web = await tokens_for(client)
-    await app.state.iam.directory_service.sign_out_everywhere(alice)
+    await app.state.iam.users.directory.sign_out_everywhere(alice)
     assert (await client.get("/authn/account")).status_code == 303  # the SSO session is over
     assert (await refresh(client, web["refresh_token"])).json()["error"] == "invalid_grant"
     introspected = await client.post("/oauth/v2/introspect", data={"token": web["access_token"]},
@@ -153,6 +153,6 @@ async def test_signing_out_fails_loudly_when_a_role_cannot_be_told(app, alice):
     async def unreachable(sub: str) -> None:
         raise PeerUnavailable("the token role did not answer")
 
-    app.state.iam.directory_service.on_disabled.append(unreachable)
+    app.state.iam.users.directory.on_disabled.append(unreachable)
     with pytest.raises(PeerUnavailable):
-        await app.state.iam.directory_service.sign_out_everywhere(alice)
+        await app.state.iam.users.directory.sign_out_everywhere(alice)

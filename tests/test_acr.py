@@ -35,7 +35,7 @@ async def test_a_password_sign_in_says_one_factor(client, alice):
 
 
 async def enrol(app, subject: str) -> pyotp.TOTP:
-    totp = app.state.iam.totp
+    totp = app.state.iam.authn.totp
     generator = pyotp.TOTP(await totp.start_enrolment(subject))
     assert await totp.verify(subject, generator.now(), confirming=True)
     return generator
@@ -105,7 +105,7 @@ async def test_prompt_select_account_offers_the_signed_in_account_or_another(cli
     chosen = await client.post("/authn/login/continue", data=hidden_fields(page.text))
     assert "code" in query((await follow(client, chosen, APP)).headers["location"])
 
-    bob = await app.state.iam.directory_service.create_user(NewUser(user_name="bob"), password=PASSWORD)
+    bob = await app.state.iam.users.directory.create_user(NewUser(user_name="bob"), password=PASSWORD)
     verifier, challenge = pkce()
     page = await follow(client, await authorize(client, challenge=challenge, prompt="select_account"), APP)
     other = await follow(client, await sign_in(client, page, username="bob"), APP)

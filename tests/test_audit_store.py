@@ -34,7 +34,7 @@ async def events(app, store: str, **query) -> list[dict]:
 async def add_alice(app) -> str:
     from iam.users.directory import NewUser
 
-    return await app.state.iam.directory_service.create_user(NewUser(user_name="alice"),
+    return await app.state.iam.users.directory.create_user(NewUser(user_name="alice"),
                                                              password="correct horse battery staple")
 
 

@@ -190,7 +190,7 @@ async def test_a_refresh_token_is_bound_to_its_client(client, alice):
 
 
 async def test_refresh_reads_current_claims_and_stops_for_a_disabled_user(client, app, alice):
-    directory = app.state.iam.directory_service
+    directory = app.state.iam.users.directory
     first = await tokens_for(client)
     await directory.add_to_group(alice, "sre")
     second = (await refresh(client, first["refresh_token"])).json()
@@ -219,7 +219,7 @@ async def test_a_peer_outage_consumes_nothing(client, app, alice, monkeypatch):
     from iam.peers import PeerUnavailable
 
     params, verifier, _ = await code_flow(client)
-    directory = app.state.iam.directory
+    directory = app.state.iam.token.directory
 
     async def down(sub):
         raise PeerUnavailable("user-management did not answer")
@@ -299,7 +299,7 @@ async def test_disabling_a_user_revokes_their_tokens_and_sessions_at_once(client
     """ASVS 5 V7.4.2: not only refresh, but live access tokens and the SSO session stop working too."""
     body = await tokens_for(client)
     assert (await introspect(client, body["access_token"]))["active"] is True
-    await app.state.iam.directory_service.set_active(alice, False)
+    await app.state.iam.users.directory.set_active(alice, False)
     assert await introspect(client, body["access_token"]) == {"active": False}
     assert (await client.get("/oauth/v2/phantom",
                              headers={"Authorization": f"Bearer {body['access_token']}"})).status_code == 401

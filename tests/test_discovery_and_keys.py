@@ -47,7 +47,7 @@ async def test_issuer_with_a_path_and_trailing_slash_is_kept_exactly(tmp_path, s
 
     settings = make_settings(tmp_path, store_urls, issuer="https://login.example.com/tenant-a/")
     app = create_app(settings)
-    meta = json.loads(app.state.iam.metadata_json)
+    meta = json.loads(app.state.iam.token.metadata_json)
     assert meta["issuer"] == "https://login.example.com/tenant-a/"
     assert meta["token_endpoint"] == "https://login.example.com/tenant-a/oauth/v2/token"
 

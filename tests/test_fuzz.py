@@ -58,7 +58,7 @@ SKIPPED_ROUTES = {"/health/live", "/health/ready", "/metrics", "/assets/iam.css"
 async def world(scim_app):
     """One app per backend (every role, the SCIM clients too), an HTTP client, and real values to mix into the
     garbage: tokens, ids, a session."""
-    alice = await scim_app.state.iam.directory_service.create_user(NewUser(user_name="alice"), password=PASSWORD)
+    alice = await scim_app.state.iam.users.directory.create_user(NewUser(user_name="alice"), password=PASSWORD)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=scim_app), base_url=ISSUER) as http:
         scim_token = await token_for(http, "scim-admin")
         access = (await http.post("/oauth/v2/token", data={"grant_type": "client_credentials"},
@@ -67,7 +67,7 @@ async def world(scim_app):
                                  headers={"Authorization": f"Bearer {scim_token}"})).json()["id"]
         runtime = scim_app.state.iam
         peers = [runtime.identity.sign(owner, SERVICE_TYP, issuer=caller) for owner in PEERS for caller in PEERS]
-        session, _ = await runtime.sessions.create(alice, ["pwd"])
+        session, _ = await runtime.authn.sessions.create(alice, ["pwd"])
         yield World({"app": scim_app, "http": http, "scim_token": scim_token, "access": access, "alice": alice,
                "group": group, "peers": peers, "session": session})
 

@@ -118,7 +118,7 @@ async def test_purge_deletes_only_expired_tokens_in_bounded_batches(client, app)
     live = (await client.post(
         "/oauth/v2/token", data={"grant_type": "client_credentials"}, headers=basic("svc-basic")
     )).json()["access_token"]
-    store = app.state.iam.token_store
+    store = app.state.iam.token.store
     async with store.engine.begin() as conn:
         await conn.execute(update(access_tokens).where(access_tokens.c.expires_at > 0).values(expires_at=10))
         await conn.execute(
@@ -140,28 +140,28 @@ async def test_purge_deletes_ended_sessions_and_stale_throttling_but_not_live_on
 
     iam = app.state.iam
     now = int(time.time())
-    live, _ = await iam.sessions.create("sub-live", ["pwd"])
-    logged_out, _ = await iam.sessions.create("sub-out", ["pwd"])
-    await iam.sessions.end(logged_out)
-    idle, _ = await iam.sessions.create("sub-idle", ["pwd"])
-    expired, _ = await iam.sessions.create("sub-expired", ["pwd"])
-    async with iam.sessions.engine.begin() as conn:
+    live, _ = await iam.authn.sessions.create("sub-live", ["pwd"])
+    logged_out, _ = await iam.authn.sessions.create("sub-out", ["pwd"])
+    await iam.authn.sessions.end(logged_out)
+    idle, _ = await iam.authn.sessions.create("sub-idle", ["pwd"])
+    expired, _ = await iam.authn.sessions.create("sub-expired", ["pwd"])
+    async with iam.authn.sessions.engine.begin() as conn:
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-idle")
-                           .values(last_seen=now - iam.sessions.idle_ttl - 1))
+                           .values(last_seen=now - iam.authn.sessions.idle_ttl - 1))
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-expired").values(expires_at=now - 1))
-    await iam.throttle.fail(None, "192.0.2.1")
+    await iam.authn.throttle.fail(None, "192.0.2.1")
     for _ in range(5):
-        await iam.throttle.fail("locked", "192.0.2.2")  # the fifth locks the pair
-    async with iam.sessions.engine.begin() as conn:
+        await iam.authn.throttle.fail("locked", "192.0.2.2")  # the fifth locks the pair
+    async with iam.authn.sessions.engine.begin() as conn:
         await conn.execute(update(login_failures).values(window_start=now - 3600))  # both windows are over
 
-    assert await iam.sessions.purge_ended(now, 10) == 3
+    assert await iam.authn.sessions.purge_ended(now, 10) == 3
     # the old counters (two addresses, the account's bucket, paid back); a lock in force is kept
-    assert await iam.throttle.purge_stale(now, 10) == 3
+    assert await iam.authn.throttle.purge_stale(now, 10) == 3
     assert await iam.purge(now) == 0  # what is left is live
-    assert (await iam.sessions.current(live)).subject == "sub-live"
-    assert await iam.throttle.check("locked", "192.0.2.2") > 0  # a lock in force is kept
-    async with iam.sessions.engine.connect() as conn:
+    assert (await iam.authn.sessions.current(live)).subject == "sub-live"
+    assert await iam.authn.throttle.check("locked", "192.0.2.2") > 0  # a lock in force is kept
+    async with iam.authn.sessions.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(sessions))).scalar() == 1
 
 

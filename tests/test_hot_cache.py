@@ -34,9 +34,9 @@ UNKNOWN = "A" * 43  # well-formed, never issued
 async def cache_on(app) -> None:
     """On PostgreSQL the cache is on only once the revocation listener is connected."""
     runtime = app.state.iam
-    if runtime.revocation_listener is not None:
-        await runtime.revocation_listener.wait_connected(10)
-    assert runtime.hot_cache.enabled
+    if runtime.token.revocation_listener is not None:
+        await runtime.token.revocation_listener.wait_connected(10)
+    assert runtime.token.hot_cache.enabled
 
 
 async def introspect(http, token: str, accept: str | None = None) -> httpx.Response:
@@ -56,7 +56,7 @@ async def warm(app, http, token: str) -> None:
     await cache_on(app)
     assert await is_active(http, token)
     assert await phantom(http, token) == 200
-    assert digest(token) in app.state.iam.hot_cache
+    assert digest(token) in app.state.iam.token.hot_cache
 
 
 async def assert_inactive_everywhere(http, token: str) -> None:
@@ -82,7 +82,7 @@ async def until(condition, within: float = 1.0) -> None:
 
 
 def count_lookups(app, monkeypatch) -> list[bytes]:
-    store = app.state.iam.token_store
+    store = app.state.iam.token.store
     original = store.find_access_token
     seen: list[bytes] = []
 
@@ -233,7 +233,7 @@ async def test_revocation_is_immediate_with_a_warm_cache(client, app):
     await warm(app, client, other)
     assert (await revoke(client, token)).status_code == 200
     await assert_inactive_everywhere(client, token)
-    assert await is_active(client, other) and digest(other) in app.state.iam.hot_cache  # only that token
+    assert await is_active(client, other) and digest(other) in app.state.iam.token.hot_cache  # only that token
 
 
 async def test_revoking_a_refresh_token_evicts_its_grants_access_tokens(client, app, alice):
@@ -266,18 +266,18 @@ async def test_logout_evicts_the_sessions_grants(client, app, alice):
 async def test_a_disabled_subject_is_evicted(client, app, alice):
     web = await tokens_for(client)
     await warm(app, client, web["access_token"])
-    await app.state.iam.token_store.revoke_subject(alice)
+    await app.state.iam.token.store.revoke_subject(alice)
     await assert_inactive_everywhere(client, web["access_token"])
 
 
 async def test_an_expired_token_is_never_served_from_the_cache(client, app, monkeypatch):
     token = (await get_token(client))["access_token"]  # svc-basic: 600 s
-    app.state.iam.hot_cache.seconds = 3600  # only the token's own expiry bounds the entry now
+    app.state.iam.token.hot_cache.seconds = 3600  # only the token's own expiry bounds the entry now
     await warm(app, client, token)
     later = time.time() + 601
-    monkeypatch.setattr(app.state.iam.access_tokens, "clock", lambda: later)
+    monkeypatch.setattr(app.state.iam.token.access_tokens, "clock", lambda: later)
     await assert_inactive_everywhere(client, token)
-    assert digest(token) not in app.state.iam.hot_cache
+    assert digest(token) not in app.state.iam.token.hot_cache
 
 
 async def test_an_entry_is_read_again_after_the_staleness_bound(client, app, monkeypatch):
@@ -286,7 +286,7 @@ async def test_an_entry_is_read_again_after_the_staleness_bound(client, app, mon
     lookups = count_lookups(app, monkeypatch)
     assert await is_active(client, token) and lookups == []
     later = time.time() + app.state.iam.settings.introspection_cache_seconds + 0.5
-    monkeypatch.setattr(app.state.iam.access_tokens, "clock", lambda: later)
+    monkeypatch.setattr(app.state.iam.token.access_tokens, "clock", lambda: later)
     assert await is_active(client, token) and len(lookups) == 1
     assert await phantom(client, token) == 200 and len(lookups) == 1  # cached again, for another N s
 
@@ -299,16 +299,16 @@ async def test_unknown_and_revoked_tokens_are_not_cached(client, app, monkeypatc
     for _ in range(3):
         assert not await is_active(client, UNKNOWN)
         assert await phantom(client, token) == 401
-    assert len(lookups) == 6 and len(app.state.iam.hot_cache) == 0
+    assert len(lookups) == 6 and len(app.state.iam.token.hot_cache) == 0
 
 
 async def test_the_size_bound_holds(client, app):
-    app.state.iam.hot_cache.max_entries = 3
+    app.state.iam.token.hot_cache.max_entries = 3
     tokens = [(await get_token(client))["access_token"] for _ in range(5)]
     await cache_on(app)
     for token in tokens:
         assert await is_active(client, token)
-    cache = app.state.iam.hot_cache
+    cache = app.state.iam.token.hot_cache
     assert len(cache) == 3
     assert [digest(t) in cache for t in tokens] == [False, False, True, True, True]
     assert all([await is_active(client, t) for t in tokens])  # evicted is not inactive: read again
@@ -318,7 +318,7 @@ async def test_with_the_cache_off_every_call_is_one_lookup(tmp_path, store_urls,
     application = create_app(make_settings(tmp_path, store_urls, introspection_cache_seconds=0))
     async with application.router.lifespan_context(application):
         runtime = application.state.iam
-        assert runtime.revocation_listener is None and not runtime.hot_cache.enabled
+        assert runtime.token.revocation_listener is None and not runtime.token.hot_cache.enabled
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
             token = (await get_token(http))["access_token"]
             lookups = count_lookups(application, monkeypatch)
@@ -344,9 +344,9 @@ async def test_revocation_reaches_another_instance_at_once(postgres_only, settin
         assert (await revoke(client, token)).status_code == 200  # through A
         await assert_inactive_everywhere(client, token)
         await eventually_inactive(b, token, within=1.0)
-        assert digest(token) not in b_app.state.iam.hot_cache
+        assert digest(token) not in b_app.state.iam.token.hot_cache
         assert await is_active(b, body["access_token"])  # nothing else was evicted ...
-        assert digest(body["access_token"]) in b_app.state.iam.hot_cache
+        assert digest(body["access_token"]) in b_app.state.iam.token.hot_cache
         # ... until its grant is revoked (the refresh token, through A)
         assert (await revoke(client, body["refresh_token"], "webapp")).status_code == 200
         await eventually_inactive(b, body["access_token"], within=1.0)
@@ -356,8 +356,8 @@ async def test_without_its_listener_an_instance_bypasses_the_cache(postgres_only
                                                                    postgres_server):
     b_app, b = second_instance(settings)
     async with b_app.router.lifespan_context(b_app), b:
-        listener = b_app.state.iam.revocation_listener
-        cache = b_app.state.iam.hot_cache
+        listener = b_app.state.iam.token.revocation_listener
+        cache = b_app.state.iam.token.hot_cache
         token = (await get_token(client))["access_token"]
         await warm(b_app, b, token)
         # Hold the reconnection until the test lets it through.
@@ -446,7 +446,7 @@ async def test_an_issuance_whose_answer_was_lost_is_stored_once(postgres_only, a
 
     from iam.token.store import _FAILED, access_tokens
 
-    store = app.state.iam.token_store
+    store = app.state.iam.token.store
     direct = store._on_driver
 
     async def answer_lost(statement, call):

@@ -75,7 +75,7 @@ async def test_repeated_failures_lock_the_account_for_a_while(client, alice):
 
 
 async def test_a_disabled_user_cannot_sign_in(client, app, alice):
-    await app.state.iam.directory_service.set_active(alice, False)
+    await app.state.iam.users.directory.set_active(alice, False)
     assert (await sign_in(client, await login_page(client))).status_code == 401
 
 
@@ -168,7 +168,7 @@ async def test_totp_enrolment_then_sign_in_needs_the_code_once(client, app, alic
     no_password = await client.post("/authn/totp/setup", data={"csrf": csrf, "code": enrolment_code,
                                                                "password": "not the password"})
     assert no_password.status_code == 400 and "password is not correct" in no_password.text
-    assert not await app.state.iam.totp.enabled(alice)
+    assert not await app.state.iam.authn.totp.enabled(alice)
     confirm = await client.post("/authn/totp/setup", data={"csrf": csrf, "code": enrolment_code,
                                                            "password": PASSWORD})
     assert confirm.status_code == 200 and "Two-step verification is on" in confirm.text

@@ -253,7 +253,7 @@ async def test_user_lifecycle_and_key_rotation_are_audited(app, caplog, tmp_path
     from tests.server import iam as run_iam
 
     caplog.set_level(logging.INFO, logger="iam.audit")
-    directory = app.state.iam.directory_service
+    directory = app.state.iam.users.directory
     sub = await directory.create_user(NewUser(user_name="ursula"), password=PASSWORD)
     await directory.set_active(sub, False)
     await directory.delete_user(sub)

@@ -47,7 +47,7 @@ async def test_a_request_uri_is_for_its_client_only_and_expires(client, app, ali
     request_uri = (await push(client, code_challenge=challenge, code_challenge_method="S256")).json()["request_uri"]
     other = await client.get("/oauth/v2/authorize", params={"client_id": "legacy", "request_uri": request_uri})
     assert other.status_code == 400 and "location" not in other.headers
-    async with app.state.iam.token_store.engine.begin() as conn:
+    async with app.state.iam.token.store.engine.begin() as conn:
         await conn.execute(update(authorization_requests).values(expires_at=1))
     expired = await client.get("/oauth/v2/authorize", params={"client_id": "webapp", "request_uri": request_uri})
     assert expired.status_code == 400 and "location" not in expired.headers

@@ -161,7 +161,7 @@ def iso(seconds: int) -> str:
 
 @pytest.fixture(scope="module")
 async def seeded(scim_app):
-    directory = scim_app.state.iam.directory_service
+    directory = scim_app.state.iam.users.directory
     ids = {}
     for user_name, (display, given, family, emails, external, active, verified, _) in SEED.items():
         ids[user_name] = await directory.create_user(NewUser(

@@ -32,8 +32,8 @@ async def test_user_management_apart_uses_the_peers_over_http(tmp_path):
     assert not hasattr(runtime, "credentials")  # no credential store in this role
     async with peer_app.router.lifespan_context(peer_app), \
             httpx.AsyncClient(transport=httpx.ASGITransport(app=peer_app), base_url=PEER) as to_peer:
-        runtime.directory_service.credentials.http = to_peer
-        runtime.tokens.http = to_peer
+        runtime.users.directory.credentials.http = to_peer
+        runtime.users.tokens.http = to_peer
         runtime.peer_keys.http = to_peer
         async with users_app.router.lifespan_context(users_app), \
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=users_app), base_url=ISSUER) as http:
@@ -46,7 +46,7 @@ async def test_user_management_apart_uses_the_peers_over_http(tmp_path):
                 "schemas": [USER_SCHEMA], "userName": "remote-user", "password": password})
             assert created.status_code == 201, created.text
             sub = created.json()["id"]
-            assert await peer_app.state.iam.credentials.verify(sub, password)
+            assert await peer_app.state.iam.authn.credentials.verify(sub, password)
 
             refused = await http.post("/scim/v2/Users", headers=headers, json={
                 "schemas": [USER_SCHEMA], "userName": "weak-user", "password": "short"})
@@ -56,18 +56,18 @@ async def test_user_management_apart_uses_the_peers_over_http(tmp_path):
 
             # the authentication role is down: 503, nothing stored, and a retry works once it is back
             before = await dump_store(users_app)
-            runtime.directory_service.credentials.http = httpx.AsyncClient(
+            runtime.users.directory.credentials.http = httpx.AsyncClient(
                 transport=httpx.MockTransport(lambda request: httpx.Response(502)))
             scim_error(await http.post("/scim/v2/Users", headers=headers, json={
                 "schemas": [USER_SCHEMA], "userName": "later-user", "password": password}), 503)
             scim_error(await http.delete(f"/scim/v2/Users/{sub}", headers=headers), 503)
             assert await dump_store(users_app) == before
-            runtime.directory_service.credentials.http = to_peer
+            runtime.users.directory.credentials.http = to_peer
             retried = await http.post("/scim/v2/Users", headers=headers, json={
                 "schemas": [USER_SCHEMA], "userName": "later-user", "password": password})
             assert retried.status_code == 201, retried.text
 
             assert (await http.delete(f"/scim/v2/Users/{sub}", headers=headers)).status_code == 204
-            assert not await peer_app.state.iam.credentials.verify(sub, password)
+            assert not await peer_app.state.iam.authn.credentials.verify(sub, password)
             dump = repr(await dump_store(users_app))
             assert password not in dump and "$argon2" not in dump

@@ -126,7 +126,7 @@ async def test_concurrent_creates_of_one_user_name(scim):
 
 # -- passwords ------------------------------------------------------------------------------------------------
 async def test_password_is_write_only_and_kept_only_by_the_credential_store(scim, scim_backend):
-    credentials = scim.app.state.iam.credentials
+    credentials = scim.app.state.iam.authn.credentials
     created = await scim.create_user(password=PASSWORD)
     user_id = created["id"]
     assert "password" not in created
@@ -219,9 +219,9 @@ async def test_a_credential_store_outage_half_way_leaves_nothing_and_a_retry_suc
         assert (await scim.list(filter=f'userName eq "{name}"'))["totalResults"] == 0
     finally:
         directory.credentials = real
-    assert await scim.app.state.iam.credentials.verify(existing["id"], PASSWORD)  # the old password still works
+    assert await scim.app.state.iam.authn.credentials.verify(existing["id"], PASSWORD)  # the old password still works
     retried = await scim.create_user(name, password=PASSWORD)
-    assert await scim.app.state.iam.credentials.verify(retried["id"], PASSWORD)
+    assert await scim.app.state.iam.authn.credentials.verify(retried["id"], PASSWORD)
 
 
 # -- PATCH ------------------------------------------------------------------------------------------------------
@@ -414,7 +414,7 @@ async def test_deactivation_and_deletion_reach_the_claims_at_once(scim):
     assert (await scim.delete(f"/Users/{sub}")).status_code == 204
     assert await scim.directory.claims(sub) is None
     assert (await internal_claims()).status_code == 404
-    assert not await scim.app.state.iam.credentials.verify(sub, PASSWORD)  # the credential went too
+    assert not await scim.app.state.iam.authn.credentials.verify(sub, PASSWORD)  # the credential went too
 
 
 # -- ETags -------------------------------------------------------------------------------------------------------

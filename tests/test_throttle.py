@@ -32,7 +32,7 @@ def signed_in(response: httpx.Response) -> bool:
 async def spend_the_account_budget(app, username: str) -> None:
     # Guesses from as many addresses as there are guesses: no address and no pair ever locks.
     for i in range(BURST):
-        await app.state.iam.throttle.fail(username, f"198.51.100.{i}")
+        await app.state.iam.authn.throttle.fail(username, f"198.51.100.{i}")
 
 
 async def test_an_attacker_at_one_address_does_not_lock_the_owner_out(app, alice):
@@ -61,7 +61,7 @@ async def test_a_known_browser_signs_in_while_the_account_budget_is_spent(app, a
 async def test_a_known_device_cookie_is_bound_to_its_account(app, alice):
     from iam.users.directory import NewUser
 
-    await app.state.iam.directory_service.create_user(NewUser(user_name="bob"), password="bob's long passphrase")
+    await app.state.iam.users.directory.create_user(NewUser(user_name="bob"), password="bob's long passphrase")
     async with browser(app, "192.0.2.10") as shared:
         assert signed_in(await sign_in(shared, await login_page(shared), username="bob",
                                        password="bob's long passphrase"))

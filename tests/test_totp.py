@@ -14,7 +14,7 @@ T0 = 1_800_000_000.0  # the start of a 30 s step
 
 @pytest.fixture
 async def totp(app):
-    factor = app.state.iam.totp
+    factor = app.state.iam.authn.totp
     factor.clock = lambda: T0
     return factor
 

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.login import known_device
+from iam.authn.services import authn_services
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
 from iam.authn.web import clear_cookie, cookie_name, csrf_ok, current_session, page
-from iam.errors import OAuthError, PasswordRejected
+from iam.errors import OAuthError, PasswordRejected, PeerRejected, PeerUnavailable
 from iam.http import client_address, parse_params, read_form, with_params
 from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render
-from iam.peers import LOGOUT_TYP, PeerRejected, PeerUnavailable, role_id
+from iam.peers import LOGOUT_TYP, role_id
 from iam.roles import Role
 
 router = APIRouter()
@@ -40,17 +41,17 @@ async def account_page(request: Request) -> Response:
 
 async def account(request: Request, notice: str | None = None) -> Response:
     """The account page, with a notice of what was just done (never one taken from the URL)."""
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     if session is None:
         return _to_login()
-    user = await iam.directory.claims(session.subject)
+    user = await services.directory.claims(session.subject)
     try:
-        applications = await iam.app_access.applications(session.subject)
+        applications = await services.app_access.applications(session.subject)
     except PeerUnavailable:
         applications = None  # the page still works; the list says it is unavailable
-    return page(request, "account.html", user=user, totp_enabled=await iam.totp.enabled(session.subject),
-                notice=notice, links=getattr(iam, "account_links", []), applications=applications,
+    return page(request, "account.html", user=user, totp_enabled=await services.totp.enabled(session.subject),
+                notice=notice, links=services.account_links, applications=applications,
                 date=_date)
 
 
@@ -61,17 +62,17 @@ def _date(epoch: int) -> str:
 @router.post("/authn/account/applications")
 async def remove_application(request: Request) -> Response:
     """Remove an application's access: its refresh and access tokens of this person stop working at once."""
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     form = await _form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to manage your applications.", 403)
     client_id = form.get("client_id", "")
     try:
-        removed = await iam.app_access.remove(session.subject, client_id)
+        removed = await services.app_access.remove(session.subject, client_id)
     except PeerUnavailable:
         return error_page("Try again later", "Your applications cannot be changed right now.", 503)
-    await iam.consents.remove(session.subject, client_id)  # it asks again next time
+    await services.consents.remove(session.subject, client_id)  # it asks again next time
     if removed:
         audit("access.removed", actor=session.subject, client_id=client_id, source=source_of(request),
               grants=removed)
@@ -80,37 +81,37 @@ async def remove_application(request: Request) -> Response:
 
 @router.get("/authn/totp/setup")
 async def totp_setup(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     if session is None:
         return _to_login()
     try:
-        secret = await iam.totp.start_enrolment(session.subject)
+        secret = await services.totp.start_enrolment(session.subject)
     except TotpAlreadyEnabled:
         return await account(request, notice="Two-step verification is already on.")
     return await _setup_page(request, session.subject, secret)
 
 
 async def _setup_page(request: Request, subject: str, secret: str, error: str | None = None) -> Response:
-    user = await request.app.state.iam.directory.claims(subject)
+    user = await authn_services(request).directory.claims(subject)
     _, qr = provisioning(secret, user.preferred_username if user else subject)
     return page(request, "totp_setup.html", 400 if error else 200, secret=secret, qr=qr, error=error)
 
 
 @router.post("/authn/totp/setup")
 async def totp_confirm(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     form = await _form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to set up two-step verification.", 403)
-    secret = await iam.totp.pending_secret(session.subject)
+    secret = await services.totp.pending_secret(session.subject)
     if secret is None:
         return await account(request)
     # Whoever holds only the session cannot bind their own authenticator to the account (ASVS 5 V7.5.1).
     if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "mfa enrolment"):
         return await _setup_page(request, session.subject, secret, refused[1])
-    if await iam.totp.verify(session.subject, form.get("code", ""), confirming=True):
+    if await services.totp.verify(session.subject, form.get("code", ""), confirming=True):
         audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="totp")
         return await account(request, notice="Two-step verification is on.")
     return await _setup_page(request, session.subject, secret, "That code is not valid. Try the current one.")
@@ -119,17 +120,17 @@ async def totp_confirm(request: Request) -> Response:
 async def _reauthenticate(request: Request, subject: str, password: str, purpose: str) -> tuple[int, str] | None:
     """Re-authentication before a change to the account's credentials, throttled as sign-in is: None when the
     password is right, else the status and message to show."""
-    iam = request.app.state.iam
-    user = await iam.directory.claims(subject)
+    services = authn_services(request)
+    user = await services.directory.claims(subject)
     account = user.preferred_username if user and user.preferred_username else subject
-    address = client_address(request, iam.settings.trusted_proxies)
-    if await iam.throttle.check(account, address, known_device(request)):
+    address = client_address(request, services.settings.trusted_proxies)
+    if await services.throttle.check(account, address, known_device(request)):
         return 429, "Too many attempts. Try again later."
-    if not await iam.credentials.verify(subject, password):
-        await iam.throttle.fail(account, address)
+    if not await services.credentials.verify(subject, password):
+        await services.throttle.fail(account, address)
         audit("reauthentication.failed", "failure", actor=subject, source=source_of(request), purpose=purpose)
         return 401, "Your current password is not correct."
-    await iam.throttle.succeeded(account, address)
+    await services.throttle.succeeded(account, address)
     return None
 
 
@@ -142,7 +143,7 @@ async def password_page(request: Request, status: int = 200, error: str | None =
     session = await current_session(request)
     if session is None:
         return _to_login()
-    user = await request.app.state.iam.directory.claims(session.subject)
+    user = await authn_services(request).directory.claims(session.subject)
     return page(request, "password.html", status, error=error,
                 username=user.preferred_username if user else "")
 
@@ -150,7 +151,7 @@ async def password_page(request: Request, status: int = 200, error: str | None =
 @router.post("/authn/password")
 async def password_change(request: Request) -> Response:
     """Change one's own password: the current one is required (ASVS 5 V6.2.2-3), throttled as sign-in is."""
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     form = await _form(request)
     if session is None or form is None:
@@ -159,11 +160,11 @@ async def password_change(request: Request) -> Response:
     if refused := await _reauthenticate(request, subject, form.get("current", ""), "password change"):
         return await password_page(request, *refused)
     try:
-        await iam.credentials.set_password(subject, form.get("new", ""))
+        await services.credentials.set_password(subject, form.get("new", ""))
     except PasswordRejected as exc:
         return await password_page(request, 400, f"Choose another password: {exc}.")
     # Whoever may know the old password is signed out everywhere else (ASVS 5 V7.4.3).
-    await iam.sessions.end_all(subject, but=session.sid)
+    await services.sessions.end_all(subject, but=session.sid)
     audit("password.changed", actor=subject, source=source_of(request), sid=session.sid)
     return await account(request, notice="Your password was changed. Your other sessions were signed out.")
 
@@ -173,7 +174,7 @@ async def _logout_request(request: Request, token: str | None) -> dict | None:
     if not token:
         return None
     try:
-        return await request.app.state.iam.peer_keys.verify(
+        return await authn_services(request).peer_keys.verify(
             token, issuer=Role.TOKEN, audience=role_id(Role.AUTHENTICATION), typ=LOGOUT_TYP
         )
     except PeerRejected:
@@ -204,16 +205,17 @@ async def logout_submit(request: Request) -> Response:
 
 
 async def _sign_out(request: Request, logout: dict) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     # Only this browser's session ends: a logout request for another session was confirmed by this person
     # for their own session, and must not sign out someone else.
     value = request.cookies.get(cookie_name(request, "iam_session"))
     if value:
-        await iam.sessions.end(value)
+        await services.sessions.end(value)
     audit("session.ended", source=source_of(request), sid=logout.get("sid"), reason="logout")
     redirect = logout.get("redirect")
     if redirect:
-        response = RedirectResponse(with_params(redirect, {"state": logout.get("state")}), 303, headers=HARDENING)
+        response: Response = RedirectResponse(with_params(redirect, {"state": logout.get("state")}), 303,
+                                              headers=HARDENING)
     else:
         response = render("signed_out.html")
     clear_cookie(request, response, "iam_session")

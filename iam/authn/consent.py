@@ -7,14 +7,9 @@ cover what was really requested, since the scope shown here came through the bro
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iam.authn.store import consents
+from iam.authn.services import authn_services
 from iam.authn.web import Flow, client_of, csrf_ok, current_session, handoff, page
 from iam.errors import OAuthError
 from iam.http import read_form
@@ -38,32 +33,6 @@ def _reading_order(scope: str) -> tuple[int, str]:
     return (order.index(scope) if scope in order else len(order), scope)
 
 
-class Consents:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    async def scopes(self, subject: str, client_id: str) -> set[str]:
-        async with self.engine.connect() as conn:
-            scope = (await conn.execute(select(consents.c.scope).where(
-                consents.c.subject == subject, consents.c.client_id == client_id))).scalar()
-        return set(scope.split()) if scope else set()
-
-    async def allow(self, subject: str, client_id: str, scopes: set[str]) -> set[str]:
-        """Add scopes to what the person allowed the client; returns everything allowed now."""
-        allowed = await self.scopes(subject, client_id) | scopes
-        values = {"scope": " ".join(sorted(allowed)), "updated_at": int(time.time())}
-        async with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            await conn.execute(dialect.insert(consents).values(subject=subject, client_id=client_id, **values)
-                               .on_conflict_do_update(index_elements=[consents.c.subject, consents.c.client_id],
-                                                      set_=values))
-        return allowed
-
-    async def remove(self, subject: str, client_id: str) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(consents).where(consents.c.subject == subject, consents.c.client_id == client_id))
-
-
 def _signed_in_claims(session) -> dict:
     return {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid}
 
@@ -74,7 +43,7 @@ async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
     client = client_of(request, flow)
     if client is None or not client.require_consent:
         return handoff(request, flow, claims)
-    allowed = await request.app.state.iam.consents.scopes(session.subject, client.client_id)
+    allowed = await authn_services(request).consents.scopes(session.subject, client.client_id)
     wanted = set((flow.scope or "").split())
     if wanted <= allowed and "consent" not in flow.prompt:
         return handoff(request, flow, {**claims, "consent": " ".join(sorted(allowed))})
@@ -88,7 +57,7 @@ async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
 
 @router.post("/authn/consent")
 async def consent_submit(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     try:
         form = await read_form(request)
         flow = Flow.parse(form)
@@ -103,7 +72,7 @@ async def consent_submit(request: Request) -> Response:
               source=source_of(request), scope=flow.scope)
         return handoff(request, flow, {"error": "access_denied",
                                         "error_description": "the user did not allow this application"})
-    allowed = await iam.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
+    allowed = await services.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
     audit("consent.granted", actor=session.subject, client_id=client.client_id, source=source_of(request),
           scope=flow.scope)
     return handoff(request, flow, {**_signed_in_claims(session), "consent": " ".join(sorted(allowed))})

@@ -12,6 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iam.authn.sessions import Sessions
 from iam.authn.store import consents, credentials, totp
 from iam.errors import PasswordRejected
 
@@ -43,8 +44,11 @@ def check_policy(password: str) -> None:
 
 
 class CredentialService:
-    def __init__(self, engine: AsyncEngine, max_concurrent_hashes: int = 2) -> None:
+    """The credential store as the user-management role sees it (iam.peers.Credentials), in process."""
+
+    def __init__(self, engine: AsyncEngine, sessions: Sessions, max_concurrent_hashes: int = 2) -> None:
         self.engine = engine
+        self.sessions = sessions
         # Each argon2 run takes 64 MiB: bound how many run at once so a login storm cannot exhaust memory.
         self._slots = asyncio.Semaphore(max_concurrent_hashes)
 
@@ -71,6 +75,10 @@ class CredentialService:
         async with self.engine.begin() as conn:
             for table in (credentials, totp, consents):
                 await conn.execute(delete(table).where(table.c.subject == sub))
+
+    async def end_sessions(self, sub: str) -> None:
+        """A disabled or deleted user: every SSO session of theirs ends."""
+        await self.sessions.end_all(sub)
 
     async def reset_second_factor(self, sub: str) -> bool:
         """Remove a user's TOTP factor (lost authenticator): the next sign-in needs only the password. Returns

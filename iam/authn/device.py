@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from iam.authn.login import login_form
+from iam.authn.services import authn_services
 from iam.authn.web import Flow, csrf_ok, current_session, page
 from iam.errors import OAuthError
 from iam.formats import normalise_user_code
@@ -17,7 +18,7 @@ router = APIRouter()
 
 
 def _client_name(request: Request, client_id: str) -> str:
-    for client in request.app.state.iam.settings.clients:
+    for client in authn_services(request).settings.clients:
         if client.client_id == client_id:
             return client.client_name or client.client_id
     return client_id
@@ -25,7 +26,7 @@ def _client_name(request: Request, client_id: str) -> str:
 
 @router.get("/authn/device")
 async def device_page(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     try:
         user_code = parse_params(request.url.query).get("user_code")
     except OAuthError:
@@ -33,28 +34,29 @@ async def device_page(request: Request) -> Response:
     if not user_code:
         return page(request, "device.html")
     # User codes are short: guessing them is throttled per client address like passwords.
-    address = client_address(request, iam.settings.trusted_proxies)
-    if await iam.throttle.check(None, address):
+    address = client_address(request, services.settings.trusted_proxies)
+    if await services.throttle.check(None, address):
         return page(request, "device.html", 429, error="Too many attempts. Try again later.")
-    found = await iam.device_approvals.device_lookup(user_code)
+    found = await services.device_approvals.device_lookup(user_code)
     if found is None:
-        await iam.throttle.fail(None, address)
+        await services.throttle.fail(None, address)
         return page(request, "device.html", 400, user_code=user_code,
                     error="That code is not valid or has expired. Check it and try again.")
     code = normalise_user_code(user_code)
+    assert code is not None  # the token role found a device code for it
     session = await current_session(request)
     if session is None:
         flow = Flow(request=None, client_id=found["client_id"], prompt=frozenset(), max_age=None, login_hint=None,
                     device=code)
         return login_form(request, flow)
-    user = await iam.directory.claims(session.subject)
+    user = await services.directory.claims(session.subject)
     return page(request, "device_confirm.html", user_code=f"{code[:4]}-{code[4:]}", user=user,
                 client_name=_client_name(request, found["client_id"]), scopes=found["scope"].split())
 
 
 @router.post("/authn/device")
 async def device_decision(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     try:
         form = await read_form(request)
     except OAuthError:
@@ -63,7 +65,7 @@ async def device_decision(request: Request) -> Response:
     if not form or not csrf_ok(request, form) or session is None:
         return error_page("Session expired", "Sign in again and re-enter the code.", 403)
     approve = form.get("decision") == "approve"
-    decided = await iam.device_approvals.device_decide(
+    decided = await services.device_approvals.device_decide(
         form.get("user_code", ""), approve,
         {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid},
     )

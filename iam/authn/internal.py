@@ -5,6 +5,7 @@ Errors are OAuth-style JSON bodies (`error`, `error_description`), as everywhere
 
 from fastapi import APIRouter, Request, Response
 
+from iam.authn.services import authn_services
 from iam.errors import OAuthError, PasswordRejected, json_response
 from iam.internal import require_peer
 from iam.roles import Role
@@ -23,7 +24,7 @@ async def set_password(sub: str, request: Request) -> Response:
     except (ValueError, KeyError, TypeError):
         raise OAuthError("invalid_request", "the body must be a JSON object with a string password") from None
     try:
-        await request.app.state.iam.credentials.set_password(sub, password)
+        await authn_services(request).credentials.set_password(sub, password)
     except PasswordRejected as exc:
         raise OAuthError("invalid_request", str(exc)) from None
     return Response(status_code=204)
@@ -33,19 +34,19 @@ async def set_password(sub: str, request: Request) -> Response:
 async def end_sessions(sub: str, request: Request) -> Response:
     """A disabled or deleted user: every SSO session of theirs ends."""
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
-    await request.app.state.iam.sessions.end_all(sub)
+    await authn_services(request).sessions.end_all(sub)
     return Response(status_code=204)
 
 
 @router.delete("/internal/v1/credentials/{sub}")
 async def remove_password(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
-    await request.app.state.iam.credentials.remove(sub)
+    await authn_services(request).credentials.remove(sub)
     return Response(status_code=204)
 
 
 @router.delete("/internal/v1/credentials/{sub}/second-factor")
 async def reset_second_factor(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
-    removed = await request.app.state.iam.credentials.reset_second_factor(sub)
+    removed = await authn_services(request).credentials.reset_second_factor(sub)
     return Response(status_code=204) if removed else json_response({"error": "not_found"}, 404)

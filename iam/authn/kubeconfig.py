@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.authn.services import authn_services
 from iam.authn.web import current_session, page
 from iam.kube import kubeconfig
 from iam.pages import HARDENING, error_page
@@ -16,19 +17,19 @@ router = APIRouter()
 
 
 async def _kubeconfig(request: Request) -> tuple[Response | None, dict]:
-    iam = request.app.state.iam
+    services = authn_services(request)
     session = await current_session(request)
     if session is None:
         return RedirectResponse("/authn/login", 303, headers=HARDENING), {}
-    if not iam.settings.kubernetes.clusters:
+    if not services.settings.kubernetes.clusters:
         return error_page("No clusters", "No Kubernetes clusters are configured here.", 404), {}
-    user = await iam.directory.claims(session.subject)
+    user = await services.directory.claims(session.subject)
     username = user.preferred_username if user is not None else None
     return None, {
         "user": user,
-        "clusters": iam.settings.kubernetes.clusters,
-        "kubeconfig": kubeconfig.dump(kubeconfig.build(iam.settings, username)),
-        "commands": "\n".join(kubeconfig.commands(iam.settings, username)),
+        "clusters": services.settings.kubernetes.clusters,
+        "kubeconfig": kubeconfig.dump(kubeconfig.build(services.settings, username)),
+        "commands": "\n".join(kubeconfig.commands(services.settings, username)),
     }
 
 
@@ -37,7 +38,7 @@ async def kubeconfig_page(request: Request) -> Response:
     stop, context = await _kubeconfig(request)
     if stop is not None:
         return stop
-    return page(request, "kubeconfig.html", issuer=request.app.state.iam.settings.issuer, **context)
+    return page(request, "kubeconfig.html", issuer=authn_services(request).settings.issuer, **context)
 
 
 @router.get("/authn/kubeconfig.yaml")

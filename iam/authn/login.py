@@ -13,14 +13,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.consent import hand_off_or_ask
+from iam.authn.services import authn_services
 from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
 from iam.authn.web import Flow, client_name, cookie_name, csrf_ok, current_session, handoff, page, set_cookie
-from iam.errors import OAuthError
+from iam.errors import OAuthError, PeerRejected
 from iam.formats import ACR_MFA, acr_of
 from iam.http import client_address, parse_params, read_form
 from iam.observability import LOGINS, audit, source_of
 from iam.pages import HARDENING, error_page
-from iam.peers import PeerRejected, role_id
+from iam.peers import role_id
 from iam.roles import Role
 
 router = APIRouter()
@@ -45,14 +46,14 @@ def login_form(request: Request, flow: Flow, status: int = 200, error: str | Non
 
 async def _reusable(request: Request, flow: Flow, session) -> bool:
     """Whether the SSO session answers this sign-in request without a new sign-in (OIDC Core §3.1.2.1)."""
-    iam = request.app.state.iam
+    services = authn_services(request)
     if session is None or "login" in flow.prompt:
         return False
-    if flow.max_age is not None and iam.sessions.clock() - session.auth_time > flow.max_age:
+    if flow.max_age is not None and services.sessions.clock() - session.auth_time > flow.max_age:
         return False
     # acr_values preferring the second factor: a session of one factor signs in again when the user has TOTP
     # (else the ID token says the acr it has: acr is a voluntary claim).
-    return not (flow.wants_mfa and acr_of(session.amr) != ACR_MFA and await iam.totp.enabled(session.subject))
+    return not (flow.wants_mfa and acr_of(session.amr) != ACR_MFA and await services.totp.enabled(session.subject))
 
 
 @router.get("/authn/login")
@@ -64,7 +65,7 @@ async def login_page(request: Request) -> Response:
     session = await current_session(request)
     if await _reusable(request, flow, session):
         if "select_account" in flow.prompt:  # one session per browser: continue with it, or sign in as another
-            user = await request.app.state.iam.directory.claims(session.subject)
+            user = await authn_services(request).directory.claims(session.subject)
             return login_form(request, flow, account=user.preferred_username if user else session.subject)
         return await _signed_in(request, flow, session)  # SSO: no new sign-in
     if "none" in flow.prompt and flow.request:
@@ -75,7 +76,7 @@ async def login_page(request: Request) -> Response:
 
 @router.post("/authn/login")
 async def login_submit(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     try:
         form = await read_form(request)
         flow = Flow.parse(form)
@@ -85,25 +86,25 @@ async def login_submit(request: Request) -> Response:
         return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
     username = form.get("username", "").strip()[:255]
     password = form.get("password", "")
-    account, address = username, client_address(request, iam.settings.trusted_proxies)
-    wait = await iam.throttle.check(account, address, known_device(request))
+    account, address = username, client_address(request, services.settings.trusted_proxies)
+    wait = await services.throttle.check(account, address, known_device(request))
     source = source_of(request)
     if wait:
         LOGINS.labels("locked").inc()
         audit("login.locked", "failure", source=source, username=username, client_id=flow.client_id)
         minutes = max(1, round(wait / 60))
         return login_form(request, flow, 429, f"Too many attempts. Try again in {minutes} minute(s).", username)
-    user = await iam.directory.find(username) if username else None
+    user = await services.directory.find(username) if username else None
     subject = user.sub if user is not None and user.active else None
-    if not await iam.credentials.verify(subject, password) or subject is None:
-        await iam.throttle.fail(account, address)
+    if not await services.credentials.verify(subject, password) or subject is None:
+        await services.throttle.fail(account, address)
         LOGINS.labels("failure").inc()
         audit("login.failed", "failure", actor=subject, source=source, username=username, client_id=flow.client_id)
         return login_form(request, flow, 401, "Incorrect username or password.", username)
-    await iam.throttle.succeeded(account, address)
-    if await iam.totp.enabled(subject):
+    await services.throttle.succeeded(account, address)
+    if await services.totp.enabled(subject):
         # The second factor is guessed under the same account as the password was (acct).
-        pending = iam.identity.sign(Role.AUTHENTICATION, MFA_TYP,
+        pending = services.identity.sign(Role.AUTHENTICATION, MFA_TYP,
                                     {"sub": subject, "acct": account, "flow": flow.fields()},
                                     issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
         return page(request, "totp.html", mfa=pending)
@@ -133,24 +134,24 @@ def known_device(request: Request) -> str | None:
 
 async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str],
                          account: str | None = None) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     old = request.cookies.get(cookie_name(request, "iam_session"))
     if old:
-        await iam.sessions.end(old)  # a new id at every sign-in (ASVS V7.2.4)
-    value, session = await iam.sessions.create(subject, amr)
+        await services.sessions.end(old)  # a new id at every sign-in (ASVS V7.2.4)
+    value, session = await services.sessions.create(subject, amr)
     LOGINS.labels("success").inc()
     audit("login.succeeded", actor=subject, source=source_of(request), client_id=flow.client_id, amr=amr,
           sid=session.sid)
     response = await _signed_in(request, flow, session)
     set_cookie(request, response, "iam_session", value)
     if account is not None:  # this browser is now known for the account: password guessing elsewhere spares it
-        set_cookie(request, response, DEVICE_COOKIE, iam.throttle.device_cookie(account), max_age=DEVICE_TTL)
+        set_cookie(request, response, DEVICE_COOKIE, services.throttle.device_cookie(account), max_age=DEVICE_TTL)
     return response
 
 
 @router.post("/authn/login/totp")
 async def totp_submit(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = authn_services(request)
     try:
         form = await read_form(request)
     except OAuthError:
@@ -158,20 +159,20 @@ async def totp_submit(request: Request) -> Response:
     if not csrf_ok(request, form):
         return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
     try:
-        pending = await iam.peer_keys.verify(form.get("mfa", ""), issuer=Role.AUTHENTICATION,
+        pending = await services.peer_keys.verify(form.get("mfa", ""), issuer=Role.AUTHENTICATION,
                                              audience=role_id(Role.AUTHENTICATION), typ=MFA_TYP, max_ttl=MFA_TTL)
         flow = Flow.parse(pending["flow"])
     except (PeerRejected, ValueError, KeyError, TypeError):
         return error_page("Sign-in expired", "The sign-in took too long. Please start again.")
     subject = pending["sub"]
     account = pending.get("acct", subject)
-    address = client_address(request, iam.settings.trusted_proxies)
-    if await iam.throttle.check(account, address, known_device(request)):
+    address = client_address(request, services.settings.trusted_proxies)
+    if await services.throttle.check(account, address, known_device(request)):
         return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
-    if not await iam.totp.verify(subject, form.get("code", "")):
-        await iam.throttle.fail(account, address)
+    if not await services.totp.verify(subject, form.get("code", "")):
+        await services.throttle.fail(account, address)
         LOGINS.labels("mfa_failure").inc()
         audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)
         return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
-    await iam.throttle.succeeded(account, address)
+    await services.throttle.succeeded(account, address)
     return await _start_session(request, flow, subject, ["pwd", "otp"], account)

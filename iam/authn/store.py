@@ -3,7 +3,11 @@
 Owned by the authentication role alone.
 """
 
-from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text
+import time
+
+from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.audit_store import audit_table
 
@@ -59,3 +63,31 @@ consents = Table(
     Column("scope", Text, nullable=False),
     Column("updated_at", Integer, nullable=False),
 )
+
+
+class Consents:
+    """What each person allowed each client that asks for consent (iam/authn/consent.py shows the page)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def scopes(self, subject: str, client_id: str) -> set[str]:
+        async with self.engine.connect() as conn:
+            scope = (await conn.execute(select(consents.c.scope).where(
+                consents.c.subject == subject, consents.c.client_id == client_id))).scalar()
+        return set(scope.split()) if scope else set()
+
+    async def allow(self, subject: str, client_id: str, scopes: set[str]) -> set[str]:
+        """Add scopes to what the person allowed the client; returns everything allowed now."""
+        allowed = await self.scopes(subject, client_id) | scopes
+        values = {"scope": " ".join(sorted(allowed)), "updated_at": int(time.time())}
+        async with self.engine.begin() as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            await conn.execute(dialect.insert(consents).values(subject=subject, client_id=client_id, **values)
+                               .on_conflict_do_update(index_elements=[consents.c.subject, consents.c.client_id],
+                                                      set_=values))
+        return allowed
+
+    async def remove(self, subject: str, client_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(consents).where(consents.c.subject == subject, consents.c.client_id == client_id))

@@ -30,7 +30,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import login_failures
-from iam.peers import PeerRejected, role_id
+from iam.errors import PeerRejected
+from iam.peers import role_id
 from iam.roles import Role
 
 WINDOW = 15 * 60

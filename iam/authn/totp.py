@@ -99,7 +99,7 @@ class Totp:
                 )
             ).first()
             secret = None if row is None else self._open(subject, row.secret)
-            if secret is None:
+            if secret is None or row is None:
                 return False
             generator = pyotp.TOTP(secret)
             now = self.clock()

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 
+from iam.authn.services import authn_services
 from iam.config import SCOPE_TOKEN
 from iam.formats import ACR_MFA, PROMPTS, known_acr_values, normalise_user_code
 from iam.http import is_digits
@@ -25,7 +26,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 
 # -- cookies --------------------------------------------------------------------------------------------
 def _secure(request: Request) -> bool:
-    return request.app.state.iam.settings.login_base.startswith("https://")
+    return authn_services(request).settings.login_base.startswith("https://")
 
 
 def cookie_name(request: Request, name: str) -> str:
@@ -120,7 +121,7 @@ class Flow:
 
 def client_of(request: Request, flow: Flow):
     """The configured client the sign-in is for, if any."""
-    return next((c for c in request.app.state.iam.settings.clients if c.client_id == flow.client_id), None)
+    return next((c for c in authn_services(request).settings.clients if c.client_id == flow.client_id), None)
 
 
 def client_name(request: Request, flow: Flow) -> str | None:
@@ -130,23 +131,23 @@ def client_name(request: Request, flow: Flow) -> str | None:
 
 def handoff(request: Request, flow: Flow, claims: dict) -> Response:
     """Back to the token role with a signed assertion bound to the pending request (≤ 60 s, single use)."""
-    iam = request.app.state.iam
-    assertion = iam.identity.sign(Role.TOKEN, HANDOFF_TYP, {"req": flow.request, **claims},
+    services = authn_services(request)
+    assertion = services.identity.sign(Role.TOKEN, HANDOFF_TYP, {"req": flow.request, **claims},
                                   issuer=Role.AUTHENTICATION)
     query = urlencode({"request": flow.request, "handoff": assertion})
-    return RedirectResponse(f"{iam.settings.issuer.rstrip('/')}/oauth/v2/authorize/resume?{query}", 303,
+    return RedirectResponse(f"{services.settings.issuer.rstrip('/')}/oauth/v2/authorize/resume?{query}", 303,
                             headers=HARDENING)
 
 
 async def current_session(request: Request):
     """The browser's live SSO session, if its user is still active."""
-    iam = request.app.state.iam
-    session = await iam.sessions.current(request.cookies.get(cookie_name(request, "iam_session")))
+    services = authn_services(request)
+    session = await services.sessions.current(request.cookies.get(cookie_name(request, "iam_session")))
     if session is None:
         return None
-    user = await iam.directory.claims(session.subject)
+    user = await services.directory.claims(session.subject)
     if user is None or not user.active:
-        await iam.sessions.end(sid=session.sid)
+        await services.sessions.end(sid=session.sid)
         return None
     return session
 

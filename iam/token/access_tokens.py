@@ -13,7 +13,9 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from iam.config import ClientConfig, Settings
 from iam.formats import jwt_claims
@@ -33,7 +35,7 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def introspection_members(jwt: str) -> dict:
+def introspection_members(jwt: str) -> dict[str, Any]:
     """The RFC 7662 answer for a live token: the claims of its JWT, plus `active` and `token_type`."""
     return {"active": True, **jwt_claims(jwt), "token_type": "Bearer"}
 
@@ -79,18 +81,19 @@ class IssuedToken:
 
 
 class AccessTokens:
-    def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore, clock=time.time,
-                 cache: HotCache | None = None) -> None:
+    def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore,
+                 clock: Callable[[], float] = time.time, cache: HotCache[LiveToken] | None = None) -> None:
         self.issuer = settings.issuer
         self.alg = settings.keys.access_token_alg
         self.keys = keys
         self.store = store
         self.clock = clock
         # Live rows by digest; None, or a disabled cache, means every lookup goes to the store.
-        self.cache = cache if cache is not None else HotCache(enabled=False)
+        self.cache: HotCache[LiveToken] = cache if cache is not None else HotCache(enabled=False)
 
     def mint(
-        self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None, claims: dict | None = None
+        self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> IssuedToken:
         """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction)."""
         now = int(self.clock())
@@ -154,10 +157,14 @@ class AccessTokens:
         found = await self.live(token)
         return None if found is None else found.row
 
-    async def introspect(self, token: str) -> dict | None:
+    async def introspect(self, token: str) -> dict[str, Any] | None:
         """RFC 7662 members of a live token, or None."""
         row = await self.active(token)
         return None if row is None else introspection_members(row.jwt)
+
+    async def revoke_subject(self, sub: str) -> None:
+        """A disabled or deleted user (told by the user-management role): every grant and token of theirs ends."""
+        await self.store.revoke_subject(sub)
 
     async def revoke(self, token: str, client: ClientConfig) -> bool:
         """Revoke an access or refresh token of this client (RFC 7009); a refresh token takes its grant along."""

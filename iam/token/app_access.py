@@ -1,31 +1,29 @@
 """A person's applications: which clients hold a live grant of theirs, and removing one's access
 (ASVS 5 V10.4.9: refresh tokens and reference access tokens revocable by the user).
 
-The authentication role's account page calls this: in process in `all`, else through the internal API below.
+The authentication role's account page calls this: in process in `all`, else through the internal API
+(iam/token/internal.py).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from fastapi import APIRouter, Request, Response
-
-from iam.errors import json_response
-from iam.internal import require_peer
-from iam.roles import Role
-
-router = APIRouter()
+from iam.token.clients import ClientRegistry
+from iam.token.store import TokenStore
 
 
 class AppAccess:
-    def __init__(self, iam) -> None:
-        self.iam = iam
+    def __init__(self, store: TokenStore, clients: ClientRegistry) -> None:
+        self.store = store
+        self.clients = clients
 
-    async def applications(self, sub: str) -> list[dict]:
+    async def applications(self, sub: str) -> list[dict[str, Any]]:
         """One entry per client: its name, the union of the scopes granted, since when, and until when at most."""
-        apps: dict[str, dict] = {}
-        for grant in await self.iam.token_store.live_grants(sub, int(time.time())):
-            client = self.iam.clients.get(grant["client_id"])
+        apps: dict[str, dict[str, Any]] = {}
+        for grant in await self.store.live_grants(sub, int(time.time())):
+            client = self.clients.get(grant["client_id"])
             app = apps.setdefault(grant["client_id"], {
                 "client_id": grant["client_id"],
                 "client_name": (client.client_name if client is not None else None) or grant["client_id"],
@@ -37,17 +35,4 @@ class AppAccess:
 
     async def remove(self, sub: str, client_id: str) -> int:
         """Revoke every grant (and token) the person gave this client; returns how many grants ended."""
-        return await self.iam.token_store.revoke_client_grants(sub, client_id)
-
-
-@router.get("/internal/v1/subjects/{sub}/applications")
-async def applications_for_peer(sub: str, request: Request) -> Response:
-    await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
-    return json_response({"applications": await request.app.state.iam.app_access.applications(sub)})
-
-
-@router.delete("/internal/v1/subjects/{sub}/applications/{client_id}")
-async def remove_for_peer(sub: str, client_id: str, request: Request) -> Response:
-    await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
-    removed = await request.app.state.iam.app_access.remove(sub, client_id)
-    return json_response({"removed": removed})
+        return await self.store.revoke_client_grants(sub, client_id)

@@ -10,29 +10,31 @@ import re
 import secrets
 import time
 import uuid
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.config import ClientConfig
-from iam.errors import NO_STORE, OAuthError, description_text, json_response
+from iam.errors import NO_STORE, OAuthError, PeerRejected, description_text, json_response
 from iam.formats import PROMPTS, known_acr_values
 from iam.http import is_digits, parse_params, read_form, read_params, with_params
 from iam.pages import HARDENING, error_page
-from iam.peers import HANDOFF_TYP, PeerRejected, role_id
+from iam.peers import HANDOFF_TYP, role_id
 from iam.roles import Role
+from iam.token import pkce
 from iam.token.access_tokens import digest, new_token
 from iam.token.claims import id_token_hint_claims
 from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
+from iam.token.services import TokenServices, token_services
 
 router = APIRouter()
 
 PENDING_TTL = 600  # seconds a person has to sign in
 CODE_TTL = 60  # RFC 6749 §4.1.2 recommends ≤ 10 min; FAPI and ASVS L3 use 60 s
-S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # RFC 7636 §4.2: BASE64URL(SHA256(verifier))
 PAR_URN = "urn:ietf:params:oauth:request_uri:"  # RFC 9126 §2.2
 PAR_TTL = 60  # seconds a pushed request waits for the browser
 PUSHED_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")  # 256 bits; a sign-in's request id is 32 characters, never this
@@ -47,46 +49,47 @@ class AuthorizationError(Exception):
 
 @router.api_route("/oauth/v2/authorize", methods=["GET", "POST"])
 async def authorize(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = token_services(request)
     try:
         params = await read_params(request)
     except OAuthError as exc:
         return error_page("Invalid request", exc.description or "The request could not be read.")
-    client = iam.clients.get(params.get("client_id", ""))
+    client = services.clients.get(params.get("client_id", ""))
     if client is None or "authorization_code" not in client.grant_types:
         return error_page("Unknown application", "This application is not registered for sign-in here.")
     status = 303 if request.method == "POST" else 302
     if params.get("request_uri", "").startswith(PAR_URN):
-        return await _pushed(iam, client, params["request_uri"], status)
+        return await _pushed(services, client, params["request_uri"], status)
     redirect_uri = params.get("redirect_uri")
     if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
         return error_page("Invalid redirect", "The address to return to is not registered for this application.")
     try:
         if client.require_pushed_authorization_requests:
             raise AuthorizationError("invalid_request", "this client must push its authorization requests (PAR)")
-        pending = _validate(iam, client, redirect_uri, params)
+        pending = _validate(services, client, redirect_uri, params)
     except AuthorizationError as exc:
-        return _to_client(iam, redirect_uri, status, error=exc.error, error_description=exc.description,
+        return _to_client(services, redirect_uri, status, error=exc.error, error_description=exc.description,
                           state=params.get("state"))
-    return await _to_login(iam, client, pending, status, params.get("login_hint"))
+    return await _to_login(services, client, pending, status, params.get("login_hint"))
 
 
-async def _pushed(iam, client: ClientConfig, request_uri: str, status: int) -> Response:
+async def _pushed(services: TokenServices, client: ClientConfig, request_uri: str, status: int) -> Response:
     """RFC 9126 §4: the request the client pushed, used once, for that client; the query's other parameters are
     ignored. It gets a new id for the sign-in: a pushed request's id is never a sign-in's."""
     reference = request_uri.removeprefix(PAR_URN)
-    pushed = await iam.token_store.take_request(reference, client.client_id) if PUSHED_ID.match(reference) else None
+    pushed = await services.store.take_request(reference, client.client_id) if PUSHED_ID.match(reference) else None
     now = int(time.time())
     if pushed is None or pushed["expires_at"] < now:
         return error_page("Invalid request", "This sign-in request has expired or was already used. Please start "
                                              "again from the application.")
     pending = {**pushed, "id": secrets.token_urlsafe(24), "created_at": now, "expires_at": now + PENDING_TTL}
-    return await _to_login(iam, client, pending, status, None)
+    return await _to_login(services, client, pending, status, None)
 
 
-async def _to_login(iam, client: ClientConfig, pending: dict, status: int, login_hint: str | None) -> Response:
+async def _to_login(services: TokenServices, client: ClientConfig, pending: dict[str, Any], status: int,
+                    login_hint: str | None) -> Response:
     """Keep the pending request and send the person to the authentication role's sign-in page."""
-    await iam.token_store.add_request(pending)
+    await services.store.add_request(pending)
     login = {
         "request": pending["id"],
         "client_id": client.client_id,
@@ -97,16 +100,16 @@ async def _to_login(iam, client: ClientConfig, pending: dict, status: int, login
         "scope": pending["scope"] if client.require_consent else None,  # what the consent page asks for
     }
     query = urlencode({key: value for key, value in login.items() if value is not None})
-    return RedirectResponse(f"{iam.settings.login_base}/authn/login?{query}", status, headers=HARDENING)
+    return RedirectResponse(f"{services.settings.login_base}/authn/login?{query}", status, headers=HARDENING)
 
 
 @router.post("/oauth/v2/par")
 async def push_authorization_request(request: Request) -> Response:
     """Pushed authorization requests (RFC 9126 §2): the client sends the request over the back channel,
     authenticated, and gets a one-time `request_uri` for the browser."""
-    iam = request.app.state.iam
+    services = token_services(request)
     form = await read_form(request)
-    client = await authenticate(request, form)
+    client = await authenticate(request, services.clients, form)
     if "request_uri" in form:
         raise OAuthError("invalid_request", "request_uri cannot be pushed (RFC 9126 §2.1)")
     if "authorization_code" not in client.grant_types:
@@ -115,15 +118,16 @@ async def push_authorization_request(request: Request) -> Response:
     if redirect_uri is None or not redirect_uri_allowed(client, redirect_uri):
         raise OAuthError("invalid_request", "redirect_uri is not registered for this client")
     try:
-        pending = _validate(iam, client, redirect_uri, form)
+        pending = _validate(services, client, redirect_uri, form)
     except AuthorizationError as exc:
         raise OAuthError(exc.error, exc.description) from None
     pending.update(id=secrets.token_urlsafe(32), expires_at=pending["created_at"] + PAR_TTL)
-    await iam.token_store.add_request(pending)
+    await services.store.add_request(pending)
     return json_response({"request_uri": PAR_URN + pending["id"], "expires_in": PAR_TTL}, 201, NO_STORE)
 
 
-def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, str]) -> dict:
+def _validate(services: TokenServices, client: ClientConfig, redirect_uri: str,
+              params: dict[str, str]) -> dict[str, Any]:
     if "request" in params:
         raise AuthorizationError("request_not_supported", "request objects are not supported")
     if "request_uri" in params:
@@ -143,9 +147,9 @@ def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, st
     challenge = params.get("code_challenge")
     method = params.get("code_challenge_method")
     if challenge is not None or method is not None:
-        if method != "S256":
+        if method != pkce.METHOD:
             raise AuthorizationError("invalid_request", "code_challenge_method must be S256")
-        if challenge is None or not S256_CHALLENGE.match(challenge):
+        if not pkce.challenge_ok(challenge):
             raise AuthorizationError("invalid_request", "code_challenge must be a base64url SHA-256 (RFC 7636)")
     elif client.require_pkce:
         raise AuthorizationError("invalid_request", "PKCE is required: send code_challenge with S256")
@@ -167,58 +171,59 @@ def _validate(iam, client: ClientConfig, redirect_uri: str, params: dict[str, st
         "code_challenge": challenge,
         "prompt": " ".join(sorted(prompts)) or None,
         "max_age": int(max_age) if max_age is not None else None,
-        "subject_hint": _hinted_subject(iam, client, params.get("id_token_hint")),
+        "subject_hint": _hinted_subject(services, client, params.get("id_token_hint")),
         "acr_values": known_acr_values(params.get("acr_values")),
         "created_at": now,
         "expires_at": now + PENDING_TTL,
     }
 
 
-def _hinted_subject(iam, client: ClientConfig, hint: str | None) -> str | None:
+def _hinted_subject(services: TokenServices, client: ClientConfig, hint: str | None) -> str | None:
     """The `sub` of an ID token this server issued to this client (expired ones are fine, OIDC Core §3.1.2.1)."""
     if hint is None:
         return None
     try:
-        claims = id_token_hint_claims(iam, hint)
+        claims = id_token_hint_claims(services.keys, services.settings.issuer, hint)
     except ValueError:
         raise AuthorizationError("invalid_request", "id_token_hint is not an ID token from this server") from None
     if claims["aud"] != client.client_id:
         raise AuthorizationError("invalid_request", "id_token_hint was not issued to this client")
-    return claims["sub"]
+    subject: str = claims["sub"]  # a string: id_token_hint_claims checked it
+    return subject
 
 
-def _to_client(iam, redirect_uri: str, status: int, **params) -> Response:
+def _to_client(services: TokenServices, redirect_uri: str, status: int, **params: str | None) -> Response:
     """An authorization response, success or error, always with `iss` (RFC 9207 §2)."""
-    location = with_params(redirect_uri, {**params, "iss": iam.settings.issuer})
+    location = with_params(redirect_uri, {**params, "iss": services.settings.issuer})
     return RedirectResponse(location, status, headers=HARDENING)
 
 
 @router.get("/oauth/v2/authorize/resume")
 async def resume(request: Request) -> Response:
-    """The authentication role hands the person back with a signed, single-use assertion (DESIGN.md §2)."""
-    iam = request.app.state.iam
+    """The authentication role hands the person back with a signed, single-use assertion (iam/authn/web.py)."""
+    services = token_services(request)
     try:
         params = parse_params(request.url.query)
     except OAuthError:
         params = {}
     request_id, handoff = params.get("request", ""), params.get("handoff", "")
     try:
-        claims = await iam.peer_keys.verify(handoff, issuer=Role.AUTHENTICATION, audience=role_id(Role.TOKEN),
+        claims = await services.peer_keys.verify(handoff, issuer=Role.AUTHENTICATION, audience=role_id(Role.TOKEN),
                                             typ=HANDOFF_TYP)
     except PeerRejected:
         return error_page("Sign-in not verified", "The sign-in could not be verified. Please start again.")
     if claims.get("req") != request_id:
         return error_page("Sign-in not verified", "The sign-in does not belong to this request.")
-    pending = await iam.token_store.take_request(request_id)
+    pending = await services.store.take_request(request_id)
     now = int(time.time())
     if pending is None or pending["expires_at"] < now:
         return error_page("Sign-in expired", "This sign-in has expired or was already used. Please start again.")
-    client = iam.clients.get(pending["client_id"])
+    client = services.clients.get(pending["client_id"])
     if client is None:
         return error_page("Unknown application", "This application is no longer registered.")
 
-    def back(**response) -> Response:
-        return _to_client(iam, pending["redirect_uri"], 302, state=pending["state"], **response)
+    def back(**response: str | None) -> Response:
+        return _to_client(services, pending["redirect_uri"], 302, state=pending["state"], **response)
 
     if claims.get("error"):
         return back(error=claims["error"], error_description=description_text(claims.get("error_description")))
@@ -240,7 +245,7 @@ async def resume(request: Request) -> Response:
     grant_id = uuid.uuid4().hex
     offline = "offline_access" in pending["scope"].split()
     code = new_token()
-    await iam.token_store.add_grant_with_code(
+    await services.store.add_grant_with_code(
         {
             "id": grant_id,
             "client_id": client.client_id,

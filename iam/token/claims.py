@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import Any
 
 from joserfc import jwt
 from joserfc.errors import JoseError
 
 from iam.formats import acr_of
+from iam.keys import KeyRing
 from iam.peers import UserClaims
 
 ID_TOKEN_TYP = "JWT"  # what ID tokens carry in `typ`; access tokens are at+jwt, signed introspection responses
@@ -24,9 +26,9 @@ CLAIMS_SUPPORTED = sorted({"sub", "iss", "aud", "exp", "iat", "auth_time", "nonc
                            "sid", *(c for names in SCOPE_CLAIMS.values() for c in names)})
 
 
-def scoped_claims(user: UserClaims, scopes: set[str]) -> dict:
+def scoped_claims(user: UserClaims, scopes: set[str]) -> dict[str, Any]:
     """The user's claims released by these scopes; empty values are left out."""
-    released: dict = {}
+    released: dict[str, Any] = {}
     for scope, names in SCOPE_CLAIMS.items():
         if scope in scopes:
             for name in names:
@@ -44,8 +46,8 @@ def at_hash(access_token: str) -> str:
     return base64.urlsafe_b64encode(half).rstrip(b"=").decode()
 
 
-def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaims, access_token: str, now: int,
-                    ttl: int, include_nonce: bool) -> dict:
+def id_token_claims(*, issuer: str, client_id: str, grant: dict[str, Any], user: UserClaims, access_token: str,
+                    now: int, ttl: int, include_nonce: bool) -> dict[str, Any]:
     amr = grant["amr"].split()
     claims = {
         "iss": issuer,
@@ -67,15 +69,15 @@ def id_token_claims(*, issuer: str, client_id: str, grant: dict, user: UserClaim
     return claims
 
 
-def id_token_hint_claims(iam, hint: str) -> dict:
+def id_token_hint_claims(keys: KeyRing, issuer: str, hint: str) -> dict[str, Any]:
     """The claims of an ID token this issuer signed (OIDC Core §3.1.2.1: expired ones are fine), else ValueError.
     Nothing else the same keys sign passes: not an access token's JWT, not a signed introspection response."""
     try:
-        decoded = jwt.decode(hint, iam.keys.public_set, algorithms=["RS256"])
+        decoded = jwt.decode(hint, keys.public_set, algorithms=["RS256"])
     except (JoseError, ValueError, TypeError):
         raise ValueError("not signed by this server") from None
     claims = decoded.claims
-    if (decoded.header.get("typ") != ID_TOKEN_TYP or claims.get("iss") != iam.settings.issuer
+    if (decoded.header.get("typ") != ID_TOKEN_TYP or claims.get("iss") != issuer
             or not isinstance(claims.get("sub"), str) or not isinstance(claims.get("aud"), str)
             or claims.get("azp") != claims["aud"]):
         raise ValueError("not an ID token of this issuer")

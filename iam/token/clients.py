@@ -12,10 +12,12 @@ import base64
 import hashlib
 import hmac
 import logging
+from collections.abc import Iterator
 from urllib.parse import unquote
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from fastapi import Request
 
 from iam.config import ClientConfig
 from iam.errors import OAuthError, invalid_client
@@ -50,7 +52,7 @@ class ClientRegistry:
     def get(self, client_id: str) -> ClientConfig | None:
         return self._clients.get(client_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ClientConfig]:
         return iter(self._clients.values())
 
     async def authenticate(self, authorization: str | None, form: dict[str, str]) -> ClientConfig:
@@ -98,19 +100,19 @@ class ClientRegistry:
         return True
 
 
-async def authenticate(request, form: dict[str, str]) -> ClientConfig:
+async def authenticate(request: Request, clients: ClientRegistry, form: dict[str, str]) -> ClientConfig:
     """Authenticate the calling client of an endpoint; failures are counted and audited."""
     try:
-        return await request.app.state.iam.clients.authenticate(request.headers.get("authorization"), form)
+        return await clients.authenticate(request.headers.get("authorization"), form)
     except OAuthError as exc:
         if exc.error == "invalid_client":
             CLIENT_AUTH_FAILURES.inc()
-            audit("client.auth_failed", "failure", client_id=_claimed(request, form), source=source_of(request),
-                  reason=exc.description)
+            audit("client.auth_failed", "failure", client_id=_claimed(request, clients, form),
+                  source=source_of(request), reason=exc.description)
         raise
 
 
-def _claimed(request, form: dict[str, str]) -> str | None:
+def _claimed(request: Request, clients: ClientRegistry, form: dict[str, str]) -> str | None:
     """The registered client a failed authentication was for, from Basic or the form. Anything else is left out:
     whatever a caller sends as a client id may be a secret pasted in the wrong field."""
     claimed = form.get("client_id")
@@ -120,7 +122,7 @@ def _claimed(request, form: dict[str, str]) -> str | None:
             claimed = _parse_basic(authorization)[0]
         except OAuthError:
             pass
-    return claimed if request.app.state.iam.clients.get(claimed) is not None else None
+    return claimed if claimed is not None and clients.get(claimed) is not None else None
 
 
 def _parse_basic(authorization: str) -> tuple[str, str]:

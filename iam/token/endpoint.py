@@ -1,15 +1,14 @@
 """The token endpoint (RFC 6749 §3.2): authenticate the client, then hand over to the grant's module."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import PlainRoute, read_form
 from iam.observability import TOKENS_ISSUED, audit, source_of
 from iam.token.clients import authenticate
-from iam.token.device import DEVICE_GRANT
+from iam.token.device_codes import DEVICE_GRANT
 from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token
-
-router = APIRouter()
+from iam.token.services import token_services
 
 GRANTS = {
     "authorization_code": authorization_code.grant,
@@ -20,9 +19,9 @@ GRANTS = {
 
 
 async def token(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = token_services(request)
     form = await read_form(request)
-    client = await authenticate(request, form)
+    client = await authenticate(request, services.clients, form)
     grant_type = form.get("grant_type")
     if grant_type is None:
         raise OAuthError("invalid_request", "grant_type is required")
@@ -31,7 +30,7 @@ async def token(request: Request) -> Response:
         raise OAuthError("unsupported_grant_type", "this server does not support that grant_type")
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
-    body, subject = await handler(iam, client, form)
+    body, subject = await handler(services, client, form)
     TOKENS_ISSUED.labels(grant_type, client.client_id).inc()
     audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
           client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))

@@ -33,7 +33,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("iam.token.hot_cache")
 
@@ -62,7 +62,10 @@ def subject_payload(subject: str) -> str:
     return "s:" + subject
 
 
-class HotCache:
+E = TypeVar("E", bound=Entry)
+
+
+class HotCache(Generic[E]):
     """digest -> live entry, LRU-bounded, with grant and subject indexes for bulk eviction.
 
     Not thread-safe: it belongs to one event loop (one process), like the rest of the app.
@@ -78,7 +81,7 @@ class HotCache:
         self.generation = 0  # bumped by every eviction: a fill that began before it is not kept
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, E] = OrderedDict()
         self._by_grant: dict[str, set[bytes]] = {}
         self._by_subject: dict[str, set[bytes]] = {}
 
@@ -104,7 +107,7 @@ class HotCache:
         self.clear()
 
     # -- the hot path ------------------------------------------------------------------------------------
-    def get(self, digest: bytes, now: float) -> Entry | None:
+    def get(self, digest: bytes, now: float) -> E | None:
         if not self._enabled:
             return None
         entry = self._entries.get(digest)
@@ -123,7 +126,7 @@ class HotCache:
         """How long a row read at `now` may be served: never past the token's expiry."""
         return min(expires_at, now + self.seconds)
 
-    def put(self, digest: bytes, entry: Entry, generation: int, now: float | None = None) -> bool:
+    def put(self, digest: bytes, entry: E, generation: int, now: float | None = None) -> bool:
         """Keep a live entry, unless an eviction happened since `generation` was read (before the lookup)."""
         if not self._enabled or generation != self.generation:
             return False
@@ -216,11 +219,11 @@ class RevocationListener:
     BACKOFF_MAX = 5.0
     APPLICATION_NAME = "iam token revocation listener"
 
-    def __init__(self, cache: HotCache, connect: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, cache: HotCache[Any], connect: Callable[[], Awaitable[Any]]) -> None:
         """`connect` opens a new asyncpg connection to the token store (see `Store.connect_driver`)."""
         self.cache = cache
         self._connect = connect
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._connection = None
         self._was_up = False
         self.connected = asyncio.Event()
@@ -286,7 +289,7 @@ class RevocationListener:
                 raise ConnectionError("the listening connection was closed")
             await asyncio.wait_for(connection.fetchval("SELECT 1"), self.PING_TIMEOUT)
 
-    def _notified(self, _connection, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
         self.cache.apply(payload)
 
     def _down(self) -> None:

@@ -6,17 +6,15 @@ JWT was signed at issuance and is returned as stored.
 
 import time
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
 from iam.http import TOKEN_PARAMETER, PlainRoute, read_form
-from iam.internal import require_peer
 from iam.observability import INTROSPECTIONS
-from iam.roles import Role
 from iam.token.access_tokens import introspection_members
 from iam.token.clients import authenticate
-
-router = APIRouter()
+from iam.token.services import TokenServices, token_services
+from iam.token.store import AccessTokenRow
 
 INACTIVE = {"active": False}
 INTROSPECT_ACTIVE = INTROSPECTIONS.labels("introspect", "active")
@@ -25,20 +23,20 @@ JWT_RESPONSE = "application/token-introspection+jwt"
 
 
 async def introspect(request: Request) -> Response:
-    iam = request.app.state.iam
+    services = token_services(request)
     form = await read_form(request, TOKEN_PARAMETER)
-    caller = await authenticate(request, form)
+    caller = await authenticate(request, services.clients, form)
     if caller.is_public:
         # RFC 7662 §2.1 / §4: the endpoint requires authorization, against token scanning.
         raise invalid_client("introspection requires a confidential client")
     token = form.get("token")
     if token is None:
         raise OAuthError("invalid_request", "token is required")
-    live = await iam.access_tokens.live(token)
+    live = await services.access_tokens.live(token)
     (INTROSPECT_INACTIVE if live is None else INTROSPECT_ACTIVE).inc()
     accept = request.headers.get("accept", "")
     if JWT_RESPONSE in accept:
-        return _signed_response(iam, caller.client_id, None if live is None else live.row)
+        return _signed_response(services, caller.client_id, None if live is None else live.row)
     if live is None:
         return json_response(INACTIVE, 200, NO_STORE)
     if "application/jwt" in accept:
@@ -50,25 +48,9 @@ async def introspect(request: Request) -> Response:
 routes = [PlainRoute("/oauth/v2/introspect", introspect, methods=["POST"], include_in_schema=False)]
 
 
-@router.post("/internal/v1/introspect")
-async def introspect_for_peer(request: Request) -> Response:
-    """The same answer for the other roles, which prove their role instead of holding a client secret."""
-    await require_peer(request, Role.TOKEN, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
-    try:
-        token = (await request.json())["token"]
-        if not isinstance(token, str):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise OAuthError("invalid_request", "body must be {\"token\": string}") from None
-    live = await request.app.state.iam.access_tokens.live(token)
-    if live is None:
-        return json_response(INACTIVE, 200, NO_STORE)
-    return Response(live.introspection_json, 200, NO_STORE, media_type="application/json")
-
-
-def _signed_response(iam, audience: str, row) -> Response:
+def _signed_response(services: TokenServices, audience: str, row: AccessTokenRow | None) -> Response:
     """RFC 9701: the introspection result, signed for the calling resource server."""
     result = INACTIVE if row is None else introspection_members(row.jwt)
-    claims = {"iss": iam.settings.issuer, "aud": audience, "iat": int(time.time()), "token_introspection": result}
-    jwt = iam.keys.sign(claims, alg="RS256", typ="token-introspection+jwt")
+    claims = {"iss": services.settings.issuer, "aud": audience, "iat": int(time.time()), "token_introspection": result}
+    jwt = services.keys.sign(claims, alg="RS256", typ="token-introspection+jwt")
     return Response(jwt, 200, NO_STORE, media_type=JWT_RESPONSE)

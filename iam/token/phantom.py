@@ -18,6 +18,7 @@ from fastapi import Request, Response
 from iam.errors import invalid_token
 from iam.http import PlainRoute, bearer_token
 from iam.observability import INTROSPECTIONS
+from iam.token.services import token_services
 
 ACTIVE = INTROSPECTIONS.labels("phantom", "active")
 INACTIVE = INTROSPECTIONS.labels("phantom", "inactive")
@@ -27,7 +28,7 @@ _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 async def phantom(request: Request) -> Response:
     token = bearer_token(request)
-    live = None if token is None else await request.app.state.iam.access_tokens.live(token)
+    live = None if token is None else await token_services(request).access_tokens.live(token)
     if live is None:
         INACTIVE.inc()
         if token is None:

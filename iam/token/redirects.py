@@ -11,7 +11,7 @@ from iam.config import ClientConfig
 _LOOPBACK = re.compile(r"http://(127\.0\.0\.1|\[::1\]|localhost)(?::([0-9]{1,5}))?([/?#].*)?", re.DOTALL)
 
 
-def _without_port(uri: str) -> tuple | None:
+def _without_port(uri: str) -> tuple[str, str] | None:
     match = _LOOPBACK.fullmatch(uri)
     if match is None or (match[2] is not None and int(match[2]) > 65535):
         return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -24,8 +25,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
@@ -175,14 +178,14 @@ _GRANT_COLUMNS = [grants.c[name] for name in (
 )] + [grants.c.expires_at.label("grant_expires_at"), grants.c.revoked.label("grant_revoked")]
 
 
-def _row(values) -> dict:
+def _row(values: Row[*tuple[Any, ...]]) -> dict[str, Any]:
     return dict(values._mapping)
 
 
 _DIRECT_DURATION = STORE_DURATION.labels("token")
 
 class TokenStore:
-    def __init__(self, engine: AsyncEngine, cache: HotCache | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, cache: HotCache[Any] | None = None) -> None:
         self.engine = engine
         # Single-statement reads and writes run outside a transaction: no BEGIN/COMMIT round trips.
         self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -224,7 +227,7 @@ class TokenStore:
             found = (await conn.execute(_FIND, {"digest": digest})).first()
         return None if found is None else AccessTokenRow(digest, *found)
 
-    async def _on_driver(self, statement: str, call):
+    async def _on_driver(self, statement: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run one statement straight on a pooled asyncpg connection (PostgreSQL), skipping SQLAlchemy's
         per-statement work: the two hot statements (the token lookup, the issuance INSERT) use this.
 
@@ -297,11 +300,11 @@ class TokenStore:
             revoked.evict(self.cache)
 
     # -- pending authorization requests -------------------------------------------------------------------
-    async def add_request(self, values: dict) -> None:
+    async def add_request(self, values: dict[str, Any]) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(insert(authorization_requests).values(values))
 
-    async def take_request(self, request_id: str, client_id: str | None = None) -> dict | None:
+    async def take_request(self, request_id: str, client_id: str | None = None) -> dict[str, Any] | None:
         """Consume a pending request (of this client, if given): whoever deletes it first owns it (single use)."""
         condition = authorization_requests.c.id == request_id
         if client_id is not None:
@@ -314,12 +317,12 @@ class TokenStore:
             return _row(found) if deleted.rowcount == 1 else None
 
     # -- grants, codes, refresh tokens --------------------------------------------------------------------
-    async def add_grant_with_code(self, grant: dict, code: dict) -> None:
+    async def add_grant_with_code(self, grant: dict[str, Any], code: dict[str, Any]) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(insert(grants).values(grant))
             await conn.execute(insert(codes).values(code))
 
-    async def find_code(self, digest: bytes) -> dict | None:
+    async def find_code(self, digest: bytes) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             found = (
                 await conn.execute(
@@ -340,7 +343,7 @@ class TokenStore:
             await _add_tokens(conn, access, refresh)
         return True
 
-    async def find_refresh_token(self, digest: bytes) -> dict | None:
+    async def find_refresh_token(self, digest: bytes) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             found = (
                 await conn.execute(
@@ -351,7 +354,8 @@ class TokenStore:
         return None if found is None else _row(found)
 
     async def rotate_refresh_token(
-        self, digest: bytes, now: int, access: AccessTokenRow, refresh: RefreshTokenRow, successor: bytes | None
+        self, digest: bytes, now: int, access: AccessTokenRow, refresh: RefreshTokenRow | None,
+        successor: bytes | None,
     ) -> bool:
         """Spend a refresh token and store its successors, atomically; False if it was already spent."""
         async with self.engine.begin() as conn:
@@ -383,7 +387,7 @@ class TokenStore:
         return await self._revoke_grants(grants.c.subject == subject, grants.c.client_id == client_id,
                                          grants.c.revoked.is_(False))
 
-    async def _revoke_grants(self, *conditions) -> int:
+    async def _revoke_grants(self, *conditions: ColumnElement[bool]) -> int:
         async with self._revoking() as (conn, revoked):
             ids = (await conn.execute(select(grants.c.id).where(*conditions))).scalars().all()
             for grant_id in ids:
@@ -391,7 +395,7 @@ class TokenStore:
                 await revoked.grant(conn, grant_id)
         return len(ids)
 
-    async def live_grants(self, subject: str, now: int) -> list[dict]:
+    async def live_grants(self, subject: str, now: int) -> list[dict[str, Any]]:
         """A person's grants that can still yield a token: unexpired, unrevoked, with a live access or refresh
         token."""
         live_access = select(access_tokens.c.digest).where(
@@ -419,11 +423,12 @@ class TokenStore:
             await revoked.subject(conn, subject)  # one notice covers all of them
 
     # -- device codes -------------------------------------------------------------------------------------
-    async def add_device_code(self, values: dict) -> None:
+    async def add_device_code(self, values: dict[str, Any]) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(insert(device_codes).values(values))
 
-    async def find_device_code(self, *, digest: bytes | None = None, user_code: bytes | None = None) -> dict | None:
+    async def find_device_code(self, *, digest: bytes | None = None,
+                               user_code: bytes | None = None) -> dict[str, Any] | None:
         where = device_codes.c.digest == digest if digest is not None else device_codes.c.user_code == user_code
         async with self.engine.connect() as conn:
             found = (await conn.execute(select(device_codes).where(where))).first()
@@ -435,7 +440,7 @@ class TokenStore:
                 update(device_codes).where(device_codes.c.digest == digest).values(last_poll=now, interval=interval)
             )
 
-    async def decide_device_code(self, user_code: bytes, now: int, grant: dict | None) -> bool:
+    async def decide_device_code(self, user_code: bytes, now: int, grant: dict[str, Any] | None) -> bool:
         """Approve (with the grant the person gave) or deny a pending device code, once."""
         async with self.engine.begin() as conn:
             values = {"status": "approved", "grant_id": grant["id"]} if grant else {"status": "denied"}
@@ -451,7 +456,7 @@ class TokenStore:
                 await conn.execute(insert(grants).values(grant))
         return True
 
-    async def find_grant(self, grant_id: str) -> dict | None:
+    async def find_grant(self, grant_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             found = (
                 await conn.execute(
@@ -498,12 +503,12 @@ class TokenStore:
         return total
 
 
-def _access_params(row: AccessTokenRow) -> tuple:
+def _access_params(row: AccessTokenRow) -> tuple[Any, ...]:
     """_INSERT_SQL's parameters, in its column order."""
     return (row.digest, row.client_id, row.subject, row.expires_at, row.revoked, row.jwt, row.grant_id)
 
 
-def _access_values(row: AccessTokenRow) -> dict:
+def _access_values(row: AccessTokenRow) -> dict[str, Any]:
     return {
         "digest": row.digest,
         "client_id": row.client_id,
@@ -515,7 +520,7 @@ def _access_values(row: AccessTokenRow) -> dict:
     }
 
 
-async def _add_tokens(conn, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> None:
+async def _add_tokens(conn: AsyncConnection, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> None:
     await conn.execute(insert(access_tokens).values(_access_values(access)))
     if refresh is not None:
         await conn.execute(
@@ -529,7 +534,7 @@ async def _add_tokens(conn, access: AccessTokenRow, refresh: RefreshTokenRow | N
         )
 
 
-async def _revoke_grant(conn, grant_id: str) -> None:
+async def _revoke_grant(conn: AsyncConnection, grant_id: str) -> None:
     """Revoke a grant and every token of it; the caller tells the caches (`_Revocations.grant`)."""
     await conn.execute(update(grants).where(grants.c.id == grant_id).values(revoked=True))
     await conn.execute(update(refresh_tokens).where(refresh_tokens.c.grant_id == grant_id).values(revoked=True))
@@ -549,23 +554,23 @@ class _Revocations:
         self._grants: list[str] = []
         self._subjects: list[str] = []
 
-    async def digest(self, conn, digest: bytes) -> None:
+    async def digest(self, conn: AsyncConnection, digest: bytes) -> None:
         self._digests.append(digest)
         await self._send(conn, digest_payload(digest))
 
-    async def grant(self, conn, grant_id: str) -> None:
+    async def grant(self, conn: AsyncConnection, grant_id: str) -> None:
         self._grants.append(grant_id)
         await self._send(conn, grant_payload(grant_id))
 
-    async def subject(self, conn, subject: str) -> None:
+    async def subject(self, conn: AsyncConnection, subject: str) -> None:
         self._subjects.append(subject)
         await self._send(conn, subject_payload(subject))
 
-    async def _send(self, conn, payload: str) -> None:
+    async def _send(self, conn: AsyncConnection, payload: str) -> None:
         if self._notify:
             await conn.execute(select(func.pg_notify(CHANNEL, payload)))
 
-    def evict(self, cache: HotCache | None) -> None:
+    def evict(self, cache: HotCache[Any] | None) -> None:
         if cache is None:
             return
         for digest in self._digests:

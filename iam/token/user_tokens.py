@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from iam.config import ClientConfig
 from iam.errors import OAuthError
 from iam.peers import UserClaims
 from iam.token.access_tokens import IssuedToken, digest, new_token
 from iam.token.claims import ID_TOKEN_TYP, id_token_claims, scoped_claims
+from iam.token.services import TokenServices
 from iam.token.store import RefreshTokenRow
 
 
-async def current_user(iam, grant: dict) -> UserClaims:
+async def current_user(services: TokenServices, grant: dict[str, Any]) -> UserClaims:
     """The user's claims as they are now (a disabled user or a changed group takes effect at once)."""
-    user = await iam.directory.claims(grant["subject"])
+    user = await services.directory.claims(grant["subject"])
     if user is None or not user.active:
-        await iam.token_store.revoke_grant(grant["grant_id"])
+        await services.store.revoke_grant(grant["grant_id"])
         raise OAuthError("invalid_grant", "the user is disabled or no longer exists")
     return user
 
 
-def mint(iam, client: ClientConfig, grant: dict, user: UserClaims, scope: str, now: int, *,
-         include_nonce: bool) -> tuple[dict, IssuedToken, RefreshTokenRow | None]:
+def mint(services: TokenServices, client: ClientConfig, grant: dict[str, Any], user: UserClaims, scope: str,
+         now: int, *, include_nonce: bool) -> tuple[dict[str, Any], IssuedToken, RefreshTokenRow | None]:
     """Build the token response and the rows to store with it; all signing happens here, before any write."""
     scopes = set(scope.split())
-    access = iam.access_tokens.mint(
+    access = services.access_tokens.mint(
         client, user.sub, scope, grant_id=grant["grant_id"],
         claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)},
     )
@@ -39,8 +42,8 @@ def mint(iam, client: ClientConfig, grant: dict, user: UserClaims, scope: str, n
         )
         body["refresh_token"] = refresh
     if "openid" in scopes:
-        claims = id_token_claims(issuer=iam.settings.issuer, client_id=client.client_id, grant=grant, user=user,
+        claims = id_token_claims(issuer=services.settings.issuer, client_id=client.client_id, grant=grant, user=user,
                                  access_token=access.token, now=now, ttl=client.id_token_ttl,
                                  include_nonce=include_nonce)
-        body["id_token"] = iam.keys.sign(claims, alg="RS256", typ=ID_TOKEN_TYP)
+        body["id_token"] = services.keys.sign(claims, alg="RS256", typ=ID_TOKEN_TYP)
     return body, access, refresh_row

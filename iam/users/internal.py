@@ -5,6 +5,7 @@ from fastapi import APIRouter, Request, Response
 from iam.errors import json_response
 from iam.internal import require_peer
 from iam.roles import Role
+from iam.users.services import user_services
 
 router = APIRouter()
 
@@ -14,12 +15,12 @@ _NOT_FOUND = {"error": "not_found"}
 @router.get("/internal/v1/users/{sub}")
 async def user_claims(sub: str, request: Request) -> Response:
     await require_peer(request, Role.USER_MANAGEMENT, Role.TOKEN, Role.AUTHENTICATION)
-    claims = await request.app.state.iam.directory_service.claims(sub)
+    claims = await user_services(request).directory.claims(sub)
     return json_response(_NOT_FOUND, 404) if claims is None else json_response(claims.as_dict())
 
 
 @router.get("/internal/v1/users")
 async def find_user(username: str, request: Request) -> Response:
     await require_peer(request, Role.USER_MANAGEMENT, Role.TOKEN, Role.AUTHENTICATION)
-    claims = await request.app.state.iam.directory_service.find(username)
+    claims = await user_services(request).directory.find(username)
     return json_response(_NOT_FOUND, 404) if claims is None else json_response(claims.as_dict())

@@ -8,70 +8,69 @@ kept only encrypted under a key derived from the spent token, which the server d
 
 import json
 import time
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
 from iam.config import ClientConfig
-from iam.errors import OAuthError
+from iam.errors import OAuthError, invalid_grant
 from iam.observability import REFRESH_REUSE, audit
 from iam.security import seal, unseal
 from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.scopes import granted_scope
+from iam.token.services import TokenServices
 from iam.token.user_tokens import current_user, mint
 
 SUCCESSOR = b"iam refresh successor v1"
 
 
-def _invalid(description: str) -> OAuthError:
-    return OAuthError("invalid_grant", description)
-
-
-async def grant(iam, client: ClientConfig, form: dict[str, str]) -> tuple[dict, str]:
+async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str]) -> tuple[dict[str, Any], str]:
     token = form.get("refresh_token")
     if token is None:
         raise OAuthError("invalid_request", "refresh_token is required")
     if not TOKEN_SHAPE.match(token):
-        raise _invalid("unknown refresh token")
+        raise invalid_grant("unknown refresh token")
     token_digest = digest(token)
-    found = await iam.token_store.find_refresh_token(token_digest)
+    found = await services.store.find_refresh_token(token_digest)
     now = int(time.time())
     if found is None or found["client_id"] != client.client_id:
-        raise _invalid("unknown refresh token")  # RFC 9700 §4.14.1: bound to its client
+        raise invalid_grant("unknown refresh token")  # RFC 9700 §4.14.1: bound to its client
     if found["revoked"] or found["grant_revoked"]:
-        raise _invalid("the refresh token was revoked")
+        raise invalid_grant("the refresh token was revoked")
     if found["used_at"] is not None:
-        return await _retry_or_revoke(iam, client, found, token, now), found["subject"]
+        return await _retry_or_revoke(services, client, found, token, now), found["subject"]
     if found["expires_at"] < now or found["grant_expires_at"] < now:
-        raise _invalid("the refresh token has expired")
+        raise invalid_grant("the refresh token has expired")
     granted = set(found["scope"].split())
     scope = granted_scope(form.get("scope"), frozenset(granted)) if "scope" in form else found["scope"]
 
-    user = await current_user(iam, found)
-    body, access, refresh = mint(iam, client, found, user, scope, now, include_nonce=False)
+    user = await current_user(services, found)
+    body, access, refresh = mint(services, client, found, user, scope, now, include_nonce=False)
     sealed = seal(token, SUCCESSOR, json.dumps(body).encode()) if client.refresh_reuse_window else None
-    if not await iam.token_store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
+    if not await services.store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
         # Spent concurrently: the winner may have left its successor for us.
-        retried = await _retry_or_revoke(iam, client, await iam.token_store.find_refresh_token(token_digest),
+        retried = await _retry_or_revoke(services, client, await services.store.find_refresh_token(token_digest),
                                          token, now)
         return retried, user.sub
     return body, user.sub
 
 
-async def _retry_or_revoke(iam, client: ClientConfig, found: dict | None, token: str, now: int) -> dict:
+async def _retry_or_revoke(services: TokenServices, client: ClientConfig, found: dict[str, Any] | None, token: str,
+                           now: int) -> dict[str, Any]:
     """A spent token again: the same successor inside the reuse window, else the grant is revoked."""
     if found is not None and not found["grant_revoked"] and found["successor"] is not None and (
         now - found["used_at"] <= client.refresh_reuse_window
     ):
         try:
-            body = json.loads(unseal(token, SUCCESSOR, found["successor"]))
+            body: dict[str, Any] = json.loads(unseal(token, SUCCESSOR, found["successor"]))
         except (InvalidTag, ValueError):
             pass
         else:
             REFRESH_REUSE.labels("window_retry").inc()
             return body
     if found is not None:
-        await iam.token_store.revoke_grant(found["grant_id"])
+        await services.store.revoke_grant(found["grant_id"])
         REFRESH_REUSE.labels("revoked").inc()
         audit("refresh.reuse_detected", "failure", actor=found["subject"], client_id=client.client_id,
               grant_id=found["grant_id"], action="grant revoked")
-    raise _invalid("the refresh token was already used; the grant is revoked")
+    raise invalid_grant("the refresh token was already used; the grant is revoked")

@@ -123,7 +123,7 @@ def _tokens(text: str, error: Callable[[str], ScimError]) -> list[_Token]:
         match = _TOKEN.match(text, pos)
         if match is None:
             raise error(f"unexpected character {text[pos]!r} at position {pos + 1}")
-        kind = match.lastgroup
+        kind = match.lastgroup or ""  # every alternative of _TOKEN is a named group
         if kind == "string":
             value = json.loads(match.group())
             if "\x00" in value or not _encodable(value):
@@ -387,7 +387,7 @@ def _fields(rtype: ResourceType) -> tuple[dict[str, Field], dict[str, Multi]]:
 
 _FIELDS = {USER.name: _fields(USER), GROUP.name: _fields(GROUP)}
 
-_SORT = {
+_SORT: dict[str, dict[str, Any]] = {
     USER.name: {
         "id": users.c.id,
         "externalId": users.c.external_id,
@@ -476,10 +476,11 @@ class _Sql:
             return not_(self._inner(node.term, attr, multi))
         sub = attr.child(node.path.name) if node.path.urn is None and node.path.sub is None else None
         field = multi.fields.get(sub.name) if sub else None
-        if field is None:
+        if field is None or sub is None:
             raise invalid_filter(f"filtering {attr.name} values on {node.path} is not supported")
         if isinstance(node, Present):
             return self.condition(field, "pr", None, f"{attr.name}.{sub.name}")
+        assert isinstance(node, Compare)  # a value filter holds no value path (the parser refuses one)
         return self.condition(field, node.op, node.value, f"{attr.name}.{sub.name}")
 
     @staticmethod
@@ -578,9 +579,11 @@ def matches(node: Node, value: dict, attr: Attr) -> bool:
     if isinstance(node, Not):
         return not matches(node.term, value, attr)
     sub = attr.child(node.path.name)
+    assert sub is not None  # checked when the filter was parsed for this attribute
     actual = value.get(sub.name)
     if isinstance(node, Present):
         return actual not in (None, "", [], {})
+    assert isinstance(node, Compare)  # a value filter holds no value path (the parser refuses one)
     op, expected = node.op, node.value
     if expected is None:
         return (actual is None) == (op == "eq")

@@ -158,7 +158,9 @@ def _without_path(doc: dict, operation: Operation, rtype: ResourceType, touched:
 def _apply(doc: dict, op: str, target: Target, value: Any, rtype: ResourceType, touched: set[str]) -> None:
     container = doc if target.container is None else doc.setdefault(target.container, {})
     if target.attr is None:  # the whole extension
+        assert target.container is not None  # a target is an attribute, or an extension by its URN
         extension = rtype.extension(target.container)
+        assert extension is not None  # the path resolved to it
         if op == "remove":
             doc.pop(extension.id, None)
             touched.update(f"{extension.id}:{a.name}" for a in extension.attributes)
@@ -277,6 +279,7 @@ def _sub(container: dict, op: str, attr: Attr, sub: Attr, value: Any, where: str
 
 def _filtered(container: dict, op: str, target: Target, value: Any) -> None:
     attr, sub, where = target.attr, target.sub, target.text
+    assert attr is not None  # a filtered path names a multi-valued attribute
     values = [dict(v) for v in container.get(attr.name) or ()]
     hits = [v for v in values if matches(target.filter, v, attr)]
     if op == "remove":

@@ -296,6 +296,7 @@ def user_resource(user: User, base: str) -> dict:
     stored = user.attributes
     name = {**(stored.get("name") or {}), "givenName": user.given_name, "familyName": user.family_name}
     name_attr = USER_SCHEMA.attr("name")
+    assert name_attr is not None  # the core User schema has it
     name = {a.name: name[a.name] for a in name_attr.sub if name.get(a.name) is not None}
     if name:
         doc["name"] = name
@@ -379,6 +380,7 @@ def selections(names: list[str] | None, rtype: ResourceType) -> list[Selection]:
         if found is None:
             continue
         schema, attr = found
+        assert path is not None  # found only for a parsed path
         sub = attr.child(path.sub) if path.sub else None
         if path.sub and sub is None:
             continue

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 
 from iam.errors import OAuthError, PasswordRejected, PeerRejected, PeerUnavailable
 from iam.resource import require_token
-from iam.users.directory import DirectoryError, IfMatch
+from iam.users.directory import Directory, DirectoryError, IfMatch
 from iam.users.scim import resources
 from iam.users.scim.errors import (
     ScimError,
@@ -47,6 +47,7 @@ from iam.users.scim.schemas import (
     ResourceType,
     service_provider_config,
 )
+from iam.users.services import user_services
 
 log = logging.getLogger("iam.scim")
 
@@ -110,16 +111,16 @@ def _directory_error(exc: DirectoryError) -> ScimError:
 
 
 async def authorize(request: Request, scope: str) -> None:
-    await require_token(request, scope)
+    await require_token(request, user_services(request).tokens, scope)
 
 
-def _directory(request: Request):
-    return request.app.state.iam.directory_service
+def _directory(request: Request) -> Directory:
+    return user_services(request).directory
 
 
 def _base(request: Request) -> str:
     # The configured base, never the Host header: a caller must not choose where links point.
-    return request.app.state.iam.settings.scim_base
+    return user_services(request).settings.scim_base
 
 
 async def read_json(request: Request) -> Any:
@@ -349,9 +350,9 @@ async def _query(request: Request, rtype: ResourceType, query: ListQuery, *, str
         docs = [resources.user_resource(u, base) for u in found]
     else:
         members = resources.wanted("members", rtype, query.attributes, query.excluded)
-        total, found = await directory.query_groups(where, order, descending=query.descending, offset=offset,
-                                                    limit=limit, members=members)
-        docs = [resources.group_resource(g, base) for g in found]
+        total, groups = await directory.query_groups(where, order, descending=query.descending, offset=offset,
+                                                     limit=limit, members=members)
+        docs = [resources.group_resource(g, base) for g in groups]
     return total, [resources.project(d, rtype, query.attributes, query.excluded) for d in docs]
 
 

@@ -1,0 +1,78 @@
+"""The authentication role's services, built once per instance and reached by its handlers through
+`authn_services()`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+
+from iam.authn.credentials import CredentialService
+from iam.authn.sessions import Sessions
+from iam.authn.store import Consents
+from iam.authn.throttle import Throttle
+from iam.authn.totp import Totp
+from iam.keys import DATA_KEY, KeyRingError
+from iam.observability import SSO_SESSIONS
+from iam.peers import AppAccess, DeviceApprovals, Directory
+from iam.runtime import Shared, StartupError
+
+log = logging.getLogger("iam")
+
+
+class AuthnServices:
+    """Credentials, SSO sessions, sign-in throttling, TOTP and consents; and the peers the pages need: the
+    user-management role (`directory`) and the token role (`app_access`, `device_approvals`)."""
+
+    # The peers, set by connect().
+    directory: Directory
+    app_access: AppAccess
+    device_approvals: DeviceApprovals
+
+    def __init__(self, shared: Shared) -> None:
+        settings = self.settings = shared.settings
+        self.keys = shared.keys
+        self.identity = shared.identity
+        self.peer_keys = shared.peer_keys
+        engine = shared.stores["authn"].engine
+        self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
+        self.credentials = CredentialService(engine, self.sessions)
+        self.throttle = Throttle(engine, shared.identity, shared.peer_keys)
+        self.totp = Totp(engine)
+        self.consents = Consents(engine)
+        self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
+                              if settings.kubernetes.clusters else [])
+
+    def connect(self, directory: Directory, app_access: AppAccess, device_approvals: DeviceApprovals) -> None:
+        self.directory = directory
+        self.app_access = app_access
+        self.device_approvals = device_approvals
+
+    def start(self) -> None:
+        self.totp.data_key = self._data_key()
+
+    def _data_key(self) -> str | None:
+        """The key directory's data key, created on first run where the directory is writable."""
+        try:
+            try:
+                key = self.keys.data_key(generate=True)
+            except OSError:  # a read-only mounted Secret: only what was provisioned
+                key = self.keys.data_key()
+        except (KeyRingError, OSError) as exc:
+            raise StartupError(f"data key: {exc}") from None
+        if key is None:
+            log.warning("no %s in %s: TOTP secrets are stored unsealed (`iam keys rotate` creates it)",
+                        DATA_KEY, self.settings.keys.dir)
+        return key
+
+    async def purge(self, now: int, batch: int) -> int:
+        return await self.sessions.purge_ended(now, batch) + await self.throttle.purge_stale(now, batch)
+
+    async def update_gauges(self) -> None:
+        SSO_SESSIONS.set(await self.sessions.count_live())
+
+
+def authn_services(request: Request) -> AuthnServices:
+    """The authentication role's services of the instance serving this request (iam/app.py sets them)."""
+    services: AuthnServices = request.app.state.iam.authn
+    return services

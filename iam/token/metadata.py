@@ -1,0 +1,51 @@
+"""Authorization server metadata (RFC 8414, OpenID Connect Discovery 1.0): built once at start-up
+(iam/token/services.py), it describes exactly what this server implements."""
+
+import json
+from typing import Any
+
+from iam.config import Settings
+from iam.formats import ACR_VALUES, PROMPTS
+from iam.token.claims import CLAIMS_SUPPORTED
+
+SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
+
+
+def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
+    base = settings.issuer.rstrip("/")
+    scopes = sorted({scope for client in settings.clients for scope in client.scopes} | {"openid"})
+    return {
+        "issuer": settings.issuer,
+        "authorization_endpoint": f"{base}/oauth/v2/authorize",
+        "token_endpoint": f"{base}/oauth/v2/token",
+        "userinfo_endpoint": f"{base}/oauth/v2/userinfo",
+        "jwks_uri": f"{base}/oauth/v2/jwks",
+        "introspection_endpoint": f"{base}/oauth/v2/introspect",
+        "revocation_endpoint": f"{base}/oauth/v2/revoke",
+        "end_session_endpoint": f"{base}/oauth/v2/end_session",
+        "device_authorization_endpoint": f"{base}/oauth/v2/device_authorization",
+        "pushed_authorization_request_endpoint": f"{base}/oauth/v2/par",  # RFC 9126 §5
+        "require_pushed_authorization_requests": False,
+        "grant_types_supported": grant_types,
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "scopes_supported": scopes,
+        "claims_supported": CLAIMS_SUPPORTED,
+        "acr_values_supported": list(ACR_VALUES),
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "code_challenge_methods_supported": ["S256"],
+        "prompt_values_supported": sorted(PROMPTS),
+        "token_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
+        "introspection_endpoint_auth_methods_supported": SECRET_METHODS,
+        "revocation_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
+        "introspection_signing_alg_values_supported": ["RS256"],
+        "authorization_response_iss_parameter_supported": True,  # RFC 9207
+        "claims_parameter_supported": False,  # OIDC Core §5.5: the claims parameter is ignored
+        "request_parameter_supported": False,
+        "request_uri_parameter_supported": False,
+    }
+
+
+def metadata_json(settings: Settings, grant_types: list[str]) -> bytes:
+    return json.dumps(metadata(settings, grant_types), separators=(",", ":")).encode()

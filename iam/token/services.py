@@ -1,0 +1,69 @@
+"""The token role's services, built once per instance and reached by its handlers through `token_services()`."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+
+from iam.peers import Directory
+from iam.runtime import Shared
+from iam.token.access_tokens import AccessTokens, LiveToken
+from iam.token.app_access import AppAccess
+from iam.token.clients import ClientRegistry
+from iam.token.device_codes import DeviceApprovals
+from iam.token.hot_cache import HotCache, RevocationListener
+from iam.token.metadata import metadata_json
+from iam.token.store import TokenStore
+
+
+class TokenServices:
+    """Clients, the token store and its hot cache, the phantom pair, device approvals, a person's applications;
+    and the user-management role (`directory`), in process or remote."""
+
+    directory: Directory  # the user-management role: set by connect()
+
+    def __init__(self, shared: Shared, grant_types: list[str]) -> None:
+        settings = self.settings = shared.settings
+        self.keys = shared.keys
+        self.identity = shared.identity
+        self.peer_keys = shared.peer_keys
+        self.clients = ClientRegistry(settings.clients)
+        store = shared.stores["token"]
+        # Live token rows for introspection and forward-auth. On PostgreSQL the cache is on only while the
+        # revocation listener is connected (other replicas revoke too); on SQLite (one process) always.
+        seconds = settings.introspection_cache_seconds
+        self.hot_cache: HotCache[LiveToken] = HotCache(seconds, enabled=not store.is_postgresql)
+        self.revocation_listener: RevocationListener | None = None
+        if store.is_postgresql and seconds:
+            listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
+            self.revocation_listener = RevocationListener(
+                self.hot_cache, lambda: store.connect_driver(server_settings=listener_name))
+        self.store = TokenStore(store.engine, self.hot_cache)
+        self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
+        self.metadata_json = metadata_json(settings, grant_types)
+        self.device_approvals = DeviceApprovals(self.store, self.clients)
+        self.app_access = AppAccess(self.store, self.clients)
+
+    def connect(self, directory: Directory) -> None:
+        self.directory = directory
+
+    def start(self) -> None:
+        if self.revocation_listener is not None:
+            self.revocation_listener.start()
+
+    async def stop(self) -> None:
+        if self.revocation_listener is not None:
+            await self.revocation_listener.stop()
+
+    def sweep(self) -> None:
+        self.hot_cache.sweep(time.time())
+
+    async def purge(self, now: int, batch: int) -> int:
+        return await self.store.purge_expired(now, batch)
+
+
+def token_services(request: Request) -> TokenServices:
+    """The token role's services of the instance serving this request (iam/app.py sets them)."""
+    services: TokenServices = request.app.state.iam.token
+    return services
