@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -53,35 +54,47 @@ SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope
 class ClientConfig(_Strict):
     """A client, described with RFC 7591 metadata names plus iam's own keys."""
 
-    client_id: str = Field(pattern=r"^[\x20-\x7e]{1,128}$")  # RFC 6749 App. A.1: VSCHAR
-    client_name: str | None = None
+    client_id: str = Field(pattern=r"^[\x20-\x7e]{1,128}$",  # RFC 6749 App. A.1: VSCHAR
+                           description="The client's id: 1 to 128 printable ASCII characters.")
+    client_name: str | None = Field(default=None, description="Shown to people (consent, account page).")
     # Exactly one of these for confidential clients: the secret itself (from the environment or a mounted
     # secret), or an argon2id hash of it. An empty secret disables the client (fail closed, logged).
-    client_secret: SecretStr | None = None
-    client_secret_hash: str | None = None
-    redirect_uris: list[str] = []
-    grant_types: list[GrantType] = ["authorization_code"]
-    response_types: list[Literal["code"]] = ["code"]
-    scope: str = ""
-    token_endpoint_auth_method: AuthMethod = "client_secret_basic"
-    post_logout_redirect_uris: list[str] = []
-    application_type: Literal["web", "native"] = "web"  # native: any port on a loopback redirect (RFC 8252 §7.3)
+    client_secret: SecretStr | None = Field(default=None, description=(
+        "A confidential client's secret, from the environment (`${VAR}`); empty disables the client."))
+    client_secret_hash: str | None = Field(default=None, description=(
+        "Instead of client_secret: its argon2id hash (`iam clients hash-secret`)."))
+    redirect_uris: list[str] = Field(default=[], description=(
+        "Exact redirect URIs; https, or http on a loopback host, or a private-use scheme; no fragment."))
+    grant_types: list[GrantType] = Field(default=["authorization_code"], description="Grants the client may use.")
+    response_types: list[Literal["code"]] = Field(default=["code"], description="Only `code`.")
+    scope: str = Field(default="", description="The scopes the client may be granted, space-separated.")
+    token_endpoint_auth_method: AuthMethod = Field(default="client_secret_basic", description=(
+        "`client_secret_basic`, `client_secret_post`, or `none` for a public client."))
+    post_logout_redirect_uris: list[str] = Field(default=[], description=(
+        "Where RP-initiated logout may send the browser back to (exact match)."))
+    application_type: Literal["web", "native"] = Field(default="web", description=(
+        "`native`: any port on a loopback redirect URI is accepted (RFC 8252 §7.3)."))
     # iam's own keys
-    access_token_ttl: int = Field(default=3600, ge=1, le=86400)
-    id_token_ttl: int = Field(default=300, ge=1, le=86400)
-    refresh_token_ttl: int = Field(default=8 * 3600, ge=60)  # idle lifetime: unused this long, it expires
-    grant_ttl: int = Field(default=12 * 3600, ge=60)  # absolute lifetime of a grant without offline_access
-    offline_grant_ttl: int = Field(default=30 * 86400, ge=60)  # ... and with offline_access
-    require_pkce: bool = True  # may be switched off only for a confidential client that cannot send it
-    # Seconds in which a retry of a just-rotated refresh token gets the same successor instead of revoking the
-    # grant: parallel kubectl calls race on one refresh token. 0 (default) is strict rotation.
-    refresh_reuse_window: int = Field(default=0, ge=0, le=60)
-    audience: list[str] = []
-    # Ask the person to allow this client its scopes before its first code, and again when it asks for more
-    # (a third-party client). Off for the operator's own, trusted clients.
-    require_consent: bool = False
-    # Accept only pushed authorization requests (RFC 9126 §5) from this client.
-    require_pushed_authorization_requests: bool = False
+    access_token_ttl: int = Field(default=3600, ge=1, le=86400, description="Access token lifetime, seconds.")
+    id_token_ttl: int = Field(default=300, ge=1, le=86400, description="ID token lifetime, seconds.")
+    refresh_token_ttl: int = Field(default=8 * 3600, ge=60, description=(
+        "Refresh token idle lifetime, seconds: unused this long, it expires."))
+    grant_ttl: int = Field(default=12 * 3600, ge=60, description=(
+        "Absolute lifetime of a grant without offline_access, seconds."))
+    offline_grant_ttl: int = Field(default=30 * 86400, ge=60, description=(
+        "Absolute lifetime of a grant with offline_access, seconds."))
+    require_pkce: bool = Field(default=True, description=(
+        "PKCE S256 required; may be false only for a confidential client that cannot send it."))
+    # Parallel kubectl calls race on one refresh token.
+    refresh_reuse_window: int = Field(default=0, ge=0, le=60, description=(
+        "Seconds in which a retry of a just-rotated refresh token gets the same successor instead of revoking "
+        "the grant; 0 is strict rotation."))
+    audience: list[str] = Field(default=[], description="The `aud` of the client's access tokens (the APIs).")
+    require_consent: bool = Field(default=False, description=(
+        "Ask the person to allow the client its scopes before its first code, and again when it asks for more "
+        "(third-party clients)."))
+    require_pushed_authorization_requests: bool = Field(default=False, description=(
+        "Accept only pushed authorization requests (RFC 9126 §5) from this client."))
 
     @field_validator("scope")
     @classmethod
@@ -154,9 +167,12 @@ def check_redirect_uri(uri: str) -> None:
 
 
 class Stores(_Strict):
-    authn: str = "sqlite+aiosqlite:///var/authn.db"
-    token: str = "sqlite+aiosqlite:///var/token.db"
-    users: str = "sqlite+aiosqlite:///var/users.db"
+    authn: str = Field(default="sqlite+aiosqlite:///var/authn.db", description=(
+        "The authentication role's credential store (`IAM_AUTHN_DATABASE_URL`)."))
+    token: str = Field(default="sqlite+aiosqlite:///var/token.db", description=(
+        "The token role's store (`IAM_TOKEN_DATABASE_URL`)."))
+    users: str = Field(default="sqlite+aiosqlite:///var/users.db", description=(
+        "The user-management role's store (`IAM_USERS_DATABASE_URL`)."))
 
     @field_validator("authn", "token", "users")
     @classmethod
@@ -167,18 +183,20 @@ class Stores(_Strict):
 
 
 class Keys(_Strict):
-    dir: Path = Path("var/keys")
-    # A new key is published this long before it signs: replicas and JWKS caches see it first.
-    activation_delay: int = Field(default=0, ge=0)
-    access_token_alg: Literal["ES256", "RS256"] = "ES256"
+    dir: Path = Field(default=Path("var/keys"), description=(
+        "Directory of the signing keys and the data key, 0600 files (`IAM_KEYS_DIR`)."))
+    activation_delay: int = Field(default=0, ge=0, description=(
+        "Seconds a new key is published before it signs, so replicas and JWKS caches see it first."))
+    access_token_alg: Literal["ES256", "RS256"] = Field(default="ES256", description="Access token JWT algorithm.")
 
 
 class Peers(_Strict):
     """Internal base URLs of the other roles, for instances that run apart (unused in `all`)."""
 
-    authentication: str = ""
-    token: str = ""
-    user_management: str = ""
+    authentication: str = Field(default="", description="The authentication role's internal URL (`IAM_AUTHN_URL`).")
+    token: str = Field(default="", description="The token role's internal URL (`IAM_TOKEN_URL`).")
+    user_management: str = Field(default="", description=(
+        "The user-management role's internal URL (`IAM_USERS_URL`)."))
 
     def url(self, role: Role) -> str:
         return getattr(self, role.value.replace("-", "_"))
@@ -187,16 +205,19 @@ class Peers(_Strict):
 class KubeCluster(_Strict):
     """A Kubernetes cluster whose API server trusts this issuer's ID tokens (`iam kube`, /authn/kubeconfig)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-    server: str  # the API server URL, as kubectl reaches it
-    certificate_authority_data: str | None = None  # base64 PEM of the API server's CA (public)
-    client_id: str  # the public iam client kubectl uses
-    username_claim: str = "email"
-    groups_claim: str = "groups"
-    username_prefix: str = "oidc:"
-    groups_prefix: str = "oidc:"
-    audiences: list[str] = []  # default: [client_id]
-    discovery_url: str | None = None  # an in-cluster discovery URL (structured authentication config only)
+    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$",
+                      description="The cluster's name in kubeconfig.")
+    server: str = Field(description="The API server URL, as kubectl reaches it (https).")
+    certificate_authority_data: str | None = Field(default=None, description=(
+        "Base64 PEM of the API server's CA certificate (public)."))
+    client_id: str = Field(description="The public iam client kubectl uses.")
+    username_claim: str = Field(default="email", description="The ID token claim kube-apiserver takes as username.")
+    groups_claim: str = Field(default="groups", description="The ID token claim kube-apiserver takes as groups.")
+    username_prefix: str = Field(default="oidc:", description="Prefix kube-apiserver puts before usernames.")
+    groups_prefix: str = Field(default="oidc:", description="Prefix kube-apiserver puts before group names.")
+    audiences: list[str] = Field(default=[], description="Accepted ID token audiences (default: [client_id]).")
+    discovery_url: str | None = Field(default=None, description=(
+        "An in-cluster discovery URL (structured authentication configuration only)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -231,7 +252,8 @@ class KubeCluster(_Strict):
 
 
 class Kubernetes(_Strict):
-    clusters: list[KubeCluster] = []
+    clusters: list[KubeCluster] = Field(default=[], description=(
+        "Clusters whose API server trusts this issuer (`iam kube`, /authn/kubeconfig)."))
 
 
 CONNECTOR_ID = r"^[a-z0-9-]{1,64}$"
@@ -240,42 +262,45 @@ CONNECTOR_ID = r"^[a-z0-9-]{1,64}$"
 class ClaimMapping(_Strict):
     """Which upstream claim (a dotted path into the ID token / userinfo) becomes which iam attribute."""
 
-    subject: str = "sub"  # the link key: (connector id, this value) identifies the person for good
-    username: str = "preferred_username"
-    email: str = "email"
-    email_verified: str = "email_verified"
-    name: str = "name"
-    groups: str = "groups"
+    subject: str = Field(default="sub", description=(
+        "The link key: (connector id, this value) identifies the person for good."))
+    username: str = Field(default="preferred_username", description="Upstream claim for the username.")
+    email: str = Field(default="email", description="Upstream claim for the email address.")
+    email_verified: str = Field(default="email_verified", description="Upstream claim for email_verified.")
+    name: str = Field(default="name", description="Upstream claim for the display name.")
+    groups: str = Field(default="groups", description="Upstream claim for the groups.")
 
 
 class GroupFilter(_Strict):
-    prefix: str = ""  # prepended to every upstream group name (e.g. "corp:")
-    allow: list[str] = []  # keep only these upstream groups (before the prefix); empty: keep all
+    prefix: str = Field(default="", description='Prepended to every upstream group name (e.g. "corp:").')
+    allow: list[str] = Field(default=[], description=(
+        "Keep only these upstream groups (before the prefix); empty: keep all."))
 
 
 class _Connector(_Strict):
     id: str = Field(pattern=CONNECTOR_ID, description="Stable id: part of the callback URL and of user links.")
     name: str = Field(min_length=1, max_length=100, description='Shown on the sign-in page: "Sign in with <name>".')
-    # Ask for iam's own second factor after the upstream sign-in (else upstream amr/acr are trusted as given).
-    require_mfa: bool = False
-    # Link a first upstream sign-in to an existing local account with the same address: only when the upstream
-    # says the address is verified (an unverified one would be an account takeover). Off by default.
-    link_by: Literal["email"] | None = None
-    groups: GroupFilter = GroupFilter()
+    require_mfa: bool = Field(default=False, description=(
+        "Ask for iam's own second factor after the upstream sign-in (else upstream amr/acr are trusted)."))
+    # An unverified address would be an account takeover.
+    link_by: Literal["email"] | None = Field(default=None, description=(
+        "Link a first upstream sign-in to the local account with the same address, only when the upstream "
+        "says it is verified. Off by default."))
+    groups: GroupFilter = Field(default=GroupFilter(), description="Which upstream groups are kept, and how named.")
 
 
 class OidcConnectorConfig(_Connector):
     """An upstream OpenID Connect provider: code flow with PKCE, state and nonce; its ID token fully validated."""
 
-    type: Literal["oidc"]
-    issuer: str
-    client_id: str
-    client_secret: SecretStr | None = None
-    scopes: list[str] = ["openid", "email", "profile"]
-    claims: ClaimMapping = ClaimMapping()
-    timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for each call to the provider
-    # Ask the userinfo endpoint (OIDC Core §5.3) for mapped claims the ID token does not carry.
-    userinfo: bool = True
+    type: Literal["oidc"] = Field(description="The connector type: `oidc` or `ldap`.")
+    issuer: str = Field(description="The provider's issuer URL (https).")
+    client_id: str = Field(description="iam's client id at the provider.")
+    client_secret: SecretStr | None = Field(default=None, description="iam's client secret at the provider.")
+    scopes: list[str] = Field(default=["openid", "email", "profile"], description="Scopes asked for; must hold openid.")
+    claims: ClaimMapping = Field(default=ClaimMapping(), description="Which upstream claim becomes which attribute.")
+    timeout: float = Field(default=5.0, gt=0, le=60, description="Seconds for each call to the provider.")
+    userinfo: bool = Field(default=True, description=(
+        "Ask the userinfo endpoint (OIDC Core §5.3) for mapped claims the ID token does not carry."))
 
     @field_validator("issuer")
     @classmethod
@@ -296,37 +321,42 @@ class OidcConnectorConfig(_Connector):
 
 
 class LdapSearch(_Strict):
-    base_dn: str
-    filter: str  # {username} (users) or {dn} / {username} (groups), escaped per RFC 4515 when filled in
-    username_attribute: str = "uid"
-    id_attribute: str = "entryUUID"  # stable upstream subject (AD: objectGUID)
-    email_attribute: str = "mail"
-    name_attribute: str = "cn"
-    # user_search only: an attribute of the user entry that lists the person's groups by DN (AD, the memberof
-    # overlay: "memberOf"); each group is named by its DN's first RDN value.
-    groups_attribute: str | None = None
+    base_dn: str = Field(description="Where the search starts.")
+    filter: str = Field(description=(
+        "Search filter with {username} (users) or {dn} / {username} (groups), escaped per RFC 4515."))
+    username_attribute: str = Field(default="uid", description="Attribute holding the username.")
+    id_attribute: str = Field(default="entryUUID", description="Stable upstream subject (AD: objectGUID).")
+    email_attribute: str = Field(default="mail", description="Attribute holding the email address.")
+    name_attribute: str = Field(default="cn", description="Attribute holding the display name.")
+    groups_attribute: str | None = Field(default=None, description=(
+        "user_search only: an attribute of the user entry that lists the person's groups by DN (AD, the memberof "
+        'overlay: "memberOf"); each group is named by its DN\'s first RDN value.'))
 
 
 class LdapConnectorConfig(_Connector):
     """An LDAP v3 / Active Directory server: the password is checked by binding as the user, never stored."""
 
-    type: Literal["ldap"]
-    url: str = Field(pattern=r"^ldaps?://[^/?#]+/?$")
-    start_tls: bool = False
-    ca_file: Path | None = None  # PEM bundle that signs the server's certificate (default: the system's)
-    insecure_no_tls: bool = False  # plain ldap:// without StartTLS: tests and loopback only
-    bind_dn: str = ""
-    bind_password: SecretStr | None = None
-    user_search: LdapSearch
-    group_search: LdapSearch | None = None
-    # Groups of groups too: AD answers LDAP_MATCHING_RULE_IN_CHAIN (1.2.840.113556.1.4.1941); other servers get a
-    # bounded breadth-first expansion (group_search.filter must then contain {dn}).
-    nested_groups: bool = False
-    max_groups: int = Field(default=1000, ge=1, le=10_000)  # a person's groups beyond this are left out (logged)
-    timeout: float = Field(default=5.0, gt=0, le=60)  # seconds for one attempt, and for each network operation in it
-    max_connections: int = Field(default=8, ge=1, le=100)  # attempts at once against this server
-    # The directory's mail attribute is administered, not self-asserted: say so to let link_by: email use it.
-    email_verified: bool = False
+    type: Literal["ldap"] = Field(description="The connector type: `oidc` or `ldap`.")
+    url: str = Field(pattern=r"^ldaps?://[^/?#]+/?$", description="`ldaps://host[:port]` or `ldap://host[:port]`.")
+    start_tls: bool = Field(default=False, description="StartTLS on an ldap:// URL.")
+    ca_file: Path | None = Field(default=None, description=(
+        "PEM bundle that signs the server's certificate (default: the system's)."))
+    insecure_no_tls: bool = Field(default=False, description="Plain ldap:// without StartTLS: tests and loopback only.")
+    bind_dn: str = Field(default="", description="The service account that searches (empty: anonymous).")
+    bind_password: SecretStr | None = Field(default=None, description="Its password, from the environment.")
+    user_search: LdapSearch = Field(description="How a user is found by username.")
+    group_search: LdapSearch | None = Field(default=None, description="How a user's groups are found.")
+    nested_groups: bool = Field(default=False, description=(
+        "Groups of groups too: AD answers LDAP_MATCHING_RULE_IN_CHAIN (1.2.840.113556.1.4.1941); other servers get "
+        "a bounded breadth-first expansion (group_search.filter must then contain {dn})."))
+    max_groups: int = Field(default=1000, ge=1, le=10_000, description=(
+        "A person's groups beyond this many are left out (logged)."))
+    timeout: float = Field(default=5.0, gt=0, le=60, description=(
+        "Seconds for one attempt, and for each network operation in it."))
+    max_connections: int = Field(default=8, ge=1, le=100, description="Attempts at once against this server.")
+    # The directory's mail attribute is administered, not self-asserted.
+    email_verified: bool = Field(default=False, description=(
+        "Treat the directory's mail attribute as verified, so that link_by: email may use it."))
 
     @model_validator(mode="after")
     def _transport(self) -> LdapConnectorConfig:
@@ -355,39 +385,47 @@ PEERS_NEEDED = {
 
 
 class Settings(_Strict):
-    role: Role = Role.ALL
-    issuer: str = "http://localhost:8080"
-    # Where browsers reach the authentication role's pages (default: the issuer, behind one ingress host).
-    authentication_url: str = ""
-    # The SCIM base URL as its clients reach it, for meta.location, $ref and Location (default: {issuer}/scim/v2).
+    """Every setting carries its description (README "Settings" lists them all; tests/test_config.py checks)."""
+
+    role: Role = Field(default=Role.ALL, description=(
+        "`authentication`, `token`, `user-management` or `all` (`SERVICE_ROLE`)."))
+    issuer: str = Field(default="http://localhost:8080", description=(
+        "The token role's public URL, the `iss` of every token (`IAM_ISSUER`); https, no query or fragment."))
+    authentication_url: str = Field(default="", description=(
+        "Where browsers reach the authentication role's pages (default: the issuer; `IAM_AUTHN_PUBLIC_URL`)."))
     # Never taken from the request's Host header, which the caller chooses.
-    scim_url: str = ""
-    peers: Peers = Peers()
-    stores: Stores = Stores()
-    keys: Keys = Keys()
-    # Proxies (CIDRs) whose X-Forwarded-For is believed for the client address (login throttling, audit).
-    trusted_proxies: list[str] = []
-    session_ttl: int = Field(default=12 * 3600, ge=60)  # an SSO session ends this long after sign-in
-    session_idle_ttl: int = Field(default=2 * 3600, ge=60)  # ... or after this long unused
-    migrate_on_start: bool = True
-    # Expired tokens, ended sessions and stale sign-in throttling counters are deleted in batches of this size
-    # every purge_interval seconds (0: never in-process).
-    purge_interval: int = Field(default=300, ge=0)
-    purge_batch: int = Field(default=1000, ge=1)
-    # Introspection / forward-auth keep live token rows in memory at most this long (the staleness bound if a
-    # revocation notice were ever lost; revocations themselves evict at once, iam/token/hot_cache.py). 0: off.
-    introspection_cache_seconds: int = Field(default=5, ge=0, le=300)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    audit_log: str = "stderr"  # where audit events go: stderr, stdout, or a file path
-    # Also keep audit events in the role's own store (table audit_events, `iam audit list`), this many days.
-    audit_store: bool = False
-    audit_retention_days: int = Field(default=90, ge=1)
-    clients: list[ClientConfig] = []
-    kubernetes: Kubernetes = Kubernetes()
-    # Upstream identity providers the sign-in page offers (iam/authn/connectors/).
-    connectors: list[ConnectorConfig] = []
-    # Offer iam's own username/password form (false: connectors only).
-    password_login: bool = True
+    scim_url: str = Field(default="", description=(
+        "The SCIM base URL as its clients reach it, for meta.location, $ref and Location (default: "
+        "{issuer}/scim/v2; `IAM_SCIM_URL`)."))
+    peers: Peers = Field(default=Peers(), description="The other roles' internal URLs, when they run apart.")
+    stores: Stores = Field(default=Stores(), description="One database URL per role's store.")
+    keys: Keys = Field(default=Keys(), description="The key ring.")
+    trusted_proxies: list[str] = Field(default=[], description=(
+        "Proxies (CIDRs) whose X-Forwarded-For is believed for the client address (sign-in throttling, audit)."))
+    session_ttl: int = Field(default=12 * 3600, ge=60, description=(
+        "Seconds after sign-in at which an SSO session ends."))
+    session_idle_ttl: int = Field(default=2 * 3600, ge=60, description=(
+        "Seconds unused after which an SSO session ends."))
+    migrate_on_start: bool = Field(default=True, description=(
+        "Apply the store's migrations at start-up (false in production: run `iam migrate` as a job)."))
+    purge_interval: int = Field(default=300, ge=0, description=(
+        "Seconds between in-process purges of expired tokens, ended sessions and stale sign-in throttling "
+        "counters (0: never in-process)."))
+    purge_batch: int = Field(default=1000, ge=1, description="Rows deleted per table and purge, at most.")
+    # The staleness bound if a revocation notice were ever lost; revocations evict at once (iam/token/hot_cache.py).
+    introspection_cache_seconds: int = Field(default=5, ge=0, le=300, description=(
+        "Seconds a live token row stays in memory for introspection and forward-auth (0: off)."))
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    audit_log: str = Field(default="stderr", description="Where audit events go: stderr, stdout, or a file path.")
+    audit_store: bool = Field(default=False, description=(
+        "Also keep audit events in the role's own store (table audit_events, `iam audit list`)."))
+    audit_retention_days: int = Field(default=90, ge=1, description="Days audit events stay in the stores.")
+    clients: list[ClientConfig] = Field(default=[], description="The OAuth clients (RFC 7591 metadata names).")
+    kubernetes: Kubernetes = Field(default=Kubernetes(), description="Kubernetes login.")
+    connectors: list[ConnectorConfig] = Field(default=[], description=(
+        "Upstream identity providers the sign-in page offers (iam/authn/connectors/)."))
+    password_login: bool = Field(default=True, description=(
+        "Offer iam's own username/password form (false: connectors only)."))
 
     @field_validator("issuer")
     @classmethod
@@ -551,3 +589,69 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
             raise ConfigError(f"unknown SERVICE_ROLE {data.get('role')!r}: valid roles are {valid}") from None
         raise ConfigError(f"{file}: {location}{message}") from None
 
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """Every setting as (dotted path, default, description), walking the models: the README's "Settings" table
+    is this list (`python3 -c 'from iam.config import settings_table; print(settings_table())'`)."""
+    rows: dict[str, tuple[str, str, str]] = {}
+
+    def walk(model: type[BaseModel], prefix: str, tag: str = "", common: frozenset[str] = frozenset()) -> None:
+        for name, info in model.model_fields.items():
+            path = f"{prefix}{name}"
+            default = "required" if info.is_required() else _shown(info.get_default(call_default_factory=True))
+            own = "" if not tag or name in common else tag
+            rows.setdefault(path, (path, default, f"{own}{info.description or ''}"))
+            members = _models_in(info.annotation)
+            shared = frozenset.intersection(*(frozenset(m.model_fields) for m, _ in members)) if members else None
+            for inner, suffix in members:
+                tagged = len(members) > 1 and "type" in inner.model_fields
+                walk(inner, f"{path}{suffix}.", f"({_type_of(inner)}) " if tagged else own,
+                     shared if tagged and shared is not None else frozenset(inner.model_fields) if not own else common)
+
+    walk(Settings, "")
+    return list(rows.values())
+
+
+def settings_table() -> str:
+    """The README's "Settings" table (Markdown)."""
+    lines = ["| setting | default | what it does |", "|---|---|---|"]
+    lines += [f"| `{path}` | {default} | {description} |" for path, default, description in settings_reference()]
+    return "\n".join(lines)
+
+
+def _models_in(annotation: object) -> list[tuple[type[BaseModel], str]]:
+    """The models a field holds (itself, in a list, optional, or a discriminated union), with the path suffix."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [(annotation, "")]
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin is list:
+        return [(model, "[]") for model, _ in _models_in(typing.get_args(annotation)[0])]
+    if origin in (typing.Union, __import__("types").UnionType):
+        return [found for arg in typing.get_args(annotation) for found in _models_in(arg)]
+    return []
+
+
+def _type_of(model: type[BaseModel]) -> str:
+    annotation = model.model_fields["type"].annotation
+    import typing
+
+    return ", ".join(str(value) for value in typing.get_args(annotation))
+
+
+
+
+
+def _shown(value: object) -> str:
+    """A default as YAML would spell it."""
+    if isinstance(value, BaseModel):
+        return ""
+    if value is None:
+        return "none"
+    if isinstance(value, Path | Role):
+        value = str(value)
+    return f"`{json.dumps(value)}`"

@@ -1,4 +1,4 @@
-"""The service roles one image can play, and the store each one owns (DESIGN.md §1)."""
+"""The service roles one image can play, and the store each one owns (docs/architecture.md)."""
 
 from enum import StrEnum
 

@@ -89,3 +89,17 @@ def test_a_role_apart_needs_its_peers(tmp_path):
 def test_missing_named_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_every_setting_is_described_in_the_model_and_in_the_readme():
+    from pathlib import Path
+
+    from iam.config import settings_reference, settings_table
+
+    undescribed = [path for path, _, description in settings_reference() if not description.strip()]
+    assert undescribed == [], f"settings without Field(description=...): {undescribed}"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [row for row in settings_table().splitlines() if row not in readme]
+    assert missing == [], ("README.md's Settings table differs from the model; regenerate it with "
+                           "python3 -c 'from iam.config import settings_table; print(settings_table())'\n"
+                           + "\n".join(missing))

@@ -1,4 +1,4 @@
-"""Probes, and what each SERVICE_ROLE mounts and opens (DESIGN.md §1)."""
+"""Probes, and what each SERVICE_ROLE mounts and opens (docs/architecture.md)."""
 
 import time
 

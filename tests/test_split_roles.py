@@ -1,4 +1,4 @@
-"""The three roles as three processes, each with its own PostgreSQL database (DESIGN.md §1).
+"""The three roles as three processes, each with its own PostgreSQL database (docs/architecture.md).
 
 The handoff, the user lookups at sign-in, the claims at code redemption and refresh, the SCIM user and its
 password (stored by the authentication role), and the revocation when `iam users disable` runs all cross
