@@ -261,6 +261,7 @@ class OidcConnector:
 
     async def _userinfo(self, metadata: ProviderMetadata, access_token: str, subject: str) -> dict[str, Any]:
         """OIDC Core §5.3: the userinfo response, if it is about the same person as the ID token (§5.3.4)."""
+        assert metadata.userinfo_endpoint is not None  # asked only when there is one (_needs_userinfo)
         response, body = await self._send("userinfo endpoint", "GET", metadata.userinfo_endpoint,
                                           headers={"Authorization": f"Bearer {access_token}",
                                                    "Accept": "application/json"})
@@ -354,6 +355,7 @@ class OidcConnector:
         # Discovery §3: omitted means client_secret_basic only.
         methods = document.get("token_endpoint_auth_methods_supported", ["client_secret_basic"])
         methods = methods if isinstance(methods, list) else []
+        auth_method: str | None
         if self.config.client_secret is None:
             auth_method = "none"
         else:
