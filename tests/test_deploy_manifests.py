@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from iam.config import load_settings
-from iam.token.discovery import metadata
 from iam.token.endpoint import GRANTS
+from iam.token.metadata import metadata
 from tests.oauth import advertised_paths
 from tests.postgres import _bin, free_port
 from tests.server import iam, serve
