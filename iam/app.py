@@ -67,7 +67,8 @@ class Runtime(Shared):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.role = role = settings.role
-        self.stores = {name: Store(name, getattr(settings.stores, name), store_metadata(name)) for name in role.stores}
+        self.stores = {name: Store(name, getattr(settings.stores, name), store_metadata(name),
+                                   timeout=settings.store_timeout) for name in role.stores}
         for store in self.stores.values():
             instrument_store(store)
         self.draining = False

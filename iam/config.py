@@ -408,6 +408,9 @@ class Settings(_Strict):
         "Seconds unused after which an SSO session ends."))
     migrate_on_start: bool = Field(default=True, description=(
         "Apply the store's migrations at start-up (false in production: run `iam migrate` as a job)."))
+    store_timeout: float = Field(default=3.0, gt=0, le=60, description=(
+        "Seconds a request waits for its store at most (pool, connect, statement; on a hung or unreachable "
+        "database) before it answers 503 temporarily_unavailable; /health/ready answers within it too."))
     purge_interval: int = Field(default=300, ge=0, description=(
         "Seconds between in-process purges of expired tokens, ended sessions and stale sign-in throttling "
         "counters (0: never in-process)."))

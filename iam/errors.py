@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -144,6 +145,7 @@ def install(app: FastAPI) -> None:
         return temporarily_unavailable()
 
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)  # no pooled connection came free in time
     @app.exception_handler(OSError)
     @app.exception_handler(TimeoutError)
     async def _store_down(request: Request, exc: Exception) -> Response:

@@ -17,12 +17,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger("iam.store")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATION_LOCK_TIMEOUT_MS = 2000
 
 
 class StoreError(Exception):
@@ -45,10 +47,20 @@ def alembic_config(name: str, metadata: MetaData | None = None) -> Config:
 
 
 class Store:
-    def __init__(self, name: str, url: str, metadata: MetaData | None = None, *, pool_size: int = 20) -> None:
+    """`timeout`: the longest a request waits for this store, end to end, before it fails (503).
+
+    On PostgreSQL it is split in three equal parts, one per step a request can wait at: a free pooled
+    connection, a new connection, one statement (on the client, and on the server as `statement_timeout` and
+    `lock_timeout`, so nothing queues behind a stuck lock). A request stops at its first failing statement
+    and nothing retries after a timeout, so the parts add up to at most `timeout`.
+    """
+
+    def __init__(self, name: str, url: str, metadata: MetaData | None = None, *, pool_size: int = 20,
+                 timeout: float = 3.0) -> None:
         self.name = name
         self.metadata = metadata
         self.url = make_url(url)
+        self.timeout = timeout
         self.head = ScriptDirectory.from_config(alembic_config(name)).get_current_head()
         if self.url.get_backend_name() == "sqlite":
             database = self.url.database or ""
@@ -57,15 +69,24 @@ class Store:
             self.engine: AsyncEngine = create_async_engine(self.url, connect_args={"timeout": 5})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
-            self._connect_args = {"timeout": 5, "command_timeout": 10, **_no_tls_on_loopback(self.url)}
+            step = timeout / 3
+            milliseconds = str(max(1, int(step * 1000)))
+            self._connect_args = {
+                "timeout": step,
+                "command_timeout": step,
+                "server_settings": {"statement_timeout": milliseconds, "lock_timeout": milliseconds},
+                **_no_tls_on_loopback(self.url),
+            }
             self.engine = create_async_engine(
                 self.url,
                 # A fixed pool: overflow connections would be opened and closed under load (connection churn).
                 pool_size=pool_size,
                 max_overflow=0,
-                pool_timeout=5,
+                pool_timeout=step,
                 connect_args=self._connect_args,
             )
+            event.listen(self.engine.sync_engine, "checkout", _closed_by_server)
+            event.listen(self.engine.sync_engine, "handle_error", _timeout_ends_connection)
 
     @property
     def is_postgresql(self) -> bool:
@@ -93,9 +114,20 @@ class Store:
             return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
     async def check(self) -> None:
-        """Raise StoreError unless the store answers and its schema is at this code's head revision."""
+        """Raise StoreError unless the store answers and its schema is at this code's head revision.
+
+        A connection error is tried once more (a read: always safe to repeat), all within `timeout`: one
+        connection lost to a database restart does not make the instance not-ready.
+        """
         try:
-            current = await asyncio.wait_for(self.revision(), timeout=5)
+            async with asyncio.timeout(self.timeout):
+                try:
+                    current = await self.revision()
+                except Exception as exc:
+                    if not _is_connection_error(exc) or isinstance(exc, TimeoutError):
+                        raise
+                    log.info("%s store: %s; trying once more", self.name, _reason(exc))
+                    current = await self.revision()
         except Exception as exc:  # any failure to answer means "not ready"
             raise self._unreachable(exc) from None
         if current != self.head:
@@ -109,13 +141,23 @@ class Store:
             config.attributes["connection"] = sync_conn
             command.upgrade(config, "head")
 
+        # A migration may run longer than a request may wait, but must never hold up requests behind a lock
+        # it waits for: no statement timeout, a short lock timeout (the Job is retried).
+        engine = self.engine if not self.is_postgresql else create_async_engine(
+            self.url, poolclass=NullPool, connect_args={
+                **self._connect_args, "command_timeout": None,
+                "server_settings": {"statement_timeout": "0", "lock_timeout": str(MIGRATION_LOCK_TIMEOUT_MS)},
+            })
         try:
-            async with self.engine.begin() as conn:
+            async with engine.begin() as conn:
                 await conn.run_sync(upgrade)
         except (OSError, TimeoutError, DBAPIError) as exc:
             raise self._unreachable(exc) if _is_connection_error(exc) else StoreError(
                 f"{self.name} store migration failed ({_reason(exc)})"
             ) from None
+        finally:
+            if engine is not self.engine:
+                await engine.dispose()
         log.info("%s store migrated to %s", self.name, self.head)
 
     def _unreachable(self, exc: BaseException) -> StoreUnreachable:
@@ -139,6 +181,20 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _closed_by_server(_dbapi_conn, record, _proxy) -> None:
+    # A pooled connection the server has closed (a restart, a failover, an idle timeout) is replaced at
+    # checkout, before any statement is sent on it: no round trip, unlike a pre-ping.
+    if record.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+def _timeout_ends_connection(context) -> None:
+    # After a client-side timeout the connection is in an unknown state (a cancel pending on a server that
+    # may not answer): drop it instead of resetting it, which would wait on the server again.
+    if isinstance(context.original_exception, TimeoutError):
+        context.is_disconnect = True
 
 
 def _is_connection_error(exc: BaseException) -> bool:

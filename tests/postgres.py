@@ -6,9 +6,11 @@ PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres`
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -29,32 +31,76 @@ def _bin(name: str) -> str:
     return found
 
 
+class Cluster:
+    """A running throw-away cluster an operations test can restart, or freeze as a hung host would be."""
+
+    def __init__(self, workdir: Path, port: int, prefix: list[str]) -> None:
+        self.workdir, self.data, self.port, self._prefix = workdir, workdir / "data", port, prefix
+        self.url = f"postgresql://postgres@127.0.0.1:{port}"
+
+    def pg_ctl(self, *args: str) -> None:
+        options = (
+            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        )
+        subprocess.run([*self._prefix, _bin("pg_ctl"), "-D", str(self.data), "-o", options,
+                        "-l", str(self.workdir / "log"), *args], check=True, capture_output=True, text=True)
+
+    def restart(self) -> None:
+        """`pg_ctl restart` (fast mode: every connection is closed), back once it accepts connections."""
+        self.pg_ctl("-m", "fast", "-w", "restart")
+
+    def processes(self) -> list[int]:
+        """The postmaster and every process it started (backends, background workers)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    @contextmanager
+    def frozen(self):
+        """SIGSTOP the whole cluster (a hung database host: connections stay open, nothing answers)."""
+        stopped = self.processes()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
+def dedicated_cluster():
+    """A cluster of its own (never IAM_TEST_POSTGRES_URL's): for tests that restart or freeze it."""
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    workdir = Path(tempfile.mkdtemp(prefix="iam-pg-"))
+    if as_root:
+        shutil.chown(workdir, "postgres", "postgres")
+    server = Cluster(workdir, free_port(), prefix)
+    try:
+        subprocess.run([*prefix, _bin("initdb"), "-D", str(server.data), "-U", "postgres", "--auth=trust", "-E",
+                        "UTF8", "--no-sync"], check=True, capture_output=True, text=True)
+        server.pg_ctl("-w", "start")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr or exc.stdout}") from None
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            for pid in server.processes():
+                os.kill(pid, signal.SIGCONT)
+        subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(server.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextmanager
 def cluster():
     """Yield a server URL like postgresql://postgres@127.0.0.1:PORT; the cluster is removed afterwards."""
     if os.environ.get("IAM_TEST_POSTGRES_URL"):
         yield os.environ["IAM_TEST_POSTGRES_URL"].rstrip("/")
         return
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    workdir = Path(tempfile.mkdtemp(prefix="iam-pg-"))
-    data = workdir / "data"
-    if as_root:
-        shutil.chown(workdir, "postgres", "postgres")
-    port = free_port()
-    run = lambda *cmd: subprocess.run([*prefix, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    try:
-        run(_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = (
-            f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
-        )
-        run(_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(workdir / "log"), "-w", "start")
-    except subprocess.CalledProcessError as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr or exc.stdout}") from None
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*prefix, _bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with dedicated_cluster() as server:
+        yield server.url

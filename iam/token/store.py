@@ -233,7 +233,8 @@ class TokenStore:
 
         An idle pooled connection has no transaction open, so the statement is one autocommit round trip.
         Returns _FAILED if it raised: the connection is then dropped, and the caller runs the statement the
-        SQLAlchemy way, which handles (and reports) disconnects and store errors as everywhere else.
+        SQLAlchemy way, which handles (and reports) disconnects and store errors as everywhere else. A timeout
+        is raised as it is: the request's time bound for its store (iam.store.Store) allows no second try.
         """
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         try:
@@ -248,6 +249,10 @@ class TokenStore:
             result = await call(pooled.driver_connection)
             done = True
             _DIRECT_DURATION.observe(time.perf_counter() - started)
+        except TimeoutError:
+            # The store's time bound is spent: no second attempt (the request answers 503 now). The statement
+            # may still commit; a retried issuance would be a second token the client never sees.
+            raise
         except Exception as exc:
             log.debug("direct statement failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
             result = _FAILED
