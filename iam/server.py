@@ -2,16 +2,26 @@
 
 On SIGTERM or SIGINT the instance first reports not-ready (`/health/ready` answers 503 "draining") and
 keeps serving everything else for `drain_delay` seconds, while load balancers and Service endpoints take
-it out of rotation. Then uvicorn shuts down gracefully: it stops accepting, lets in-flight requests finish
-(at most `grace` seconds, then cancels them) and runs the lifespan shutdown. The process exits 0.
+it out of rotation. Every response during the drain carries `Connection: close`, so clients on keep-alive
+connections (which never look at readiness) open their next connection elsewhere.
+
+Then the listener closes without dropping a request: new connections are refused first (Linux), what is
+already in the accept queue is accepted, requests already written on open connections are read and
+answered. Then uvicorn shuts down gracefully: it lets in-flight requests finish (at most `grace` seconds,
+then cancels them) and runs the lifespan shutdown. The process exits 0.
 A second signal skips what is left of the drain delay; a second Ctrl+C during shutdown forces it, as in
 plain uvicorn.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import logging
 import signal
+import socket
+import struct
 import time
 from types import FrameType
 
@@ -19,6 +29,42 @@ import uvicorn
 from fastapi import FastAPI
 
 log = logging.getLogger("iam")
+
+SETTLE = 0.2  # seconds for the event loop to accept queued connections and read requests already sent
+
+
+class CloseWhileDraining:
+    """ASGI wrapper: while the instance drains, each response tells the client to close its connection."""
+
+    def __init__(self, app, runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        runtime = self.runtime
+
+        async def send_closing(message) -> None:
+            if message["type"] == "http.response.start" and runtime.draining:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+# A classic BPF program of one instruction, "return 0": on a listening socket, every new SYN is dropped.
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def _refuse_new_connections(sock) -> None:
+    # Closing a listener resets the connections still in its accept queue (a request may already be written
+    # on them). Dropping new SYNs first, then accepting what is queued, leaves nothing there to reset; a
+    # client whose SYN was dropped retries, and is refused once the port is closed.
+    program = struct.pack("HL", 1, ctypes.addressof(_DROP_ALL))
+    with contextlib.suppress(OSError):  # not Linux: plain close
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
 
 
 class DrainingServer(uvicorn.Server):
@@ -51,6 +97,17 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
         return await super().on_tick(counter)
 
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            for sock in server.sockets:
+                _refuse_new_connections(sock)
+        await asyncio.sleep(SETTLE)  # what is in the accept queue is accepted
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(SETTLE)  # a request written on an open connection is read: that connection is busy
+        # uvicorn closes idle connections at once and each busy one after its response.
+        await super().shutdown(sockets)
+
 
 def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, log_level: str, *,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
@@ -59,7 +116,7 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
     async def main() -> None:
         await app.state.iam.start()  # fails here, with one line, before the port opens
         config = uvicorn.Config(
-            app,
+            CloseWhileDraining(app, app.state.iam),
             host=host,
             port=port,
             log_level=log_level,
