@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ from iam.peers import (
 )
 from iam.roles import Role
 from iam.runtime import Shared, StartupError
-from iam.store import Store, StoreError, StoreUnreachable
+from iam.store import Store, StoreError, StoreUnreachable, purge_until_done
 
 if TYPE_CHECKING:  # each role's package is imported only where the role is played (see _token and the others)
     from iam.authn.services import AuthnServices
@@ -151,14 +152,14 @@ class Runtime(Shared):
             AUDIT.addHandler(self.audit_sink)
             AUDIT.setLevel(logging.INFO)
         self._tasks.append(asyncio.create_task(self._maintain()))
+        if self.settings.purge_interval:
+            self._tasks.append(asyncio.create_task(self._purge_regularly()))
         if self.token is not None:
             self.token.start()
         self._started = True
 
     async def _maintain(self) -> None:
-        """Pick up rotated keys; purge what has ended from the role's store, in bounded batches."""
-        interval = self.settings.purge_interval
-        last_purge = time.monotonic()
+        """Pick up rotated keys, sweep the hot cache, refresh gauges, flush audit events."""
         while True:
             await asyncio.sleep(10)
             try:
@@ -168,24 +169,35 @@ class Runtime(Shared):
                 await self.update_gauges()
                 if self.audit_sink is not None:
                     await self.audit_sink.flush()
-                if interval and time.monotonic() - last_purge >= interval:
-                    last_purge = time.monotonic()
-                    await self.purge(int(time.time()))
             except Exception:
                 log.warning("maintenance failed; retrying later", exc_info=True)
 
+    async def _purge_regularly(self) -> None:
+        """Purge every purge_interval seconds, give or take half of it: replicas started together (a rollout)
+        spread their purges, and each purge skips the rows another replica is deleting (iam.store.doomed)."""
+        interval = self.settings.purge_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                deleted = await self.purge(int(time.time()))
+                if deleted:
+                    log.info("purged %d rows that can never be used again", deleted)
+            except Exception:
+                log.warning("purge failed; retrying later", exc_info=True)
+
     async def purge(self, now: int) -> int:
-        """One bounded batch per table of what can never be used again: stores must not grow without end."""
-        batch, deleted = self.settings.purge_batch, 0
-        if self.token is not None:
-            deleted += await self.token.purge(now, batch)
-        if self.authn is not None:
-            deleted += await self.authn.purge(now, batch)
+        """Delete what can never be used again, batch after batch until nothing is left or purge_budget seconds
+        have passed: the stores stay bounded at any rate the server can sustain."""
+        batch = self.settings.purge_batch
+        steps = []
+        if (token := self.token) is not None:
+            steps.append(lambda: token.purge(now, batch))
+        if (authn := self.authn) is not None:
+            steps.append(lambda: authn.purge(now, batch))
         if self.audit_sink is not None:
             cutoff_ms = (now - self.settings.audit_retention_days * 86400) * 1000
-            for store in self.stores.values():
-                deleted += await purge_before(store, cutoff_ms, batch)
-        return deleted
+            steps += [lambda store=store: purge_before(store, cutoff_ms, batch) for store in self.stores.values()]
+        return await purge_until_done(steps, batch, self.settings.purge_budget)
 
     async def update_gauges(self) -> None:
         """Gauges that need a store query are refreshed by the maintenance loop, not on every scrape."""

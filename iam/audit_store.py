@@ -18,7 +18,7 @@ from collections import deque
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text, delete, insert, select
 
 from iam.observability import AUDIT_DROPPED
-from iam.store import _reason
+from iam.store import _reason, doomed
 
 log = logging.getLogger("iam.audit_store")
 
@@ -116,7 +116,7 @@ def _text(value, limit: int) -> str | None:
 async def purge_before(store, cutoff_ms: int, batch: int) -> int:
     """Delete at most `batch` audit events older than the retention from one store."""
     table = _AUDIT_EVENTS
-    old = select(table.c.id).where(table.c.at < cutoff_ms).limit(batch)
+    old = doomed(table.c.id, table.c.at < cutoff_ms, batch=batch)
     async with store.engine.begin() as conn:
         return (await conn.execute(delete(table).where(table.c.id.in_(old)))).rowcount
 

@@ -411,10 +411,14 @@ class Settings(_Strict):
     store_timeout: float = Field(default=3.0, gt=0, le=60, description=(
         "Seconds a request waits for its store at most (pool, connect, statement; on a hung or unreachable "
         "database) before it answers 503 temporarily_unavailable; /health/ready answers within it too."))
-    purge_interval: int = Field(default=300, ge=0, description=(
-        "Seconds between in-process purges of expired tokens, ended sessions and stale sign-in throttling "
-        "counters (0: never in-process)."))
-    purge_batch: int = Field(default=1000, ge=1, description="Rows deleted per table and purge, at most.")
+    purge_interval: int = Field(default=60, ge=0, description=(
+        "Seconds, give or take half, between in-process purges of what can never be used again: expired tokens, "
+        "codes, device codes, pending and pushed authorization requests, ended grants and sessions, stale "
+        "sign-in throttling counters, audit events past their retention (0: never in-process; run "
+        "`iam tokens purge` from a CronJob instead; `IAM_PURGE_INTERVAL`)."))
+    purge_batch: int = Field(default=1000, ge=1, description=(
+        "Rows one purge statement deletes per table at most; a purge repeats it until none is left."))
+    purge_budget: float = Field(default=30, gt=0, description="Seconds one purge round runs at most.")
     # The staleness bound if a revocation notice were ever lost; revocations evict at once (iam/token/hot_cache.py).
     introspection_cache_seconds: int = Field(default=5, ge=0, le=300, description=(
         "Seconds a live token row stays in memory for introspection and forward-auth (0: off)."))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, event
+from sqlalchemy import MetaData, Select, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -165,6 +166,31 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def doomed(key, *conditions, batch: int) -> Select:
+    """The keys of at most `batch` rows to purge, for `DELETE ... WHERE key IN (...)`.
+
+    On PostgreSQL rows another transaction holds locked (a request, another replica's purge) are skipped
+    (`FOR UPDATE SKIP LOCKED`): a purge never waits on the hot path, and replicas purging at once share the
+    work instead of queueing behind each other.
+    """
+    return select(key).where(*conditions).limit(batch).with_for_update(skip_locked=True)
+
+
+async def purge_until_done(steps, batch: int, budget: float) -> int:
+    """Run each purge step (one bounded batch, returning how many rows it deleted) until it deletes less than
+    a full batch, or until `budget` seconds have passed: a backlog is worked off at the database's own pace,
+    yet one purge round never runs unbounded."""
+    deadline = time.monotonic() + budget
+    total = 0
+    for step in steps:
+        while True:
+            deleted = await step()
+            total += deleted
+            if deleted < batch or time.monotonic() >= deadline:
+                break
+    return total
 
 
 def _no_tls_on_loopback(url) -> dict:

@@ -213,6 +213,26 @@ def test_a_migration_job_per_store(overlay):
     assert migrated == {role: f"IAM_{store}_DATABASE_URL" for role, store in ROLES.items()}
 
 
+def test_a_purge_cron_job_is_shipped_suspended(overlay):
+    """`iam tokens purge` on a schedule, the alternative to the in-process purge: off until switched on."""
+    [cron] = of_kind(overlay, "CronJob").values()
+    assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["tokens", "purge"]
+    [deployment] = [d for d in of_kind(overlay, "Deployment").values()
+                    if d["metadata"]["name"] == "iam-token"]
+    assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = env_of(container)
+    assert env["SERVICE_ROLE"]["value"] == "token"
+    assert env["IAM_TOKEN_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "iam-database"
+    [volume] = [v for v in pod["volumes"] if "configMap" in v]
+    [config_map] = of_kind(overlay, "ConfigMap").values()
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
 def test_the_config_map_is_config_iam_yaml(overlay):
     [config_map] = of_kind(overlay, "ConfigMap").values()
     assert config_map["data"] == {"iam.yaml": (ROOT / "config" / "iam.yaml").read_text()}

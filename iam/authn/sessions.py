@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.store import sessions
+from iam.store import doomed
 
 TOUCH_EVERY = 60  # seconds between last_seen writes: an active session is not a write per request
 
@@ -77,12 +78,8 @@ class Sessions:
 
     async def purge_ended(self, now: int, batch: int) -> int:
         """Delete at most `batch` sessions that can no longer be used: revoked, expired, or idle too long."""
-        ended = (
-            select(sessions.c.digest)
-            .where(sessions.c.revoked.is_(True) | (sessions.c.expires_at <= now)
-                   | (sessions.c.last_seen < now - self.idle_ttl))
-            .limit(batch)
-        )
+        ended = doomed(sessions.c.digest, sessions.c.revoked.is_(True) | (sessions.c.expires_at <= now)
+                       | (sessions.c.last_seen < now - self.idle_ttl), batch=batch)
         async with self.engine.begin() as conn:
             return (await conn.execute(delete(sessions).where(sessions.c.digest.in_(ended)))).rowcount
 

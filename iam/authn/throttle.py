@@ -33,6 +33,7 @@ from iam.authn.store import login_failures
 from iam.errors import PeerRejected
 from iam.peers import role_id
 from iam.roles import Role
+from iam.store import doomed
 
 WINDOW = 15 * 60
 # fixed-window counters: key prefix -> (failures allowed in a window, lock seconds once reached)
@@ -113,11 +114,8 @@ class Throttle:
 
     async def purge_stale(self, now: int, batch: int) -> int:
         """Delete at most `batch` rows that neither lock, count nor owe any more (their window is over)."""
-        stale = (
-            select(login_failures.c.key)
-            .where(login_failures.c.locked_until < now, login_failures.c.window_start < now - WINDOW)
-            .limit(batch)
-        )
+        stale = doomed(login_failures.c.key, login_failures.c.locked_until < now,
+                       login_failures.c.window_start < now - WINDOW, batch=batch)
         async with self.engine.begin() as conn:
             return (await conn.execute(delete(login_failures).where(login_failures.c.key.in_(stale)))).rowcount
 

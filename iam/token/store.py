@@ -32,6 +32,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
+from iam.store import doomed
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
@@ -484,27 +485,27 @@ class TokenStore:
 
     # -- housekeeping -------------------------------------------------------------------------------------
     async def purge_expired(self, now: int, batch: int) -> int:
-        """Delete at most `batch` expired rows per table: bounded work per call, so a backlog never locks a table."""
+        """Delete at most `batch` expired rows per table, each table's batch its own short transaction: bounded
+        work per call, so a backlog never locks a table (iam.store.purge_until_done repeats it)."""
         total = 0
-        async with self.engine.begin() as conn:
+        async with self.reader.connect() as conn:  # autocommit: one transaction per DELETE
             for table, key, expiry, keep in (
                 (access_tokens, access_tokens.c.digest, access_tokens.c.expires_at, 0),
                 (refresh_tokens, refresh_tokens.c.digest, refresh_tokens.c.expires_at, 0),
                 # Used codes stay a while after expiry, so a late replay still revokes what the code bought.
                 (codes, codes.c.digest, codes.c.expires_at, CODE_REPLAY_MEMORY),
+                # Pending authorization requests, pushed ones (RFC 9126) included.
                 (authorization_requests, authorization_requests.c.id, authorization_requests.c.expires_at, 0),
                 (device_codes, device_codes.c.digest, device_codes.c.expires_at, 0),
             ):
-                doomed = select(key).where(expiry < now - keep).limit(batch)
-                total += (await conn.execute(delete(table).where(key.in_(doomed)))).rowcount
+                total += (await conn.execute(delete(table).where(key.in_(doomed(key, expiry < now - keep,
+                                                                                  batch=batch))))).rowcount
             # A grant goes once it has ended and no token of it is left.
-            doomed = (
-                select(grants.c.id)
-                .where(grants.c.expires_at < now)
-                .where(~select(refresh_tokens.c.digest).where(refresh_tokens.c.grant_id == grants.c.id).exists())
-                .limit(batch)
-            )
-            total += (await conn.execute(delete(grants).where(grants.c.id.in_(doomed)))).rowcount
+            ended = doomed(
+                grants.c.id, grants.c.expires_at < now,
+                ~select(refresh_tokens.c.digest).where(refresh_tokens.c.grant_id == grants.c.id).exists(),
+                batch=batch)
+            total += (await conn.execute(delete(grants).where(grants.c.id.in_(ended)))).rowcount
         return total
 
 
