@@ -55,7 +55,7 @@ def _tls_files(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     from iam.app import store_metadata
-    from iam.store import Store
+    from iam.store import Store, StoreUnreachable
 
     settings = _settings(args)
     _logging(settings)
@@ -69,6 +69,28 @@ def cmd_migrate(args: argparse.Namespace) -> None:
                 await store.close()
             print(f"{name} store at {store.describe}: at {store.head}")
 
+    async def check() -> int:
+        """What `iam migrate` would run, and whether the code running now keeps working afterwards."""
+        breaking = 0
+        for name in settings.role.stores:
+            store = Store(name, getattr(settings.stores, name), store_metadata(name))
+            try:
+                current, pending, stays = await store.plan()
+            except Exception as exc:
+                raise StoreUnreachable(f"{name} store at {store.describe}: {exc.__class__.__name__}") from None
+            finally:
+                await store.close()
+            would = f"would run {', '.join(pending)}" if pending else "nothing to run"
+            if current is not None and current not in store.known:
+                would = f"at {current}, later than this release's {store.head}"
+            running = "code at " + (current or "nothing") + (" stays compatible" if stays else " is NOT compatible")
+            print(f"{name} store at {store.describe}: at {current or 'nothing'}; {would}; {running}")
+            breaking += not stays
+        return breaking
+
+    if args.check:
+        # Exit 1 when a running instance would break: stop it (or roll it) before migrating.
+        raise SystemExit(1 if asyncio.run(check()) else 0)
     asyncio.run(migrate())
 
 
@@ -368,7 +390,11 @@ def parser() -> argparse.ArgumentParser:
                        help="the certificate's PEM private key ($IAM_TLS_KEY)")
     serve.set_defaults(func=cmd_serve)
 
-    sub.add_parser("migrate", help="apply database migrations to the role's store(s)").set_defaults(func=cmd_migrate)
+    migrate = sub.add_parser("migrate", help="apply database migrations to the role's store(s)")
+    migrate.add_argument("--check", action="store_true",
+                         help="apply nothing: say what would run and whether the running code stays compatible "
+                              "(exit 1 if not)")
+    migrate.set_defaults(func=cmd_migrate)
 
     keys = sub.add_parser("keys", help="manage signing keys").add_subparsers(dest="keys", required=True)
     keys.add_parser("rotate", help="add a new signing key per algorithm").set_defaults(func=cmd_keys_rotate)

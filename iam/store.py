@@ -2,6 +2,12 @@
 sharing `migrations/env.py`).
 
 No role opens another role's store; roles talk over their APIs.
+
+Rolling upgrades (expand/contract): a revision module may declare `compatible_with`, the earlier heads whose
+code keeps working with the schema it produces (an expansion the older code ignores; a contraction of what
+the older code no longer uses). `iam migrate` records the head's declaration in the store itself
+(`schema_compatibility`), because the older code running next to it does not have the newer revision file.
+An instance is ready when its store is at its own head, or at a later revision declared compatible with it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, Select, event, select
+from sqlalchemy import Column, MetaData, Select, String, Table, Text, delete, event, insert, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -26,6 +32,15 @@ log = logging.getLogger("iam.store")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK_TIMEOUT_MS = 2000
+
+
+# Written by `iam migrate`: which earlier heads' code the schema at `revision` serves (comma-separated).
+schema_compatibility = Table(
+    "schema_compatibility",
+    MetaData(),
+    Column("revision", String(64), primary_key=True),
+    Column("compatible_with", Text, nullable=False),
+)
 
 
 class StoreError(Exception):
@@ -62,7 +77,9 @@ class Store:
         self.metadata = metadata
         self.url = make_url(url)
         self.timeout = timeout
-        self.head = ScriptDirectory.from_config(alembic_config(name)).get_current_head()
+        self.script = ScriptDirectory.from_config(alembic_config(name))
+        self.head = self.script.get_current_head()
+        self.known = {script.revision for script in self.script.walk_revisions()}
         if self.url.get_backend_name() == "sqlite":
             database = self.url.database or ""
             if database and database != ":memory:":
@@ -114,8 +131,28 @@ class Store:
         async with self.engine.connect() as conn:
             return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
+    def declared_compatible(self, revision: str) -> tuple[str, ...]:
+        """The earlier heads a revision of this tree declares compatible with its schema."""
+        return tuple(getattr(self.script.get_revision(revision).module, "compatible_with", ()))
+
+    async def schema(self) -> tuple[str | None, tuple[str, ...]]:
+        """The store's revision and, when it is one this code does not know (a later release migrated it),
+        the heads that later release declared compatible with it."""
+
+        def read(sync) -> tuple[str | None, tuple[str, ...]]:
+            current = MigrationContext.configure(sync).get_current_revision()
+            if current is None or current in self.known or not inspect(sync).has_table("schema_compatibility"):
+                return current, ()
+            declared = sync.execute(select(schema_compatibility.c.compatible_with)
+                                    .where(schema_compatibility.c.revision == current)).scalar()
+            return current, tuple(filter(None, (declared or "").split(",")))
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(read)
+
     async def check(self) -> None:
-        """Raise StoreError unless the store answers and its schema is at this code's head revision.
+        """Raise StoreError unless the store answers and its schema serves this code: at this code's head, or
+        at a later revision declared compatible with it.
 
         A connection error is tried once more (a read: always safe to repeat), all within `timeout`: one
         connection lost to a database restart does not make the instance not-ready.
@@ -123,24 +160,44 @@ class Store:
         try:
             async with asyncio.timeout(self.timeout):
                 try:
-                    current = await self.revision()
+                    current, compatible = await self.schema()
                 except Exception as exc:
                     if not _is_connection_error(exc) or isinstance(exc, TimeoutError):
                         raise
                     log.info("%s store: %s; trying once more", self.name, _reason(exc))
-                    current = await self.revision()
+                    current, compatible = await self.schema()
         except Exception as exc:  # any failure to answer means "not ready"
             raise self._unreachable(exc) from None
-        if current != self.head:
+        if current == self.head or self.head in compatible:
+            return
+        if current is None or current in self.known:
             raise StoreError(
                 f"{self.name} store schema is at {current or 'nothing'}, this code needs {self.head}: run `iam migrate`"
             )
+        raise StoreError(f"{self.name} store schema is at {current}, a later revision not declared compatible with "
+                         f"this code's {self.head}: upgrade this instance")
+
+    async def plan(self) -> tuple[str | None, list[str], bool]:
+        """What `iam migrate` would do: (current revision, revisions it would apply in order, whether code at the
+        current revision stays compatible with the schema afterwards)."""
+        current, compatible = await self.schema()
+        if current is not None and current not in self.known:  # migrated by a later release already
+            return current, [], self.head in compatible
+        pending = [script.revision for script in self.script.iterate_revisions(self.head, current or "base")]
+        pending.reverse()
+        stays = current is None or current == self.head or current in self.declared_compatible(self.head)
+        return current, pending, stays
 
     async def migrate(self) -> None:
         def upgrade(sync_conn) -> None:
             config = alembic_config(self.name, self.metadata)
             config.attributes["connection"] = sync_conn
             command.upgrade(config, "head")
+            # For the older code still running against this store: which heads this schema serves.
+            schema_compatibility.create(sync_conn, checkfirst=True)
+            sync_conn.execute(delete(schema_compatibility).where(schema_compatibility.c.revision == self.head))
+            sync_conn.execute(insert(schema_compatibility).values(
+                revision=self.head, compatible_with=",".join(self.declared_compatible(self.head))))
 
         # A migration may run longer than a request may wait, but must never hold up requests behind a lock
         # it waits for: no statement timeout, a short lock timeout (the Job is retried).
@@ -150,8 +207,11 @@ class Store:
                 "server_settings": {"statement_timeout": "0", "lock_timeout": str(MIGRATION_LOCK_TIMEOUT_MS)},
             })
         try:
-            async with engine.begin() as conn:
+            # Alembic opens the migration's transaction itself (so a revision can step out of it, for
+            # CREATE INDEX CONCURRENTLY); the compatibility record is committed after it.
+            async with engine.connect() as conn:
                 await conn.run_sync(upgrade)
+                await conn.commit()
         except (OSError, TimeoutError, DBAPIError) as exc:
             raise self._unreachable(exc) if _is_connection_error(exc) else StoreError(
                 f"{self.name} store migration failed ({_reason(exc)})"
