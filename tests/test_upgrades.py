@@ -4,11 +4,23 @@ stays compatible."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 from sqlalchemy import insert, text, update
 
 from iam.store import Store, StoreError, schema_compatibility
-from tests.server import iam, write_config
+from tests.conftest import basic, create_database
+from tests.server import iam, serve, token_role_env, write_config
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 LATER = "token_9999"  # a revision of a later release, which this code's tree does not have
 
@@ -75,3 +87,106 @@ def test_migrate_check_says_what_would_run_and_changes_nothing(tmp_path):
     assert iam("migrate", env=env, cwd=tmp_path).returncode == 0
     current = iam("migrate", "--check", env=env, cwd=tmp_path)
     assert current.returncode == 0 and "nothing to run" in current.stdout and "stays compatible" in current.stdout
+
+
+# -- a rolling upgrade for real: the previous release's code and this one against one PostgreSQL store -------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _previous_release(directory: Path) -> Path | None:
+    """The code as it was before the newest token migration, from the repository's history."""
+    newest = sorted((ROOT / "migrations" / "token").glob("0*.py"))[-1].relative_to(ROOT)
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "rev-parse", "--git-dir"], capture_output=True).returncode != 0:
+        return None
+    added = subprocess.run([*git, "log", "--diff-filter=A", "--format=%H", "-1", "--", str(newest)],
+                           capture_output=True, text=True).stdout.strip()
+    commit = f"{added}^" if added else "HEAD"  # not committed yet: the last commit is the previous release
+    archive = subprocess.run([*git, "archive", "--format=tar", commit], capture_output=True)
+    if archive.returncode != 0:
+        return None
+    directory.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
+class Replica:
+    def __init__(self, code: Path, env: dict[str, str], directory: Path) -> None:
+        self.code, self.env, self.directory = code, {**env, "PYTHONPATH": str(code)}, directory
+        self.directory.mkdir()
+        self._serving = None
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        return iam(*args, env=self.env, cwd=self.code)
+
+    def start(self) -> str:
+        self._serving = serve(self.env, self.directory)
+        self.base, self.process = self._serving.__enter__()
+        return self.base
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=30)
+        self._serving.__exit__(None, None, None)
+        return status
+
+
+def test_a_rolling_upgrade_fails_no_request(postgres_server, tmp_path):
+    previous = _previous_release(tmp_path / "previous")
+    if previous is None:
+        pytest.skip("needs the repository's history (git)")
+    host = postgres_server.split("://", 1)[1]
+    database = asyncio.run(create_database(postgres_server))
+    env = {**token_role_env(tmp_path), "IAM_TOKEN_DATABASE_URL": f"postgresql+asyncpg://{host}/{database}",
+           "IAM_MIGRATE_ON_START": "false", "IAM_DRAIN_DELAY": "1"}
+    old = [Replica(previous, env, tmp_path / f"old{i}") for i in range(2)]
+    new = [Replica(ROOT, env, tmp_path / f"new{i}") for i in range(2)]
+    assert old[0].command("migrate").returncode == 0
+    rotation = [replica.start() for replica in old]  # what a Service would send traffic to
+
+    failures: list[object] = []
+    answered = {"issued": 0, "introspected": 0}
+    stop = threading.Event()
+
+    def load(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            issuer, checker = rng.choice(rotation), rng.choice(rotation)  # often two versions at once
+            try:
+                issued = httpx.post(f"{issuer}/oauth/v2/token", headers={**basic("svc-basic"), **FORM},
+                                    data={"grant_type": "client_credentials"}, timeout=30)
+                if issued.status_code != 200:
+                    failures.append((issuer, issued.status_code, issued.text))
+                    continue
+                answered["issued"] += 1
+                found = httpx.post(f"{checker}/oauth/v2/introspect", headers={**basic("svc-basic"), **FORM},
+                                   data={"token": issued.json()["access_token"]}, timeout=30)
+                if found.status_code != 200 or found.json().get("active") is not True:
+                    failures.append((checker, found.status_code, found.text))
+                answered["introspected"] += 1
+            except httpx.TransportError as exc:
+                failures.append((issuer, exc))
+
+    threads = [threading.Thread(target=load, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        checked = new[0].command("migrate", "--check")
+        assert checked.returncode == 0 and "stays compatible" in checked.stdout, checked.stdout + checked.stderr
+        assert new[0].command("migrate").returncode == 0  # under load, the old replicas serving
+        for replica in old:  # the old code is still ready on the expanded schema
+            assert httpx.get(f"{replica.base}/health/ready", timeout=10).status_code == 200
+        for old_replica, new_replica in zip(old, new, strict=True):  # one by one
+            rotation.append(new_replica.start())
+            rotation.remove(old_replica.base)  # out of the Service's endpoints, then terminated
+            assert old_replica.stop() == 0
+        time.sleep(1)  # the new replicas alone, a moment
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        for replica in old + new:
+            if replica.process.poll() is None:
+                replica.stop()
+    assert failures == [], failures[:5]
+    assert answered["issued"] > 20 and answered["introspected"] > 20

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -72,6 +73,7 @@ grants = Table(
     Column("created_at", Integer, nullable=False),
     Column("expires_at", Integer, nullable=False, index=True),  # absolute end of the grant
     Column("revoked", Boolean, nullable=False, default=False),
+    Index("ix_grants_subject_client_id", "subject", "client_id"),  # a person's grants to one client
 )
 
 # A pending authorization request, waiting for the authentication role to hand the user back.
