@@ -61,9 +61,9 @@ clients:
     grant_types: [client_credentials]
     token_endpoint_auth_method: client_secret_basic
     scope: "api:read"
-    access_token_ttl: 3600   # T must outlive the whole run
+    access_token_ttl: {token_ttl}   # T must outlive the whole run
 introspection_cache_seconds: {cache_seconds}   # 0 (--no-cache): every check is an indexed lookup
-"""
+{extra}"""
 
 
 class BenchError(Exception):
@@ -129,7 +129,8 @@ def stop_postgres(data: Path) -> None:
 
 
 # -- the iam server ------------------------------------------------------------------------------------
-def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5) -> str:
+def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5,
+                 token_ttl: int = 3600, extra: str = "") -> str:
     """Write the bench config, start `iam serve` and wait until it is ready; return its base URL.
 
     The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
@@ -138,7 +139,7 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
     config = tmp / "iam-bench.yaml"
     config.write_text(
         CONFIG.format(port=port, db=db, keys=tmp / "keys", client_id=CLIENT_ID, secret_env=SECRET_ENV,
-                      cache_seconds=cache_seconds)
+                      cache_seconds=cache_seconds, token_ttl=token_ttl, extra=extra)
     )
     # A clean environment: IAM_KEYS_DIR, IAM_ISSUER, ... from the caller's shell would override the config.
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_") and k != "SERVICE_ROLE"}
