@@ -83,7 +83,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
             would = f"would run {', '.join(pending)}" if pending else "nothing to run"
             if current is not None and current not in store.known:
                 would = f"at {current}, later than this release's {store.head}"
-            running = "code at " + (current or "nothing") + (" stays compatible" if stays else " is NOT compatible")
+            running = ("no code runs on it yet" if current is None
+                       else f"code at {current} " + ("stays compatible" if stays else "is NOT compatible"))
             print(f"{name} store at {store.describe}: at {current or 'nothing'}; {would}; {running}")
             breaking += not stays
         return breaking
