@@ -127,10 +127,6 @@ class Store:
     def describe(self) -> str:
         return self.url.render_as_string(hide_password=True)
 
-    async def revision(self) -> str | None:
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
-
     def declared_compatible(self, revision: str) -> tuple[str, ...]:
         """The earlier heads a revision of this tree declares compatible with its schema."""
         return tuple(getattr(self.script.get_revision(revision).module, "compatible_with", ()))
