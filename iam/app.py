@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -189,14 +190,14 @@ class Runtime(Shared):
         """Delete what can never be used again, batch after batch until nothing is left or purge_budget seconds
         have passed: the stores stay bounded at any rate the server can sustain."""
         batch = self.settings.purge_batch
-        steps = []
+        steps: list[Callable[[], Awaitable[int]]] = []
         if (token := self.token) is not None:
             steps.append(lambda: token.purge(now, batch))
         if (authn := self.authn) is not None:
             steps.append(lambda: authn.purge(now, batch))
         if self.audit_sink is not None:
             cutoff_ms = (now - self.settings.audit_retention_days * 86400) * 1000
-            steps += [lambda store=store: purge_before(store, cutoff_ms, batch) for store in self.stores.values()]
+            steps += [functools.partial(purge_before, store, cutoff_ms, batch) for store in self.stores.values()]
         return await purge_until_done(steps, batch, self.settings.purge_budget)
 
     async def update_gauges(self) -> None:

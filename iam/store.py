@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,10 @@ class Store:
     def describe(self) -> str:
         return self.url.render_as_string(hide_password=True)
 
-    def declared_compatible(self, revision: str) -> tuple[str, ...]:
+    def declared_compatible(self, revision: str | None) -> tuple[str, ...]:
         """The earlier heads a revision of this tree declares compatible with its schema."""
-        return tuple(getattr(self.script.get_revision(revision).module, "compatible_with", ()))
+        script = self.script.get_revision(revision) if revision else None
+        return tuple(getattr(script.module, "compatible_with", ())) if script else ()
 
     async def schema(self) -> tuple[str | None, tuple[str, ...]]:
         """The store's revision and, when it is one this code does not know (a later release migrated it),
@@ -234,7 +236,7 @@ def doomed(key, *conditions, batch: int) -> Select:
     return select(key).where(*conditions).limit(batch).with_for_update(skip_locked=True)
 
 
-async def purge_until_done(steps, batch: int, budget: float) -> int:
+async def purge_until_done(steps: Iterable[Callable[[], Awaitable[int]]], batch: int, budget: float) -> int:
     """Run each purge step (one bounded batch, returning how many rows it deleted) until it deletes less than
     a full batch, or until `budget` seconds have passed: a backlog is worked off at the database's own pace,
     yet one purge round never runs unbounded."""
