@@ -36,6 +36,10 @@ class PeerRejected(Exception):
     """The other role refused the call (the message says why)."""
 
 
+class UserDisabled(Exception):
+    """An upstream sign-in for a user disabled in iam's directory (SCIM): the sign-in fails."""
+
+
 class PasswordRejected(ValueError):
     """The password does not meet the policy (the message says which rule)."""
 

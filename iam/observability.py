@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -99,7 +100,7 @@ AUDIT_EVENTS = {
     "token.issued", "token.refreshed", "token.revoked", "refresh.reuse_detected", "code.replayed",
     "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
-    "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied",
+    "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
 }
 
 
@@ -135,6 +136,12 @@ AUDIT_DROPPED = Counter("iam_audit_dropped_total", "Audit events dropped from th
                         "while a store was unreachable; the audit log stream still has them", registry=REGISTRY)
 LOGINS = Counter("iam_logins_total", "Sign-in attempts by result (success, failure, locked, mfa_failure)",
                  ["result"], registry=REGISTRY)
+CONNECTOR_SIGN_INS = Counter("iam_connector_sign_ins_total", "Sign-ins through an upstream connector by result",
+                             ["connector", "result"], registry=REGISTRY)
+CONNECTOR_FAILURES = Counter("iam_connector_failures_total", "Failed connector sign-ins and re-checks by reason",
+                             ["connector", "reason"], registry=REGISTRY)
+UPSTREAM_DURATION = Histogram("iam_connector_upstream_duration_seconds", "Calls to an upstream provider",
+                              ["connector", "operation"], buckets=_BUCKETS + (5.0, 10.0), registry=REGISTRY)
 REFRESH_REUSE = Counter("iam_refresh_token_reuse_total", "Spent refresh tokens presented again, by outcome",
                         ["outcome"], registry=REGISTRY)
 CLIENT_AUTH_FAILURES = Counter("iam_client_auth_failures_total", "Failed client authentications",
@@ -196,6 +203,25 @@ def store_span(store: str, system: str, statement: str):
         return None
     return _tracer.start_span("db " + statement.split(None, 1)[0].upper(),
                               attributes={"db.system": system, "iam.store": store})
+
+
+@contextlib.contextmanager
+def upstream_call(connector: str, operation: str) -> Iterator[None]:
+    """Time a call to an upstream provider (and trace it when tracing is on): its latency per connector."""
+    started = time.perf_counter()
+    span = None
+    if _tracer is not None:
+        from opentelemetry import trace
+
+        span = _tracer.start_as_current_span(f"connector {operation}", kind=trace.SpanKind.CLIENT,
+                                             attributes={"iam.connector": connector})
+        span.__enter__()
+    try:
+        yield
+    finally:
+        UPSTREAM_DURATION.labels(connector, operation).observe(time.perf_counter() - started)
+        if span is not None:
+            span.__exit__(*sys.exc_info())
 
 
 def tracing_requested(env: Mapping[str, str] | None = None) -> bool:

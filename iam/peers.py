@@ -21,7 +21,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from iam.errors import PasswordRejected, PeerRejected, PeerUnavailable
+from iam.errors import PasswordRejected, PeerRejected, PeerUnavailable, UserDisabled
 from iam.keys import KeyRing
 from iam.observability import inject_trace_context
 from iam.roles import Role
@@ -32,6 +32,8 @@ ASSERTION_TTL = 60
 SERVICE_TYP = "iam-service+jwt"
 HANDOFF_TYP = "iam-handoff+jwt"  # authentication -> token, through the browser, bound to one pending request
 LOGOUT_TYP = "iam-logout+jwt"  # token -> authentication, through the browser: end this session, return here
+# What the authentication role tells the directory about an upstream sign-in (iam.authn.connectors.UpstreamIdentity).
+UPSTREAM_FIELDS = ("connector_id", "subject", "username", "email", "email_verified", "name", "groups")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,24 @@ class Directory(Protocol):
     async def claims(self, sub: str) -> UserClaims | None: ...
 
     async def find(self, username: str) -> UserClaims | None: ...
+
+
+
+class UpstreamAccounts(Protocol):
+    """The user-management role's accounts of people who sign in through a connector (iam.users.upstream)."""
+
+    async def provision(self, identity: Any, link_by: str | None = None) -> UserClaims:
+        """The user for an upstream sign-in (an `UpstreamIdentity`): found by its link, linked, or created;
+        raises UserDisabled for a user disabled in the directory."""
+
+    async def upstream_subject(self, sub: str, connector_id: str) -> str | None: ...
+
+
+class UpstreamChecks(Protocol):
+    """The authentication role, as the token role sees it at refresh: may a person who signed in through a
+    connector go on (LDAP: looked up again with the service bind)?"""
+
+    async def recheck(self, sub: str, connector_id: str) -> bool: ...
 
 
 class Credentials(Protocol):
@@ -220,6 +240,19 @@ class RemoteDirectory(_Remote):
         response = await self.call("GET", "/internal/v1/users", params={"username": username})
         return None if response.status_code == 404 else UserClaims(**response.json())
 
+    async def provision(self, identity: Any, link_by: str | None = None) -> UserClaims:
+        body = {"identity": {key: getattr(identity, key) for key in UPSTREAM_FIELDS}, "link_by": link_by}
+        response = await self.call("POST", "/internal/v1/upstream-identities", json=body)
+        if response.status_code == 409 and response.json().get("error") == "account_disabled":
+            raise UserDisabled("the user is disabled in the directory")
+        if response.status_code != 200:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return UserClaims(**response.json())
+
+    async def upstream_subject(self, sub: str, connector_id: str) -> str | None:
+        response = await self.call("GET", f"/internal/v1/users/{_segment(sub)}/upstream/{_segment(connector_id)}")
+        return response.json()["subject"] if response.status_code == 200 else None
+
 
 class RemoteCredentials(_Remote):
     async def set_password(self, sub: str, password: str) -> None:
@@ -244,6 +277,15 @@ class RemoteCredentials(_Remote):
         if response.status_code not in (204, 404):
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
         return response.status_code == 204
+
+
+class RemoteUpstreamChecks(_Remote):
+    async def recheck(self, sub: str, connector_id: str) -> bool:
+        response = await self.call("POST", "/internal/v1/upstream-identities/recheck",
+                                   json={"sub": sub, "connector": connector_id})
+        if response.status_code != 200:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return response.json()["active"] is True
 
 
 class RemoteTokens(_Remote):
@@ -289,5 +331,7 @@ def _segment(value: str) -> str:
 
 
 # The remote implementations, checked against the interfaces (the in-process ones are, where iam/app.py wires them).
-_REMOTE: tuple[type[Directory], type[Credentials], type[Tokens], type[AppAccess], type[DeviceApprovals]] = (
-    RemoteDirectory, RemoteCredentials, RemoteTokens, RemoteTokens, RemoteTokens)
+_REMOTE: tuple[type[Directory], type[UpstreamAccounts], type[Credentials], type[Tokens], type[AppAccess],
+               type[DeviceApprovals], type[UpstreamChecks]] = (
+    RemoteDirectory, RemoteDirectory, RemoteCredentials, RemoteTokens, RemoteTokens, RemoteTokens,
+    RemoteUpstreamChecks)

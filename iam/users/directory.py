@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.observability import audit
 from iam.peers import Credentials, UserClaims
-from iam.users.store import groups, memberships, user_emails, users
+from iam.users.store import connector_groups, groups, memberships, user_emails, users
 
 log = logging.getLogger("iam.users")
 
@@ -214,14 +214,13 @@ class Directory:
             row = (await conn.execute(select(users).where(users.c.id == sub))).first()
             if row is None:
                 return None
-            names = (
-                await conn.execute(
-                    select(groups.c.display_name)
-                    .join(memberships, memberships.c.group_id == groups.c.id)
-                    .where(memberships.c.user_id == sub)
-                    .order_by(groups.c.display_name)
-                )
-            ).scalars().all()
+            scim_groups = (
+                select(groups.c.display_name.label("name"))
+                .join(memberships, memberships.c.group_id == groups.c.id)
+                .where(memberships.c.user_id == sub)
+            )
+            from_connectors = select(connector_groups.c.name).where(connector_groups.c.user_id == sub)
+            names = sorted(set((await conn.execute(scim_groups.union_all(from_connectors))).scalars().all()))
         formatted = ((row.attributes or {}).get("name") or {}).get("formatted")  # SCIM name.formatted
         full = row.display_name or formatted or " ".join(p for p in (row.given_name, row.family_name) if p) or None
         return UserClaims(
@@ -233,7 +232,7 @@ class Directory:
             family_name=row.family_name,
             email=row.email,
             email_verified=bool(row.email and row.email_verified),
-            groups=list(names),
+            groups=names,  # SCIM groups and the groups connectors report (iam/users/upstream.py)
             updated_at=row.updated_at,
         )
 

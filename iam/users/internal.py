@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter, Request, Response
 
-from iam.errors import json_response
+from iam.errors import UserDisabled, json_response
 from iam.internal import require_peer
 from iam.roles import Role
+from iam.users.directory import DirectoryError
 from iam.users.services import user_services
 
 router = APIRouter()
@@ -24,3 +25,33 @@ async def find_user(username: str, request: Request) -> Response:
     await require_peer(request, Role.USER_MANAGEMENT, Role.TOKEN, Role.AUTHENTICATION)
     claims = await user_services(request).directory.find(username)
     return json_response(_NOT_FOUND, 404) if claims is None else json_response(claims.as_dict())
+
+
+@router.post("/internal/v1/upstream-identities")
+async def provision(request: Request) -> Response:
+    """An upstream sign-in: the user it is (linked or created), with claims refreshed; 409 if disabled here."""
+    from iam.users.upstream import Upstream
+
+    await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
+    try:
+        body = await request.json()
+        identity = Upstream.from_json(body["identity"])
+        link_by = body.get("link_by")
+        if link_by not in (None, "email"):
+            raise ValueError("link_by must be null or \"email\"")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return json_response({"error": "invalid_request", "error_description": str(exc)}, 400)
+    try:
+        claims = await user_services(request).upstream.provision(identity, link_by)
+    except UserDisabled:
+        return json_response({"error": "account_disabled"}, 409)
+    except DirectoryError as exc:  # concurrent changes kept winning: the caller may retry
+        return json_response({"error": "temporarily_unavailable", "error_description": str(exc)}, 503)
+    return json_response(claims.as_dict())
+
+
+@router.get("/internal/v1/users/{sub}/upstream/{connector_id}")
+async def upstream_subject(sub: str, connector_id: str, request: Request) -> Response:
+    await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
+    subject = await user_services(request).upstream.upstream_subject(sub, connector_id)
+    return json_response(_NOT_FOUND, 404) if subject is None else json_response({"subject": subject})

@@ -8,6 +8,7 @@ from fastapi import Request
 from iam.peers import Credentials, Tokens
 from iam.runtime import Shared
 from iam.users.directory import Directory
+from iam.users.upstream import UpstreamAccounts
 
 
 class UserServices:
@@ -26,6 +27,7 @@ class UserServices:
         self.credentials = credentials
         self.tokens = tokens
         self.directory = Directory(self.engine, credentials)
+        self.upstream = UpstreamAccounts(self.directory)  # people who sign in through a connector
         # A disabled or deleted user loses every grant and session at once, in whichever process they live.
         self.directory.on_disabled += [tokens.revoke_subject, credentials.end_sessions]
 

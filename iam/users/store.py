@@ -13,6 +13,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    UniqueConstraint,
 )
 
 from iam.audit_store import audit_table
@@ -74,3 +75,28 @@ memberships = Table(
     Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
 )
 Index("ix_memberships_user_id", memberships.c.user_id)
+
+# People who sign in through an upstream connector (iam/users/upstream.py): (connector id, upstream subject) is
+# the identity, stable across email and username changes. One link per user and connector.
+upstream_links = Table(
+    "upstream_links",
+    metadata,
+    Column("connector_id", String(64), primary_key=True),
+    Column("subject", String(255), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("provisioned", Boolean, nullable=False),  # true: the connector created the user (it owns the profile)
+    Column("created_at", Integer, nullable=False),
+    Column("last_sign_in", Integer, nullable=False),
+    UniqueConstraint("connector_id", "user_id", name="uq_upstream_links_connector_user"),
+)
+Index("ix_upstream_links_user_id", upstream_links.c.user_id)
+
+# Groups a connector says a user is in, refreshed at each upstream sign-in; apart from SCIM groups (which SCIM
+# alone manages), both appear in the `groups` claim.
+connector_groups = Table(
+    "connector_groups",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("connector_id", String(64), primary_key=True),
+    Column("name", String(255), primary_key=True),
+)
