@@ -30,8 +30,11 @@ from iam.peers import (
     RemoteCredentials,
     RemoteDirectory,
     RemoteTokens,
+    RemoteUpstreamChecks,
     ServiceIdentity,
     Tokens,
+    UpstreamAccounts,
+    UpstreamChecks,
 )
 from iam.roles import Role
 from iam.runtime import Shared, StartupError
@@ -100,9 +103,16 @@ class Runtime(Shared):
             users.connect(credentials, tokens)
         if token is None and authn is None:
             return
-        directory: Directory = users.directory if users is not None else RemoteDirectory(*peer(Role.USER_MANAGEMENT))
+        directory: Directory
+        upstream_accounts: UpstreamAccounts
+        if users is not None:
+            directory, upstream_accounts = users.directory, users.upstream
+        else:
+            directory = upstream_accounts = RemoteDirectory(*peer(Role.USER_MANAGEMENT))
         if token is not None:
-            token.connect(directory)
+            upstream_checks: UpstreamChecks = (authn.upstream_checks if authn is not None
+                                               else RemoteUpstreamChecks(*peer(Role.AUTHENTICATION)))
+            token.connect(directory, upstream_checks)
         if authn is not None:
             app_access: AppAccess
             device_approvals: DeviceApprovals
@@ -110,7 +120,7 @@ class Runtime(Shared):
                 app_access, device_approvals = token.app_access, token.device_approvals
             else:
                 app_access = device_approvals = RemoteTokens(*peer(Role.TOKEN))
-            authn.connect(directory, app_access, device_approvals)
+            authn.connect(directory, upstream_accounts, app_access, device_approvals)
 
     def _token(self) -> TokenServices:
         from iam.token.endpoint import GRANTS
@@ -219,6 +229,8 @@ class Runtime(Shared):
             await self.audit_sink.flush()  # what a store refuses now stays only in the audit log stream
         if self.token is not None:
             await self.token.stop()
+        if self.authn is not None:
+            await self.authn.stop()
         if self.http is not None:
             await self.http.aclose()
         for store in self.stores.values():
@@ -254,10 +266,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
-        from iam.authn import account, consent, device, kubeconfig, login
+        from iam.authn import account, connector_sign_in, consent, device, kubeconfig, login
         from iam.authn import internal as authn_internal
 
-        for module in (login, consent, account, device, kubeconfig, authn_internal):
+        for module in (login, connector_sign_in, consent, account, device, kubeconfig, authn_internal):
             app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal

@@ -95,6 +95,8 @@ class ClientConfig(_Strict):
         "(third-party clients)."))
     require_pushed_authorization_requests: bool = Field(default=False, description=(
         "Accept only pushed authorization requests (RFC 9126 §5) from this client."))
+    connectors: list[str] | None = Field(default=None, description=(
+        "The connectors (ids from `connectors:`) offered when signing in to this client; unset: every one."))
 
     @field_validator("scope")
     @classmethod
@@ -506,6 +508,15 @@ class Settings(_Strict):
                 raise ValueError(f"duplicate connector id {connector.id!r}")
             seen.add(connector.id)
         return connectors
+
+    @model_validator(mode="after")
+    def _client_connectors(self) -> Settings:
+        known = {connector.id for connector in self.connectors}
+        for i, client in enumerate(self.clients):
+            for connector_id in client.connectors or ():
+                if connector_id not in known:
+                    raise ValueError(f"clients.{i}.connectors: no connector {connector_id!r} in connectors")
+        return self
 
     @field_validator("clients")
     @classmethod

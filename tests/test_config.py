@@ -103,3 +103,10 @@ def test_every_setting_is_described_in_the_model_and_in_the_readme():
     assert missing == [], ("README.md's Settings table differs from the model; regenerate it with "
                            "python3 -c 'from iam.config import settings_table; print(settings_table())'\n"
                            + "\n".join(missing))
+def test_a_clients_connector_allow_list_names_configured_connectors(tmp_path):
+    connector = ("connectors:\n  - {id: corp, type: oidc, name: Contoso, issuer: 'https://login.contoso.example',"
+                 " client_id: iam}\n")
+    client = "clients:\n  - {client_id: a, client_secret: s3cret-s3cret-s3cret, grant_types: [client_credentials], "
+    assert load(tmp_path, BASE + connector + client + "connectors: [corp]}\n").clients[0].connectors == ["corp"]
+    with pytest.raises(ConfigError, match="clients.0.connectors: no connector 'nope'"):
+        load(tmp_path, BASE + connector + client + "connectors: [nope]}\n")

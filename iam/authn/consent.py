@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from iam.authn.services import authn_services
-from iam.authn.web import Flow, client_of, csrf_ok, current_session, handoff, page
+from iam.authn.web import Flow, client_of, csrf_ok, current_session, handoff, page, signed_in_claims
 from iam.errors import OAuthError
 from iam.http import read_form
 from iam.observability import audit, source_of
@@ -33,13 +33,9 @@ def _reading_order(scope: str) -> tuple[int, str]:
     return (order.index(scope) if scope in order else len(order), scope)
 
 
-def _signed_in_claims(session) -> dict:
-    return {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid}
-
-
 async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
     """After sign-in or SSO: back to the token role, through the consent page when the client needs one."""
-    claims = _signed_in_claims(session)
+    claims = signed_in_claims(session)
     client = client_of(request, flow)
     if client is None or not client.require_consent:
         return handoff(request, flow, claims)
@@ -75,4 +71,4 @@ async def consent_submit(request: Request) -> Response:
     allowed = await services.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
     audit("consent.granted", actor=session.subject, client_id=client.client_id, source=source_of(request),
           scope=flow.scope)
-    return handoff(request, flow, {**_signed_in_claims(session), "consent": " ".join(sorted(allowed))})
+    return handoff(request, flow, {**signed_in_claims(session), "consent": " ".join(sorted(allowed))})

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.authn.login import login_form
 from iam.authn.services import authn_services
-from iam.authn.web import Flow, csrf_ok, current_session, page
+from iam.authn.web import Flow, csrf_ok, current_session, page, signed_in_claims
 from iam.errors import OAuthError
 from iam.formats import normalise_user_code
 from iam.http import client_address, parse_params, read_form
@@ -67,7 +67,7 @@ async def device_decision(request: Request) -> Response:
     approve = form.get("decision") == "approve"
     decided = await services.device_approvals.device_decide(
         form.get("user_code", ""), approve,
-        {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid},
+        signed_in_claims(session),
     )
     if not decided:
         return page(request, "device.html", 400, error="That code has expired or was already used.")

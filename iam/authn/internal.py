@@ -50,3 +50,18 @@ async def reset_second_factor(sub: str, request: Request) -> Response:
     await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
     removed = await authn_services(request).credentials.reset_second_factor(sub)
     return Response(status_code=204) if removed else json_response({"error": "not_found"}, 404)
+
+
+@router.post("/internal/v1/upstream-identities/recheck")
+async def recheck_upstream(request: Request) -> Response:
+    """Refresh of a grant signed in through a connector: may the person go on? (iam/authn/connectors/recheck.py)"""
+    await require_peer(request, Role.AUTHENTICATION, Role.TOKEN)
+    try:
+        body = await request.json()
+        sub, connector = body["sub"], body["connector"]
+        if not isinstance(sub, str) or not isinstance(connector, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return json_response({"error": "invalid_request",
+                              "error_description": "body must be {\"sub\": string, \"connector\": string}"}, 400)
+    return json_response({"active": await authn_services(request).upstream_checks.recheck(sub, connector)})

@@ -15,7 +15,17 @@ from fastapi.responses import RedirectResponse
 from iam.authn.consent import hand_off_or_ask
 from iam.authn.services import authn_services
 from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
-from iam.authn.web import Flow, client_name, cookie_name, csrf_ok, current_session, handoff, page, set_cookie
+from iam.authn.web import (
+    Flow,
+    client_name,
+    client_of,
+    cookie_name,
+    csrf_ok,
+    current_session,
+    handoff,
+    page,
+    set_cookie,
+)
 from iam.errors import OAuthError, PeerRejected
 from iam.formats import ACR_MFA, acr_of
 from iam.http import client_address, parse_params, read_form
@@ -38,16 +48,36 @@ async def _signed_in(request: Request, flow: Flow, session) -> Response:
     return await hand_off_or_ask(request, flow, session)
 
 
+def session_allowed(request: Request, flow: Flow, session) -> bool:
+    """A session from a connector serves only clients that offer that connector (ClientConfig.connectors)."""
+    client = client_of(request, flow)
+    return session.connector is None or client is None or client.connectors is None or \
+        session.connector in client.connectors
+
+
 def login_form(request: Request, flow: Flow, status: int = 200, error: str | None = None,
-                username: str | None = None, account: str | None = None) -> Response:
+                username: str | None = None, account: str | None = None, connector=None) -> Response:
+    """The sign-in page: iam's own form (unless `password_login: false`) and a link per connector offered; or,
+    with `connector`, the username/password form of that (LDAP) connector. `account`: the session's user, whom
+    prompt=select_account offers to continue as."""
+    services = authn_services(request)
+    offered = services.connectors.offered(client_of(request, flow))
+    links = [{"name": c.name, "href": f"/authn/connectors/{c.id}/login?{flow.query()}"} for c in offered]
+    if connector is None:
+        return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
+                    error=error, username=username or flow.login_hint or "", account=account, connectors=links,
+                    action="/authn/login", password_form=services.settings.password_login)
+    others = services.settings.password_login or len(offered) > 1
     return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
-                error=error, username=username or flow.login_hint or "", account=account)
+                error=error, username=username or flow.login_hint or "",
+                action=f"/authn/connectors/{connector.id}/login", connector_name=connector.name, password_form=True,
+                other_methods=f"/authn/login?{flow.query()}" if others else None)
 
 
 async def _reusable(request: Request, flow: Flow, session) -> bool:
     """Whether the SSO session answers this sign-in request without a new sign-in (OIDC Core §3.1.2.1)."""
     services = authn_services(request)
-    if session is None or "login" in flow.prompt:
+    if session is None or "login" in flow.prompt or not session_allowed(request, flow, session):
         return False
     if flow.max_age is not None and services.sessions.clock() - session.auth_time > flow.max_age:
         return False
@@ -71,6 +101,10 @@ async def login_page(request: Request) -> Response:
     if "none" in flow.prompt and flow.request:
         return handoff(request, flow, {"error": "login_required",
                                         "error_description": "the user is not signed in"})
+    offered = authn_services(request).connectors.offered(client_of(request, flow))
+    if len(offered) == 1 and not authn_services(request).settings.password_login:
+        # Nothing to choose: straight to the one way of signing in.
+        return RedirectResponse(f"/authn/connectors/{offered[0].id}/login?{flow.query()}", 303, headers=HARDENING)
     return login_form(request, flow)
 
 
@@ -84,6 +118,8 @@ async def login_submit(request: Request) -> Response:
         return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
     if not csrf_ok(request, form):
         return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    if not services.settings.password_login:
+        return error_page("Sign-in method not offered", "Sign in with one of the offered providers.", 403)
     username = form.get("username", "").strip()[:255]
     password = form.get("password", "")
     account, address = username, client_address(request, services.settings.trusted_proxies)
@@ -104,10 +140,7 @@ async def login_submit(request: Request) -> Response:
     await services.throttle.succeeded(account, address)
     if await services.totp.enabled(subject):
         # The second factor is guessed under the same account as the password was (acct).
-        pending = services.identity.sign(Role.AUTHENTICATION, MFA_TYP,
-                                    {"sub": subject, "acct": account, "flow": flow.fields()},
-                                    issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
-        return page(request, "totp.html", mfa=pending)
+        return second_factor(request, flow, subject, acct=account)
     return await _start_session(request, flow, subject, ["pwd"], account)
 
 
@@ -132,16 +165,26 @@ def known_device(request: Request) -> str | None:
     return request.cookies.get(cookie_name(request, DEVICE_COOKIE))
 
 
-async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str],
-                         account: str | None = None) -> Response:
+def second_factor(request: Request, flow: Flow, subject: str, **signed_in) -> Response:
+    """The TOTP step after a first factor; `signed_in` is how the person got this far (the throttle's account
+    `acct`; a connector's amr, acr and id)."""
+    pending = authn_services(request).identity.sign(
+        Role.AUTHENTICATION, MFA_TYP, {"sub": subject, "flow": flow.fields(), **signed_in},
+        issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
+    return page(request, "totp.html", mfa=pending)
+
+
+async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str], account: str | None = None,
+                         *, acr: str | None = None, connector: str | None = None) -> Response:
     services = authn_services(request)
     old = request.cookies.get(cookie_name(request, "iam_session"))
     if old:
         await services.sessions.end(old)  # a new id at every sign-in (ASVS V7.2.4)
-    value, session = await services.sessions.create(subject, amr)
+    value, session = await services.sessions.create(subject, amr, acr=acr, connector=connector)
     LOGINS.labels("success").inc()
+    extra = {} if connector is None else {"connector": connector}
     audit("login.succeeded", actor=subject, source=source_of(request), client_id=flow.client_id, amr=amr,
-          sid=session.sid)
+          sid=session.sid, **extra)
     response = await _signed_in(request, flow, session)
     set_cookie(request, response, "iam_session", value)
     if account is not None:  # this browser is now known for the account: password guessing elsewhere spares it
@@ -175,4 +218,6 @@ async def totp_submit(request: Request) -> Response:
         audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)
         return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
     await services.throttle.succeeded(account, address)
-    return await _start_session(request, flow, subject, ["pwd", "otp"], account)
+    first = pending.get("amr", ["pwd"])  # a connector's sign-in carries its own (iam/authn/connector_sign_in.py)
+    return await _start_session(request, flow, subject, [*first, "otp"], account, acr=pending.get("acr"),
+                                connector=pending.get("connector"))

@@ -7,6 +7,9 @@ import logging
 
 from fastapi import Request
 
+from iam.authn.connectors.pending import PendingRequests
+from iam.authn.connectors.recheck import UpstreamChecks
+from iam.authn.connectors.registry import Connectors
 from iam.authn.credentials import CredentialService
 from iam.authn.sessions import Sessions
 from iam.authn.store import Consents
@@ -14,18 +17,19 @@ from iam.authn.throttle import Throttle
 from iam.authn.totp import Totp
 from iam.keys import DATA_KEY, KeyRingError
 from iam.observability import SSO_SESSIONS
-from iam.peers import AppAccess, DeviceApprovals, Directory
+from iam.peers import AppAccess, DeviceApprovals, Directory, UpstreamAccounts
 from iam.runtime import Shared, StartupError
 
 log = logging.getLogger("iam")
 
 
 class AuthnServices:
-    """Credentials, SSO sessions, sign-in throttling, TOTP and consents; and the peers the pages need: the
-    user-management role (`directory`) and the token role (`app_access`, `device_approvals`)."""
+    """Credentials, SSO sessions, sign-in throttling, TOTP, consents and the connectors; and the peers the pages
+    need: the user-management role (`directory`) and the token role (`app_access`, `device_approvals`)."""
 
     # The peers, set by connect().
     directory: Directory
+    upstream_accounts: UpstreamAccounts  # the directory's accounts of people from connectors
     app_access: AppAccess
     device_approvals: DeviceApprovals
 
@@ -40,11 +44,16 @@ class AuthnServices:
         self.throttle = Throttle(engine, shared.identity, shared.peer_keys)
         self.totp = Totp(engine)
         self.consents = Consents(engine)
+        self.connectors = Connectors(settings.connectors)  # upstream OIDC providers and LDAP directories
+        self.pending_upstream = PendingRequests(engine)
+        self.upstream_checks = UpstreamChecks(self)
         self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
                               if settings.kubernetes.clusters else [])
 
-    def connect(self, directory: Directory, app_access: AppAccess, device_approvals: DeviceApprovals) -> None:
+    def connect(self, directory: Directory, upstream_accounts: UpstreamAccounts, app_access: AppAccess,
+                device_approvals: DeviceApprovals) -> None:
         self.directory = directory
+        self.upstream_accounts = upstream_accounts
         self.app_access = app_access
         self.device_approvals = device_approvals
 
@@ -66,7 +75,11 @@ class AuthnServices:
         return key
 
     async def purge(self, now: int, batch: int) -> int:
-        return await self.sessions.purge_ended(now, batch) + await self.throttle.purge_stale(now, batch)
+        return (await self.sessions.purge_ended(now, batch) + await self.throttle.purge_stale(now, batch)
+                + await self.pending_upstream.purge_expired(now, batch))
+
+    async def stop(self) -> None:
+        await self.connectors.close()
 
     async def update_gauges(self) -> None:
         SSO_SESSIONS.set(await self.sessions.count_live())

@@ -26,6 +26,8 @@ class Session:
     subject: str
     auth_time: int
     amr: list[str]
+    acr: str | None = None
+    connector: str | None = None  # the connector the person signed in through; None: iam's own password
 
 
 class Sessions:
@@ -35,16 +37,19 @@ class Sessions:
         self.idle_ttl = idle_ttl
         self.clock = clock
 
-    async def create(self, subject: str, amr: list[str]) -> tuple[str, Session]:
+    async def create(self, subject: str, amr: list[str], *, acr: str | None = None,
+                     connector: str | None = None) -> tuple[str, Session]:
         """A new session (a fresh id at every sign-in: no session fixation). Returns the cookie value."""
         now = int(self.clock())
         value = secrets.token_urlsafe(32)
-        session = Session(sid=secrets.token_urlsafe(16), subject=subject, auth_time=now, amr=amr)
+        session = Session(sid=secrets.token_urlsafe(16), subject=subject, auth_time=now, amr=amr, acr=acr,
+                          connector=connector)
         async with self.engine.begin() as conn:
             await conn.execute(
                 insert(sessions).values(
                     digest=_digest(value), sid=session.sid, subject=subject, auth_time=now, amr=" ".join(amr),
-                    created_at=now, last_seen=now, expires_at=now + self.ttl, revoked=False,
+                    acr=acr, connector=connector, created_at=now, last_seen=now, expires_at=now + self.ttl,
+                    revoked=False,
                 )
             )
         return value, session
@@ -60,7 +65,8 @@ class Sessions:
         if now - row.last_seen >= TOUCH_EVERY:
             async with self.engine.begin() as conn:
                 await conn.execute(update(sessions).where(sessions.c.digest == row.digest).values(last_seen=now))
-        return Session(sid=row.sid, subject=row.subject, auth_time=row.auth_time, amr=row.amr.split())
+        return Session(sid=row.sid, subject=row.subject, auth_time=row.auth_time, amr=row.amr.split(), acr=row.acr,
+                       connector=row.connector)
 
     async def count_live(self) -> int:
         now = int(self.clock())

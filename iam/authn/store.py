@@ -29,7 +29,9 @@ sessions = Table(
     Column("sid", String(64), nullable=False, unique=True),  # public session id (`sid` claim)
     Column("subject", String(64), nullable=False, index=True),
     Column("auth_time", Integer, nullable=False),
-    Column("amr", String(64), nullable=False),
+    Column("amr", String(255), nullable=False),
+    Column("acr", String(255)),  # the upstream's, for a sign-in through a connector that trusts it
+    Column("connector", String(64)),  # the connector the person signed in through (None: iam's own password)
     Column("created_at", Integer, nullable=False),
     Column("last_seen", Integer, nullable=False),
     Column("expires_at", Integer, nullable=False, index=True),
@@ -64,6 +66,18 @@ consents = Table(
     Column("updated_at", Integer, nullable=False),
 )
 
+# A sign-in waiting at an upstream provider (iam/authn/connectors/pending.py): used once, for ≤ 10 minutes, only
+# by the browser that started it (the digest of a random value in its HttpOnly cookie).
+upstream_requests = Table(
+    "upstream_requests",
+    metadata,
+    Column("state_digest", LargeBinary(32), primary_key=True),  # SHA-256 of the `state` sent upstream
+    Column("browser_digest", LargeBinary(32), nullable=False),  # SHA-256 of the browser's cookie value
+    Column("connector_id", String(64), nullable=False),
+    Column("pending", Text, nullable=False),  # nonce and PKCE verifier (JSON), sealed with the data key when set
+    Column("flow", Text, nullable=False),  # the iam sign-in to resume (JSON)
+    Column("expires_at", Integer, nullable=False, index=True),
+)
 
 class Consents:
     """What each person allowed each client that asks for consent (iam/authn/consent.py shows the page)."""

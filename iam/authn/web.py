@@ -118,6 +118,10 @@ class Flow:
                   "scope": self.scope, "acr_values": self.acr_values}
         return {key: value for key, value in values.items() if value}
 
+    def query(self) -> str:
+        """The flow as a query string, login_hint included (links to another sign-in method)."""
+        return urlencode({**self.fields(), **({"login_hint": self.login_hint} if self.login_hint else {})})
+
 
 def client_of(request: Request, flow: Flow):
     """The configured client the sign-in is for, if any."""
@@ -152,3 +156,11 @@ async def current_session(request: Request):
     return session
 
 
+def signed_in_claims(session) -> dict:
+    """How the session signed in, as the token role records it in the grant (and the ID token says)."""
+    claims = {"sub": session.subject, "auth_time": session.auth_time, "amr": session.amr, "sid": session.sid}
+    if session.acr:
+        claims["acr"] = session.acr
+    if session.connector:
+        claims["connector"] = session.connector
+    return claims

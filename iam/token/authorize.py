@@ -25,7 +25,7 @@ from iam.peers import HANDOFF_TYP, role_id
 from iam.roles import Role
 from iam.token import pkce
 from iam.token.access_tokens import digest, new_token
-from iam.token.claims import id_token_hint_claims
+from iam.token.claims import how_signed_in, id_token_hint_claims
 from iam.token.clients import authenticate
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
@@ -237,6 +237,11 @@ async def resume(request: Request) -> Response:
     other_user = pending["subject_hint"] is not None and pending["subject_hint"] != claims["sub"]
     if fresh_login_needed or ("none" in prompts and other_user):
         return back(error="login_required", error_description="the user must sign in again")
+    # A client that offers only some connectors accepts no sign-in through another (the page's list came
+    # through the browser).
+    connector = claims.get("connector")
+    if connector is not None and client.connectors is not None and connector not in client.connectors:
+        return back(error="access_denied", error_description="this sign-in method is not offered for this application")
     # The consent page showed the scope the browser carried: the handoff must cover what was really asked.
     if client.require_consent and not set(pending["scope"].split()) <= set(str(claims.get("consent", "")).split()):
         return back(error="consent_required" if "none" in prompts else "access_denied",
@@ -253,8 +258,7 @@ async def resume(request: Request) -> Response:
             "scope": pending["scope"],
             "sid": claims.get("sid"),
             "auth_time": auth_time,
-            "amr": " ".join(claims.get("amr") or ["pwd"]),
-            "acr": claims.get("acr"),
+            **how_signed_in(claims),
             "nonce": pending["nonce"],
             "offline": offline,
             "created_at": now,

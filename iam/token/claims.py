@@ -46,6 +46,15 @@ def at_hash(access_token: str) -> str:
     return base64.urlsafe_b64encode(half).rstrip(b"=").decode()
 
 
+def how_signed_in(signed_in: dict[str, Any]) -> dict[str, Any]:
+    """A grant's record of how the person signed in, from the authentication role's handoff or session:
+    `amr` (RFC 8176), the upstream's `acr`, and the connector (None: iam's own password)."""
+    amr = signed_in.get("amr")
+    acr, connector = signed_in.get("acr"), signed_in.get("connector")
+    return {"amr": " ".join(amr) if isinstance(amr, list) else "pwd", "acr": acr if isinstance(acr, str) else None,
+            "connector": connector if isinstance(connector, str) else None}
+
+
 def id_token_claims(*, issuer: str, client_id: str, grant: dict[str, Any], user: UserClaims, access_token: str,
                     now: int, ttl: int, include_nonce: bool) -> dict[str, Any]:
     amr = grant["amr"].split()
@@ -57,10 +66,11 @@ def id_token_claims(*, issuer: str, client_id: str, grant: dict[str, Any], user:
         "exp": now + ttl,
         "iat": now,
         "auth_time": grant["auth_time"],
-        "amr": amr,
         "acr": grant.get("acr") or acr_of(amr),  # an upstream's acr as given, else iam's own
         "at_hash": at_hash(access_token),
     }
+    if grant["amr"]:  # an upstream provider that reports no method: none claimed
+        claims["amr"] = grant["amr"].split()
     if grant.get("sid"):
         claims["sid"] = grant["sid"]
     if include_nonce and grant.get("nonce"):

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from iam.formats import normalise_user_code
+from iam.token.claims import how_signed_in
 from iam.token.clients import ClientRegistry
 from iam.token.store import TokenStore
 
@@ -48,7 +49,7 @@ class DeviceApprovals:
             grant = {
                 "id": uuid.uuid4().hex, "client_id": client.client_id, "subject": session["sub"],
                 "scope": found["scope"], "sid": session.get("sid"), "auth_time": session["auth_time"],
-                "amr": " ".join(session.get("amr") or ["pwd"]), "acr": None, "nonce": None, "offline": offline,
+                **how_signed_in(session), "nonce": None, "offline": offline,
                 "created_at": now, "expires_at": now + (client.offline_grant_ttl if offline else client.grant_ttl),
                 "revoked": False,
             }

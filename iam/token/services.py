@@ -6,7 +6,7 @@ import time
 
 from fastapi import Request
 
-from iam.peers import Directory
+from iam.peers import Directory, UpstreamChecks
 from iam.runtime import Shared
 from iam.token.access_tokens import AccessTokens, LiveToken
 from iam.token.app_access import AppAccess
@@ -19,9 +19,11 @@ from iam.token.store import TokenStore
 
 class TokenServices:
     """Clients, the token store and its hot cache, the phantom pair, device approvals, a person's applications;
-    and the user-management role (`directory`), in process or remote."""
+    and the user-management role (`directory`) and the authentication role's re-check of people who signed in
+    through a connector (`upstream_checks`), in process or remote."""
 
     directory: Directory  # the user-management role: set by connect()
+    upstream_checks: UpstreamChecks  # the authentication role's re-check of connector users: set by connect()
 
     def __init__(self, shared: Shared, grant_types: list[str]) -> None:
         settings = self.settings = shared.settings
@@ -45,8 +47,9 @@ class TokenServices:
         self.device_approvals = DeviceApprovals(self.store, self.clients)
         self.app_access = AppAccess(self.store, self.clients)
 
-    def connect(self, directory: Directory) -> None:
+    def connect(self, directory: Directory, upstream_checks: UpstreamChecks) -> None:
         self.directory = directory
+        self.upstream_checks = upstream_checks
 
     def start(self) -> None:
         if self.revocation_listener is not None:

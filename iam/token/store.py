@@ -67,7 +67,8 @@ grants = Table(
     Column("sid", String(64), index=True),  # the SSO session it was granted in
     Column("auth_time", Integer, nullable=False),
     Column("amr", String(255), nullable=False),
-    Column("acr", String(64)),
+    Column("acr", String(255)),
+    Column("connector", String(64)),  # the connector the person signed in through (refresh re-checks ldap ones)
     Column("nonce", Text),
     Column("offline", Boolean, nullable=False, default=False),
     Column("created_at", Integer, nullable=False),
@@ -177,7 +178,7 @@ _INSERT_SQL = (
 _FAILED = object()
 
 _GRANT_COLUMNS = [grants.c[name] for name in (
-    "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "nonce", "offline", "created_at"
+    "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "connector", "nonce", "offline", "created_at"
 )] + [grants.c.expires_at.label("grant_expires_at"), grants.c.revoked.label("grant_revoked")]
 
 

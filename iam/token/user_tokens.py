@@ -13,13 +13,27 @@ from iam.token.services import TokenServices
 from iam.token.store import RefreshTokenRow
 
 
-async def current_user(services: TokenServices, grant: dict[str, Any]) -> UserClaims:
+async def current_user(services: TokenServices, grant: dict[str, Any], *, refreshing: bool = False) -> UserClaims:
     """The user's claims as they are now (a disabled user or a changed group takes effect at once)."""
+    connector = grant.get("connector")
+    if refreshing and connector is not None and _rechecked_upstream(services, connector):
+        # Signed in through LDAP: the directory server says again that the person exists and is enabled (and
+        # their groups are refreshed from it); an outage fails with temporarily_unavailable, the token unspent.
+        if not await services.upstream_checks.recheck(grant["subject"], connector):
+            await services.store.revoke_grant(grant["grant_id"])
+            raise OAuthError("invalid_grant", "the user is no longer active at the connector they signed in with")
     user = await services.directory.claims(grant["subject"])
     if user is None or not user.active:
         await services.store.revoke_grant(grant["grant_id"])
         raise OAuthError("invalid_grant", "the user is disabled or no longer exists")
     return user
+
+
+def _rechecked_upstream(services: TokenServices, connector_id: str) -> bool:
+    """OIDC connectors are re-checked at the person's next upstream sign-in; LDAP ones (and connectors no longer
+    configured, which vouch for nobody) at every refresh."""
+    config = next((c for c in services.settings.connectors if c.id == connector_id), None)
+    return config is None or config.type == "ldap"
 
 
 def mint(services: TokenServices, client: ClientConfig, grant: dict[str, Any], user: UserClaims, scope: str,

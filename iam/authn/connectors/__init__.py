@@ -93,8 +93,9 @@ class RedirectConnector(Protocol):
 
     id: str
 
-    async def start(self, redirect_uri: str) -> tuple[str, PendingUpstream]:
-        """The upstream authorization URL to redirect to, and what to keep until the callback."""
+    async def start(self, redirect_uri: str, *, login_hint: str | None = None) -> tuple[str, PendingUpstream]:
+        """The upstream authorization URL to redirect to (with the sign-in's `login_hint`, OIDC Core §3.1.2.1),
+        and what to keep until the callback."""
         ...
 
     async def finish(self, redirect_uri: str, params: dict[str, str], pending: PendingUpstream) -> UpstreamIdentity:

@@ -44,7 +44,7 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     granted = set(found["scope"].split())
     scope = granted_scope(form.get("scope"), frozenset(granted)) if "scope" in form else found["scope"]
 
-    user = await current_user(services, found)
+    user = await current_user(services, found, refreshing=True)
     body, access, refresh = mint(services, client, found, user, scope, now, include_nonce=False)
     sealed = seal(token, SUCCESSOR, json.dumps(body).encode()) if client.refresh_reuse_window else None
     if not await services.store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
