@@ -305,6 +305,45 @@ def cmd_config_check(args: argparse.Namespace) -> None:
     print(f"ok: role {settings.role.value}, issuer {settings.issuer}, {len(settings.clients)} clients")
 
 
+# -- connectors ------------------------------------------------------------------------------------------
+def cmd_connectors_list(args: argparse.Namespace) -> None:
+    from iam.authn.connectors.registry import callback_uri
+
+    settings = _settings(args)
+    if not settings.connectors:
+        print("no connectors configured")
+    for connector in settings.connectors:
+        callback = callback_uri(settings, connector.id) if connector.type == "oidc" else "-"
+        print(f"{connector.id}\t{connector.type}\t{connector.name}\t{callback}")
+
+
+def cmd_connectors_test(args: argparse.Namespace) -> int:
+    """Run a connector's own checks (OIDC: discovery, JWKS; LDAP: service bind, a user search) against the
+    real upstream; exit 1 if any fails."""
+    from iam.authn.connectors.registry import build
+
+    settings = _settings(args)
+    config = next((c for c in settings.connectors if c.id == args.id), None)
+    if config is None:
+        known = ", ".join(c.id for c in settings.connectors) or "none"
+        raise ConfigError(f"no connector {args.id!r} (configured: {known})")
+
+    async def run() -> list:
+        connector = build(config)
+        try:
+            return await connector.check()
+        finally:
+            await connector.close()
+
+    checks = asyncio.run(run())
+    for check in checks:
+        detail = f": {check.detail}" if check.detail else ""
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.step}{detail}")
+    failed = not checks or not all(check.ok for check in checks)
+    print(f"connector {config.id}: {'FAILED' if failed else 'ok'}")
+    return 1 if failed else 0
+
+
 # -- kubernetes ------------------------------------------------------------------------------------------
 def cmd_kubectl_credential(args: argparse.Namespace) -> int:
     """The kubectl exec credential plugin: stdout carries only the ExecCredential (no logging is set up)."""
@@ -456,6 +495,14 @@ def parser() -> argparse.ArgumentParser:
         "hash-secret", help="read a client secret on stdin, print its argon2id hash for client_secret_hash"
     ).set_defaults(func=cmd_clients_hash_secret)
 
+    connectors = sub.add_parser("connectors", help="upstream identity connectors (OIDC, LDAP)").add_subparsers(
+        dest="connectors", required=True)
+    connectors.add_parser("list", help="list connectors: id, type, name, callback URL (register it upstream)"
+                          ).set_defaults(func=cmd_connectors_list)
+    test = connectors.add_parser("test", help="check a connector against its upstream; exit 1 on a failure")
+    test.add_argument("id", help="the connector's id")
+    test.set_defaults(func=cmd_connectors_test)
+
     config = sub.add_parser("config", help="configuration helpers").add_subparsers(dest="config_cmd", required=True)
     config.add_parser("check", help="validate the configuration").set_defaults(func=cmd_config_check)
     credential = sub.add_parser(
@@ -523,7 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     from iam.users.directory import DirectoryError
 
     try:
-        args.func(args)
+        status = args.func(args)
+        if status:
+            raise SystemExit(status)
     except (ConfigError, StartupError, StoreError, KeyRingError, DirectoryError, PasswordRejected, PeerUnavailable,
             PeerRejected) as exc:
         print(f"iam: error: {exc}", file=sys.stderr)
