@@ -235,12 +235,18 @@ def find_leaks(lines: list[str]) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Grep every log line of the run (in-process, and every server process's log) for secrets."""
+    """Grep every log line of the run (in-process, and every server process's log) for secrets.
+
+    Under pytest-xdist each worker writes its in-process lines into its own base temp dir, which lies inside
+    the controller's; the controller, which finishes last, greps them all.
+    """
+    base = Path(session.config._tmp_path_factory.getbasetemp())
+    if hasattr(session.config, "workerinput"):
+        (base / "in-process.log").write_text("\n".join(_captured.lines))
+        return
     lines = list(_captured.lines)
-    base = session.config._tmp_path_factory.getbasetemp() if hasattr(session.config, "_tmp_path_factory") else None
-    if base is not None:
-        for log in Path(base).rglob("server.log"):
-            lines += log.read_text(errors="replace").splitlines()
+    for log in [*base.rglob("server.log"), *base.rglob("in-process.log")]:
+        lines += log.read_text(errors="replace").splitlines()
     leaks = find_leaks(lines)
     if leaks:
         print("\nSECRETS IN LOGS:\n" + "\n".join(leaks[:20]))
