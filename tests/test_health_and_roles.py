@@ -145,14 +145,14 @@ async def test_purge_deletes_ended_sessions_and_stale_throttling_but_not_live_on
     await iam.authn.sessions.end(logged_out)
     idle, _ = await iam.authn.sessions.create("sub-idle", ["pwd"])
     expired, _ = await iam.authn.sessions.create("sub-expired", ["pwd"])
-    async with iam.authn.sessions.engine.begin() as conn:
+    async with iam.authn.store.engine.begin() as conn:
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-idle")
                            .values(last_seen=now - iam.authn.sessions.idle_ttl - 1))
         await conn.execute(update(sessions).where(sessions.c.subject == "sub-expired").values(expires_at=now - 1))
     await iam.authn.throttle.fail(None, "192.0.2.1")
     for _ in range(5):
         await iam.authn.throttle.fail("locked", "192.0.2.2")  # the fifth locks the pair
-    async with iam.authn.sessions.engine.begin() as conn:
+    async with iam.authn.store.engine.begin() as conn:
         await conn.execute(update(login_failures).values(window_start=now - 3600))  # both windows are over
 
     assert await iam.authn.sessions.purge_ended(now, 10) == 3
@@ -161,7 +161,7 @@ async def test_purge_deletes_ended_sessions_and_stale_throttling_but_not_live_on
     assert await iam.purge(now) == 0  # what is left is live
     assert (await iam.authn.sessions.current(live)).subject == "sub-live"
     assert await iam.authn.throttle.check("locked", "192.0.2.2") > 0  # a lock in force is kept
-    async with iam.authn.sessions.engine.connect() as conn:
+    async with iam.authn.store.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(sessions))).scalar() == 1
 
 

@@ -8,6 +8,7 @@ import re
 
 import httpx
 
+from iam.authn.store import AuthnStore
 from iam.authn.throttle import BURST, Throttle
 from tests.conftest import ISSUER
 from tests.oauth import authorize, follow, pkce, sign_in
@@ -88,7 +89,7 @@ async def test_with_the_budget_spent_a_known_and_an_unknown_account_get_the_same
 
 async def test_at_most_100_guesses_per_account_per_hour_from_any_number_of_addresses(app):
     now = [1_000_000.0]
-    throttle = Throttle(app.state.iam.stores["authn"].engine, clock=lambda: now[0])
+    throttle = Throttle(AuthnStore(app.state.iam.stores["authn"].engine), clock=lambda: now[0])
     guesses, longest_wait = 0, 0
     for second in range(0, 3600, 5):
         now[0] = 1_000_000 + second

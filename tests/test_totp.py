@@ -83,7 +83,7 @@ async def stored_secret(totp, subject: str) -> str:
 
     from iam.authn.store import totp as table
 
-    async with totp.engine.connect() as conn:
+    async with totp.store.engine.connect() as conn:
         return (await conn.execute(select(table.c.secret).where(table.c.subject == subject))).scalar_one()
 
 
@@ -103,7 +103,7 @@ async def test_a_sealed_secret_is_bound_to_its_user(totp):
 
     generator = await enrolled(totp, "sub-a")
     await enrolled(totp, "sub-b")
-    async with totp.engine.begin() as conn:  # someone with write access copies a's sealed secret to b
+    async with totp.store.engine.begin() as conn:  # someone with write access copies a's sealed secret to b
         await conn.execute(update(table).where(table.c.subject == "sub-b")
                            .values(secret=await stored_secret(totp, "sub-a")))
     assert not await totp.verify("sub-b", generator.at(T0 + 30))
@@ -112,7 +112,7 @@ async def test_a_sealed_secret_is_bound_to_its_user(totp):
 async def test_a_secret_stored_before_sealing_is_sealed_at_its_next_use(totp):
     from iam.authn.totp import Totp
 
-    unsealed = Totp(totp.engine, clock=totp.clock)  # as without a data key
+    unsealed = Totp(totp.store, clock=totp.clock)  # as without a data key
     secret = await unsealed.start_enrolment("sub-old")
     assert await stored_secret(totp, "sub-old") == secret
     assert await unsealed.verify("sub-old", pyotp.TOTP(secret).at(T0), confirming=True)

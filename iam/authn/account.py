@@ -72,7 +72,7 @@ async def remove_application(request: Request) -> Response:
         removed = await services.app_access.remove(session.subject, client_id)
     except PeerUnavailable:
         return error_page("Try again later", "Your applications cannot be changed right now.", 503)
-    await services.consents.remove(session.subject, client_id)  # it asks again next time
+    await services.store.remove_consent(session.subject, client_id)  # it asks again next time
     if removed:
         audit("access.removed", actor=session.subject, client_id=client_id, source=source_of(request),
               grants=removed)

@@ -7,6 +7,8 @@ cover what was really requested, since the scope shown here came through the bro
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request, Response
 
 from iam.authn.services import authn_services
@@ -39,7 +41,7 @@ async def hand_off_or_ask(request: Request, flow: Flow, session) -> Response:
     client = client_of(request, flow)
     if client is None or not client.require_consent:
         return handoff(request, flow, claims)
-    allowed = await authn_services(request).consents.scopes(session.subject, client.client_id)
+    allowed = await authn_services(request).store.consented_scopes(session.subject, client.client_id)
     wanted = set((flow.scope or "").split())
     if wanted <= allowed and "consent" not in flow.prompt:
         return handoff(request, flow, {**claims, "consent": " ".join(sorted(allowed))})
@@ -68,7 +70,10 @@ async def consent_submit(request: Request) -> Response:
               source=source_of(request), scope=flow.scope)
         return handoff(request, flow, {"error": "access_denied",
                                         "error_description": "the user did not allow this application"})
-    allowed = await services.consents.allow(session.subject, client.client_id, set((flow.scope or "").split()))
+    # Added to what the person allowed the client before: a consent covers everything allowed so far.
+    allowed = (await services.store.consented_scopes(session.subject, client.client_id)
+               | set((flow.scope or "").split()))
+    await services.store.set_consent(session.subject, client.client_id, allowed, int(time.time()))
     audit("consent.granted", actor=session.subject, client_id=client.client_id, source=source_of(request),
           scope=flow.scope)
     return handoff(request, flow, {**signed_in_claims(session), "consent": " ".join(sorted(allowed))})

@@ -8,12 +8,9 @@ import time
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.sessions import Sessions
-from iam.authn.store import consents, credentials, totp
+from iam.authn.store import AuthnStore
 from iam.errors import PasswordRejected
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
@@ -46,8 +43,8 @@ def check_policy(password: str) -> None:
 class CredentialService:
     """The credential store as the user-management role sees it (iam.peers.Credentials), in process."""
 
-    def __init__(self, engine: AsyncEngine, sessions: Sessions, max_concurrent_hashes: int = 2) -> None:
-        self.engine = engine
+    def __init__(self, store: AuthnStore, sessions: Sessions, max_concurrent_hashes: int = 2) -> None:
+        self.store = store
         self.sessions = sessions
         # Each argon2 run takes 64 MiB: bound how many run at once so a login storm cannot exhaust memory.
         self._slots = asyncio.Semaphore(max_concurrent_hashes)
@@ -59,22 +56,11 @@ class CredentialService:
     async def set_password(self, sub: str, password: str) -> None:
         check_policy(password)
         hashed = await self._run(_hasher.hash, password)
-        values = {"subject": sub, "password_hash": hashed, "updated_at": int(time.time())}
-        async with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            statement = dialect.insert(credentials).values(**values)
-            await conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[credentials.c.subject],
-                    set_={"password_hash": hashed, "updated_at": values["updated_at"]},
-                )
-            )
+        await self.store.set_password_hash(sub, hashed, int(time.time()))
 
     async def remove(self, sub: str) -> None:
         """A deleted user: every credential of theirs goes (the password, any second factor), and their consents."""
-        async with self.engine.begin() as conn:
-            for table in (credentials, totp, consents):
-                await conn.execute(delete(table).where(table.c.subject == sub))
+        await self.store.remove_credentials(sub)
 
     async def end_sessions(self, sub: str) -> None:
         """A disabled or deleted user: every SSO session of theirs ends."""
@@ -83,17 +69,11 @@ class CredentialService:
     async def reset_second_factor(self, sub: str) -> bool:
         """Remove a user's TOTP factor (lost authenticator): the next sign-in needs only the password. Returns
         whether there was one."""
-        async with self.engine.begin() as conn:
-            return (await conn.execute(delete(totp).where(totp.c.subject == sub))).rowcount > 0
+        return await self.store.remove_totp(sub)
 
     async def verify(self, sub: str | None, password: str) -> bool:
         """Check a password in constant work whether or not the subject has one; upgrade old hashes."""
-        stored = None
-        if sub is not None:
-            async with self.engine.connect() as conn:
-                stored = (
-                    await conn.execute(select(credentials.c.password_hash).where(credentials.c.subject == sub))
-                ).scalar()
+        stored = None if sub is None else await self.store.password_hash(sub)
         if len(password) > MAX_PASSWORD:
             return False
         try:
@@ -102,10 +82,6 @@ class CredentialService:
             return False
         if stored is None:
             return False
-        if _hasher.check_needs_rehash(stored):
-            rehashed = await self._run(_hasher.hash, password)
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(credentials).where(credentials.c.subject == sub).values(password_hash=rehashed)
-                )
+        if _hasher.check_needs_rehash(stored) and sub is not None:
+            await self.store.upgrade_password_hash(sub, await self._run(_hasher.hash, password))
         return True

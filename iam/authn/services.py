@@ -12,7 +12,7 @@ from iam.authn.connectors.recheck import UpstreamChecks
 from iam.authn.connectors.registry import Connectors
 from iam.authn.credentials import CredentialService
 from iam.authn.sessions import Sessions
-from iam.authn.store import Consents
+from iam.authn.store import AuthnStore
 from iam.authn.throttle import Throttle
 from iam.authn.totp import Totp
 from iam.keys import DATA_KEY, KeyRingError
@@ -38,14 +38,13 @@ class AuthnServices:
         self.keys = shared.keys
         self.identity = shared.identity
         self.peer_keys = shared.peer_keys
-        engine = shared.stores["authn"].engine
-        self.sessions = Sessions(engine, settings.session_ttl, settings.session_idle_ttl)
-        self.credentials = CredentialService(engine, self.sessions)
-        self.throttle = Throttle(engine, shared.identity, shared.peer_keys)
-        self.totp = Totp(engine)
-        self.consents = Consents(engine)
+        self.store = AuthnStore(shared.stores["authn"].engine)  # the role's SQL, all of it
+        self.sessions = Sessions(self.store, settings.session_ttl, settings.session_idle_ttl)
+        self.credentials = CredentialService(self.store, self.sessions)
+        self.throttle = Throttle(self.store, shared.identity, shared.peer_keys)
+        self.totp = Totp(self.store)
         self.connectors = Connectors(settings.connectors)  # upstream OIDC providers and LDAP directories
-        self.pending_upstream = PendingRequests(engine)
+        self.pending_upstream = PendingRequests(self.store)
         self.upstream_checks = UpstreamChecks(self)
         self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
                               if settings.kubernetes.clusters else [])

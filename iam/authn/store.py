@@ -1,15 +1,37 @@
-"""The credential store: password hashes, TOTP secrets, SSO sessions, login throttling, and consents.
+"""The credential store: password hashes, TOTP secrets, SSO sessions, login throttling, consents and sign-ins
+waiting at an upstream provider.
 
-Owned by the authentication role alone.
+Owned by the authentication role alone. `AuthnStore` holds all of the role's SQL; the rules (argon2, session
+expiry, the throttle's arithmetic, TOTP windows, sealing) live in the modules above it.
 """
 
-import time
+from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text, delete, select
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from iam.audit_store import audit_table
+from iam.store import doomed
 
 metadata = MetaData()
 audit_events = audit_table(metadata)  # with `audit_store: true` (iam/audit_store.py)
@@ -79,29 +101,192 @@ upstream_requests = Table(
     Column("expires_at", Integer, nullable=False, index=True),
 )
 
-class Consents:
-    """What each person allowed each client that asks for consent (iam/authn/consent.py shows the page)."""
+
+class AuthnStore:
+    """The authentication role's SQL, one method per question or change; every write is one transaction."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def scopes(self, subject: str, client_id: str) -> set[str]:
+    # -- passwords (iam/authn/credentials.py) ------------------------------------------------------------------
+    async def password_hash(self, subject: str) -> str | None:
+        async with self.engine.connect() as conn:
+            hashed: str | None = (await conn.execute(
+                select(credentials.c.password_hash).where(credentials.c.subject == subject))).scalar()
+        return hashed
+
+    async def set_password_hash(self, subject: str, password_hash: str, now: int) -> None:
+        """The subject's password, added or replaced."""
+        async with self.engine.begin() as conn:
+            await _upsert(conn, credentials, [credentials.c.subject], {"subject": subject},
+                          {"password_hash": password_hash, "updated_at": now})
+
+    async def upgrade_password_hash(self, subject: str, password_hash: str) -> None:
+        """The same password under a stronger hash: `updated_at` stays (the password did not change)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(update(credentials).where(credentials.c.subject == subject)
+                               .values(password_hash=password_hash))
+
+    async def remove_credentials(self, subject: str) -> None:
+        """Every credential of a subject (the password, any second factor), and their consents."""
+        async with self.engine.begin() as conn:
+            for table in (credentials, totp, consents):
+                await conn.execute(delete(table).where(table.c.subject == subject))
+
+    # -- SSO sessions (iam/authn/sessions.py) -------------------------------------------------------------------
+    async def add_session(self, digest: bytes, *, sid: str, subject: str, amr: str, acr: str | None,
+                          connector: str | None, now: int, expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(sessions).values(
+                digest=digest, sid=sid, subject=subject, auth_time=now, amr=amr, acr=acr, connector=connector,
+                created_at=now, last_seen=now, expires_at=expires_at, revoked=False))
+
+    async def find_session(self, digest: bytes) -> Row[Any] | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(sessions).where(sessions.c.digest == digest))).first()
+
+    async def touch_session(self, digest: bytes, now: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(sessions).where(sessions.c.digest == digest).values(last_seen=now))
+
+    async def count_live_sessions(self, now: int, seen_after: int) -> int:
+        async with self.engine.connect() as conn:
+            count: int = (await conn.execute(
+                select(func.count()).select_from(sessions)
+                .where(sessions.c.revoked.is_(False), sessions.c.expires_at > now, sessions.c.last_seen > seen_after)
+            )).scalar_one()
+        return count
+
+    async def revoke_session(self, *, digest: bytes | None = None, sid: str | None = None) -> None:
+        """The session with this cookie digest, else the one with this `sid`."""
+        condition = sessions.c.digest == digest if digest is not None else sessions.c.sid == sid
+        async with self.engine.begin() as conn:
+            await conn.execute(update(sessions).where(condition).values(revoked=True))
+
+    async def revoke_sessions_of(self, subject: str, *, but: str | None = None) -> None:
+        """Every session of a subject, but the one with sid `but` when given."""
+        condition = sessions.c.subject == subject
+        if but is not None:
+            condition &= sessions.c.sid != but
+        async with self.engine.begin() as conn:
+            await conn.execute(update(sessions).where(condition).values(revoked=True))
+
+    async def purge_sessions(self, now: int, seen_before: int, batch: int) -> int:
+        """Delete at most `batch` sessions revoked, expired at `now`, or last seen before `seen_before`."""
+        ended = doomed(sessions.c.digest, sessions.c.revoked.is_(True) | (sessions.c.expires_at <= now)
+                       | (sessions.c.last_seen < seen_before), batch=batch)
+        async with self.engine.begin() as conn:
+            deleted: int = (await conn.execute(delete(sessions).where(sessions.c.digest.in_(ended)))).rowcount
+        return deleted
+
+    # -- login throttling (iam/authn/throttle.py) ---------------------------------------------------------------
+    async def failure_counts(self, keys: list[str]) -> list[Row[Any]]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(login_failures).where(login_failures.c.key.in_(keys)))).all())
+
+    async def count_failures(self, keys: list[str], counted: Callable[[str, Row[Any] | None], Mapping[str, int]]
+                             ) -> None:
+        """For each key, under a lock on its row, store `counted(key, row)` (the row as it was, or None)."""
+        async with self.engine.begin() as conn:
+            for key in keys:
+                query = select(login_failures).where(login_failures.c.key == key)
+                row = (await conn.execute(query.with_for_update())).first()
+                await _upsert(conn, login_failures, [login_failures.c.key], {"key": key}, dict(counted(key, row)))
+
+    async def forget_failures(self, key: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(login_failures).where(login_failures.c.key == key))
+
+    async def purge_failures(self, now: int, window_start_before: int, batch: int) -> int:
+        """Delete at most `batch` counters not locked at `now` whose window started before `window_start_before`."""
+        stale = doomed(login_failures.c.key, login_failures.c.locked_until < now,
+                       login_failures.c.window_start < window_start_before, batch=batch)
+        async with self.engine.begin() as conn:
+            deleted: int = (await conn.execute(delete(login_failures).where(login_failures.c.key.in_(stale)))).rowcount
+        return deleted
+
+    # -- TOTP (iam/authn/totp.py): secrets as stored, sealed or not ------------------------------------------
+    async def totp_confirmed(self, subject: str) -> bool:
+        async with self.engine.connect() as conn:
+            return bool((await conn.execute(select(totp.c.confirmed).where(totp.c.subject == subject))).scalar())
+
+    async def start_totp(self, subject: str, secret: str) -> bool:
+        """A new unconfirmed secret, replacing an unconfirmed one. False when a confirmed factor (or a concurrent
+        enrolment's secret) is there: nothing is written then."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(delete(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(False)))
+                await conn.execute(insert(totp).values(subject=subject, secret=secret, confirmed=False, last_step=0))
+        except IntegrityError:
+            return False
+        return True
+
+    async def totp_factor(self, subject: str, *, confirmed: bool) -> Row[Any] | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(
+                select(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(confirmed)))).first()
+
+    async def use_totp_step(self, subject: str, *, last_step: int, step: int, secret: str) -> bool:
+        """Record `step` as the last one used (and the factor as confirmed, its secret as given), only if the last
+        step is still `last_step`: of two requests with the same code, one wins."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(totp).where(totp.c.subject == subject, totp.c.last_step == last_step)
+                .values(last_step=step, confirmed=True, secret=secret))
+        return bool(won.rowcount == 1)
+
+    async def remove_totp(self, subject: str) -> bool:
+        """Whether there was a factor, confirmed or not."""
+        async with self.engine.begin() as conn:
+            return bool((await conn.execute(delete(totp).where(totp.c.subject == subject))).rowcount > 0)
+
+    # -- consents (iam/authn/consent.py) ------------------------------------------------------------------------
+    async def consented_scopes(self, subject: str, client_id: str) -> set[str]:
         async with self.engine.connect() as conn:
             scope = (await conn.execute(select(consents.c.scope).where(
                 consents.c.subject == subject, consents.c.client_id == client_id))).scalar()
         return set(scope.split()) if scope else set()
 
-    async def allow(self, subject: str, client_id: str, scopes: set[str]) -> set[str]:
-        """Add scopes to what the person allowed the client; returns everything allowed now."""
-        allowed = await self.scopes(subject, client_id) | scopes
-        values = {"scope": " ".join(sorted(allowed)), "updated_at": int(time.time())}
+    async def set_consent(self, subject: str, client_id: str, scopes: set[str], now: int) -> None:
         async with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            await conn.execute(dialect.insert(consents).values(subject=subject, client_id=client_id, **values)
-                               .on_conflict_do_update(index_elements=[consents.c.subject, consents.c.client_id],
-                                                      set_=values))
-        return allowed
+            await _upsert(conn, consents, [consents.c.subject, consents.c.client_id],
+                          {"subject": subject, "client_id": client_id},
+                          {"scope": " ".join(sorted(scopes)), "updated_at": now})
 
-    async def remove(self, subject: str, client_id: str) -> None:
+    async def remove_consent(self, subject: str, client_id: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(delete(consents).where(consents.c.subject == subject, consents.c.client_id == client_id))
+
+    # -- sign-ins waiting upstream (iam/authn/connectors/pending.py) -------------------------------------------
+    async def add_upstream_request(self, state_digest: bytes, *, browser_digest: bytes, connector_id: str,
+                                   pending: str, flow: str, expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(upstream_requests).values(
+                state_digest=state_digest, browser_digest=browser_digest, connector_id=connector_id,
+                pending=pending, flow=flow, expires_at=expires_at))
+
+    async def find_upstream_request(self, state_digest: bytes) -> Row[Any] | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(
+                select(upstream_requests).where(upstream_requests.c.state_digest == state_digest))).first()
+
+    async def take_upstream_request(self, state_digest: bytes) -> bool:
+        """Remove the request; True for the one caller that removed it (single use)."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(delete(upstream_requests).where(upstream_requests.c.state_digest == state_digest))
+        return bool(won.rowcount == 1)
+
+    async def purge_upstream_requests(self, now: int, batch: int) -> int:
+        expired = select(upstream_requests.c.state_digest).where(upstream_requests.c.expires_at < now).limit(batch)
+        async with self.engine.begin() as conn:
+            deleted: int = (await conn.execute(
+                delete(upstream_requests).where(upstream_requests.c.state_digest.in_(expired)))).rowcount
+        return deleted
+
+
+async def _upsert(conn: AsyncConnection, table: Table, key_columns: list[Column[Any]], key: dict[str, Any],
+                  values: dict[str, Any]) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE: the row with `key` gets `values`, whether it existed or not."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    await conn.execute(dialect.insert(table).values(**key, **values)
+                       .on_conflict_do_update(index_elements=key_columns, set_=values))

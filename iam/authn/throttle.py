@@ -25,15 +25,10 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from iam.authn.store import login_failures
+from iam.authn.store import AuthnStore
 from iam.errors import PeerRejected
 from iam.peers import role_id
 from iam.roles import Role
-from iam.store import doomed
 
 WINDOW = 15 * 60
 # fixed-window counters: key prefix -> (failures allowed in a window, lock seconds once reached)
@@ -55,8 +50,8 @@ def account_key(username: str) -> str:
 
 
 class Throttle:
-    def __init__(self, engine: AsyncEngine, identity=None, peer_keys=None, clock=time.time) -> None:
-        self.engine = engine
+    def __init__(self, store: AuthnStore, identity=None, peer_keys=None, clock=time.time) -> None:
+        self.store = store
         self.identity = identity  # signs known-device cookies (iam.peers.ServiceIdentity)
         self.peer_keys = peer_keys  # and verifies them (iam.peers.PeerKeys)
         self.clock = clock
@@ -75,28 +70,19 @@ class Throttle:
         if account is not None and device and await self._known(account, device):
             keys.pop()  # the account's bucket
         now = int(self.clock())
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(login_failures).where(login_failures.c.key.in_(keys)))).all()
+        rows = await self.store.failure_counts(keys)
         return max([row.locked_until - now for row in rows if row.locked_until > now], default=0)
 
     async def fail(self, account: str | None, address: str) -> None:
         now = int(self.clock())
-        async with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            for key in self._keys(account, address):
-                query = select(login_failures).where(login_failures.c.key == key)
-                row = (await conn.execute(query.with_for_update())).first()
-                values = _bucket(row, now) if key.startswith("acct:") else _counter(key, row, now)
-                await conn.execute(
-                    dialect.insert(login_failures).values(key=key, **values)
-                    .on_conflict_do_update(index_elements=[login_failures.c.key], set_=values)
-                )
+        await self.store.count_failures(
+            self._keys(account, address),
+            lambda key, row: _bucket(row, now) if key.startswith("acct:") else _counter(key, row, now))
 
     async def succeeded(self, account: str, address: str) -> None:
         """The right secret from this address: its pair counter starts afresh. The account's bucket does not (a
         sign-in by the owner must not hand an attacker elsewhere a new burst of guesses)."""
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(login_failures).where(login_failures.c.key == self._keys(account, address)[1]))
+        await self.store.forget_failures(self._keys(account, address)[1])
 
     def device_cookie(self, account: str) -> str:
         """The known-device cookie's value for a browser that just signed in as `account`."""
@@ -114,10 +100,7 @@ class Throttle:
 
     async def purge_stale(self, now: int, batch: int) -> int:
         """Delete at most `batch` rows that neither lock, count nor owe any more (their window is over)."""
-        stale = doomed(login_failures.c.key, login_failures.c.locked_until < now,
-                       login_failures.c.window_start < now - WINDOW, batch=batch)
-        async with self.engine.begin() as conn:
-            return (await conn.execute(delete(login_failures).where(login_failures.c.key.in_(stale)))).rowcount
+        return await self.store.purge_failures(now, window_start_before=now - WINDOW, batch=batch)
 
 
 def _counter(key: str, row, now: int) -> dict:

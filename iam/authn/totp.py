@@ -9,11 +9,8 @@ import time
 import pyotp
 import segno
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iam.authn.store import totp
+from iam.authn.store import AuthnStore
 from iam.http import is_digits
 from iam.security import seal, unseal
 
@@ -30,8 +27,8 @@ SEALED = "v1:"  # a stored secret sealed with the data key (AES-256-GCM, bound t
 
 
 class Totp:
-    def __init__(self, engine: AsyncEngine, clock=time.time, data_key: str | None = None) -> None:
-        self.engine = engine
+    def __init__(self, store: AuthnStore, clock=time.time, data_key: str | None = None) -> None:
+        self.store = store
         self.clock = clock
         # The key ring's data key (iam/keys.py): with it, secrets are stored sealed, and clear ones are sealed
         # at their next use. Without it (none was provisioned), they are stored as they are.
@@ -57,69 +54,47 @@ class Totp:
             return None
 
     async def enabled(self, subject: str) -> bool:
-        async with self.engine.connect() as conn:
-            return bool(
-                (await conn.execute(select(totp.c.confirmed).where(totp.c.subject == subject))).scalar()
-            )
+        return await self.store.totp_confirmed(subject)
 
     async def start_enrolment(self, subject: str) -> str:
         """A new, unconfirmed secret (replacing an unconfirmed one); a confirmed factor is never replaced here."""
         secret = pyotp.random_base32()
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(delete(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(False)))
-                await conn.execute(insert(totp).values(subject=subject, secret=self._seal(subject, secret),
-                                                       confirmed=False, last_step=0))
+        if await self.store.start_totp(subject, self._seal(subject, secret)):
             return secret
-        except IntegrityError:
-            # A confirmed factor, or a concurrent enrolment that won the insert: show that one's secret.
-            pending = await self.pending_secret(subject)
-            if pending is None:
-                raise TotpAlreadyEnabled(subject) from None
-            return pending
+        # A confirmed factor, or a concurrent enrolment that won the insert: show that one's secret.
+        pending = await self.pending_secret(subject)
+        if pending is None:
+            raise TotpAlreadyEnabled(subject)
+        return pending
 
     async def pending_secret(self, subject: str) -> str | None:
-        async with self.engine.connect() as conn:
-            stored = (
-                await conn.execute(
-                    select(totp.c.secret).where(totp.c.subject == subject, totp.c.confirmed.is_(False))
-                )
-            ).scalar()
-        return None if stored is None else self._open(subject, stored)
+        row = await self.store.totp_factor(subject, confirmed=False)
+        return None if row is None else self._open(subject, row.secret)
 
     async def verify(self, subject: str, code: str, *, confirming: bool = False) -> bool:
         """Check a code (±1 step of clock skew); a code's step is remembered so it cannot be replayed."""
         code = code.strip().replace(" ", "")
         if not (is_digits(code) and len(code) == 6):
             return False
-        async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(totp).where(totp.c.subject == subject, totp.c.confirmed.is_(not confirming))
-                )
-            ).first()
-            secret = None if row is None else self._open(subject, row.secret)
-            if secret is None or row is None:
-                return False
-            generator = pyotp.TOTP(secret)
-            now = self.clock()
-            step = next(
-                (generator.timecode(now) + skew for skew in (0, -1, 1)
-                 if pyotp.utils.strings_equal(generator.at(now + skew * generator.interval), code)),
-                None,
-            )
-            if step is None or step <= row.last_step:
-                return False
-            won = await conn.execute(
-                update(totp)
-                .where(totp.c.subject == subject, totp.c.last_step == row.last_step)
-                .values(last_step=step, confirmed=True, secret=self._seal(subject, secret))  # sealed from now on
-            )
-            return won.rowcount == 1
+        row = await self.store.totp_factor(subject, confirmed=not confirming)
+        secret = None if row is None else self._open(subject, row.secret)
+        if secret is None or row is None:
+            return False
+        generator = pyotp.TOTP(secret)
+        now = self.clock()
+        step = next(
+            (generator.timecode(now) + skew for skew in (0, -1, 1)
+             if pyotp.utils.strings_equal(generator.at(now + skew * generator.interval), code)),
+            None,
+        )
+        if step is None or step <= row.last_step:
+            return False
+        # Written only if no other request used a step meanwhile; the secret is sealed from now on.
+        return await self.store.use_totp_step(subject, last_step=row.last_step, step=step,
+                                              secret=self._seal(subject, secret))
 
     async def remove(self, subject: str) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(delete(totp).where(totp.c.subject == subject))
+        await self.store.remove_totp(subject)
 
 
 def provisioning(secret: str, account: str) -> tuple[str, str]:

@@ -13,11 +13,9 @@ import time
 from dataclasses import asdict
 
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iam.authn.connectors import PendingUpstream
-from iam.authn.store import upstream_requests
+from iam.authn.store import AuthnStore
 from iam.security import constant_time_equal, seal, unseal
 
 TTL = 600  # seconds a person has at the upstream provider
@@ -29,17 +27,16 @@ def _digest(value: str) -> bytes:
 
 
 class PendingRequests:
-    def __init__(self, engine: AsyncEngine, clock=time.time) -> None:
-        self.engine = engine
+    def __init__(self, store: AuthnStore, clock=time.time) -> None:
+        self.store = store
         self.clock = clock
 
     async def keep(self, browser: str, pending: PendingUpstream, flow: dict[str, str]) -> None:
         state_digest = _digest(pending.state)
         sealed = seal(browser, PURPOSE + state_digest, json.dumps(asdict(pending)).encode())
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(upstream_requests).values(
-                state_digest=state_digest, browser_digest=_digest(browser), connector_id=pending.connector_id,
-                pending=sealed.hex(), flow=json.dumps(flow), expires_at=int(self.clock()) + TTL))
+        await self.store.add_upstream_request(
+            state_digest, browser_digest=_digest(browser), connector_id=pending.connector_id, pending=sealed.hex(),
+            flow=json.dumps(flow), expires_at=int(self.clock()) + TTL)
 
     async def take(self, connector_id: str, state: str | None, browser: str | None) -> tuple[PendingUpstream,
                                                                                                dict] | None:
@@ -48,9 +45,7 @@ class PendingRequests:
         if not state or not browser or len(state) > 512 or len(browser) > 100:
             return None
         state_digest = _digest(state)
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(
-                select(upstream_requests).where(upstream_requests.c.state_digest == state_digest))).first()
+        row = await self.store.find_upstream_request(state_digest)
         if (row is None or row.connector_id != connector_id or row.expires_at < self.clock()
                 or not constant_time_equal(row.browser_digest.hex(), _digest(browser).hex())):
             return None
@@ -58,14 +53,10 @@ class PendingRequests:
             pending = PendingUpstream(**json.loads(unseal(browser, PURPOSE + state_digest, bytes.fromhex(row.pending))))
         except (InvalidTag, ValueError, TypeError):
             return None
-        async with self.engine.begin() as conn:  # single use: only the request that deletes the row goes on
-            won = await conn.execute(delete(upstream_requests).where(upstream_requests.c.state_digest == state_digest))
-        if won.rowcount != 1 or pending.state != state:
+        # single use: only the request that deletes the row goes on
+        if not await self.store.take_upstream_request(state_digest) or pending.state != state:
             return None
         return pending, json.loads(row.flow)
 
     async def purge_expired(self, now: int, batch: int) -> int:
-        expired = select(upstream_requests.c.state_digest).where(upstream_requests.c.expires_at < now).limit(batch)
-        async with self.engine.begin() as conn:
-            return (await conn.execute(
-                delete(upstream_requests).where(upstream_requests.c.state_digest.in_(expired)))).rowcount
+        return await self.store.purge_upstream_requests(now, batch)
