@@ -32,7 +32,7 @@ ASSERTION_TTL = 60
 SERVICE_TYP = "iam-service+jwt"
 HANDOFF_TYP = "iam-handoff+jwt"  # authentication -> token, through the browser, bound to one pending request
 LOGOUT_TYP = "iam-logout+jwt"  # token -> authentication, through the browser: end this session, return here
-# What the authentication role tells the directory about an upstream sign-in (iam.authn.connectors.UpstreamIdentity).
+# What the authentication role tells the directory about an upstream sign-in (`UpstreamIdentity`).
 UPSTREAM_FIELDS = ("connector_id", "subject", "username", "email", "email_verified", "name", "groups")
 
 
@@ -55,6 +55,43 @@ class UserClaims:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class UpstreamIdentity:
+    """Who an upstream system says signed in (iam/authn/connectors/ make it; the user-management role keeps the
+    person's account, iam/users/upstream.py). `subject` is stable for the person at that connector."""
+
+    connector_id: str
+    subject: str
+    username: str | None = None
+    email: str | None = None
+    email_verified: bool = False
+    name: str | None = None
+    groups: list[str] = field(default_factory=list)  # already prefixed and filtered per the connector's config
+    amr: list[str] = field(default_factory=list)  # how the person authenticated upstream (RFC 8176 values)
+    acr: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpstreamIdentity:
+        """From the internal API's JSON body (the UPSTREAM_FIELDS); raises ValueError on anything malformed."""
+        def required(key: str) -> str:
+            value = data.get(key)
+            if not isinstance(value, str) or not value or len(value) > 1024:
+                raise ValueError(f"{key} must be a non-empty string")
+            return value
+
+        def text(key: str) -> str | None:
+            return None if data.get(key) is None else required(key)
+
+        groups = data.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ValueError("groups must be a list of strings")
+        email_verified = data.get("email_verified", False)
+        if not isinstance(email_verified, bool):
+            raise ValueError("email_verified must be a boolean")
+        return cls(required("connector_id"), required("subject"), text("username"), text("email"),
+                   email_verified, text("name"), groups)
+
+
 # The interfaces one role has of another. Each has two implementations, checked against it by mypy: the other
 # role's own service, in one process (`all`; wired in iam/app.py), and the HTTP client below (`Remote...`).
 class Directory(Protocol):
@@ -69,7 +106,7 @@ class Directory(Protocol):
 class UpstreamAccounts(Protocol):
     """The user-management role's accounts of people who sign in through a connector (iam.users.upstream)."""
 
-    async def provision(self, identity: Any, link_by: str | None = None) -> UserClaims:
+    async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         """The user for an upstream sign-in (an `UpstreamIdentity`): found by its link, linked, or created;
         raises UserDisabled for a user disabled in the directory."""
 
@@ -240,7 +277,7 @@ class RemoteDirectory(_Remote):
         response = await self.call("GET", "/internal/v1/users", params={"username": username})
         return None if response.status_code == 404 else UserClaims(**response.json())
 
-    async def provision(self, identity: Any, link_by: str | None = None) -> UserClaims:
+    async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         body = {"identity": {key: getattr(identity, key) for key in UPSTREAM_FIELDS}, "link_by": link_by}
         response = await self.call("POST", "/internal/v1/upstream-identities", json=body)
         if response.status_code == 409 and response.json().get("error") == "account_disabled":

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import UserDisabled, json_response
 from iam.internal import require_peer
+from iam.peers import UpstreamIdentity
 from iam.roles import Role
 from iam.users.directory import DirectoryError
 from iam.users.services import user_services
@@ -30,12 +31,10 @@ async def find_user(username: str, request: Request) -> Response:
 @router.post("/internal/v1/upstream-identities")
 async def provision(request: Request) -> Response:
     """An upstream sign-in: the user it is (linked or created), with claims refreshed; 409 if disabled here."""
-    from iam.users.upstream import Upstream
-
     await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
     try:
         body = await request.json()
-        identity = Upstream.from_json(body["identity"])
+        identity = UpstreamIdentity.from_json(body["identity"])
         link_by = body.get("link_by")
         if link_by not in (None, "email"):
             raise ValueError("link_by must be null or \"email\"")

@@ -16,15 +16,13 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from iam.errors import UserDisabled
 from iam.observability import audit
-from iam.peers import UserClaims
+from iam.peers import UpstreamIdentity, UserClaims
 from iam.users.directory import RETRIES, DirectoryError, Email, NewUser, _user_values, _write_emails
 from iam.users.store import connector_groups, upstream_links, users
 
@@ -32,45 +30,6 @@ log = logging.getLogger("iam.users.upstream")
 
 MAX_GROUPS = 1000  # a huge upstream group list is cut here (fail safe: fewer groups, never more)
 MAX_NAME = 255
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """The upstream identity as the user-management role receives it: the fields of `UpstreamIdentity`, which
-    lives in the authentication role (this role never imports its modules)."""
-
-    connector_id: str
-    subject: str
-    username: str | None = None
-    email: str | None = None
-    email_verified: bool = False
-    name: str | None = None
-    groups: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, identity) -> Upstream:
-        return cls(identity.connector_id, identity.subject, identity.username, identity.email,
-                   bool(identity.email_verified), identity.name, list(identity.groups))
-
-    @classmethod
-    def from_json(cls, data: dict) -> Upstream:
-        """From the internal API's JSON body; raises ValueError on anything malformed."""
-        def required(key: str) -> str:
-            value = data.get(key)
-            if not isinstance(value, str) or not value or len(value) > 1024:
-                raise ValueError(f"{key} must be a non-empty string")
-            return value
-
-        def text(key: str) -> str | None:
-            return None if data.get(key) is None else required(key)
-
-        groups = data.get("groups") or []
-        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-            raise ValueError("groups must be a list of strings")
-        if not isinstance(data.get("email_verified", False), bool):
-            raise ValueError("email_verified must be a boolean")
-        return cls(required("connector_id"), required("subject"), text("username"), text("email"),
-                   data.get("email_verified", False), text("name"), groups)
 
 
 def _clean(value: str | None) -> str | None:
@@ -81,7 +40,7 @@ def _clean(value: str | None) -> str | None:
     return value if value and not any(ord(c) < 0x20 for c in value) else None
 
 
-def _group_names(upstream: Upstream) -> list[str]:
+def _group_names(upstream: UpstreamIdentity) -> list[str]:
     names = sorted({name for g in upstream.groups if (name := _clean(g)) is not None})
     if len(names) > MAX_GROUPS:
         log.warning("connector %s reported %d groups for one user; keeping the first %d",
@@ -96,28 +55,27 @@ class UpstreamAccounts:
         self.directory = directory
         self.engine = directory.engine
 
-    async def provision(self, identity: Any, link_by: str | None = None) -> UserClaims:
+    async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         """The user for an upstream sign-in: found by link, linked by verified email, or created.
 
         Raises UserDisabled for a user disabled in the directory (the sign-in must fail).
         """
-        upstream = identity if isinstance(identity, Upstream) else Upstream.of(identity)
-        groups = _group_names(upstream)
+        groups = _group_names(identity)
         for _ in range(RETRIES):
-            link = await self._link(upstream)
-            owner = None if link is not None or link_by != "email" else await self._verified_owner(upstream)
+            link = await self._link(identity)
+            owner = None if link is not None or link_by != "email" else await self._verified_owner(identity)
             try:
                 if link is not None:
                     await self._active_claims(link.user_id)  # refused before anything is written
-                    await self._refresh(link, upstream, groups)
+                    await self._refresh(link, identity, groups)
                     user_id = link.user_id
                 elif owner is not None:
                     await self._active_claims(owner)  # a disabled owner is refused, never bypassed
-                    user_id = await self._add_link(owner, upstream, groups)
-                    audit("user.linked", actor=owner, user=owner, connector=upstream.connector_id, link_by="email")
+                    user_id = await self._add_link(owner, identity, groups)
+                    audit("user.linked", actor=owner, user=owner, connector=identity.connector_id, link_by="email")
                 else:
-                    user_id = await self._create(upstream, groups)
-                    audit("user.created", actor=user_id, user=user_id, connector=upstream.connector_id,
+                    user_id = await self._create(identity, groups)
+                    audit("user.created", actor=user_id, user=user_id, connector=identity.connector_id,
                           groups=groups)
             except IntegrityError:
                 continue  # a concurrent first sign-in won (or took the name): look again
@@ -140,7 +98,7 @@ class UpstreamAccounts:
             raise UserDisabled(f"user {user_id} is disabled")
         return claims
 
-    async def _link(self, upstream: Upstream):
+    async def _link(self, upstream: UpstreamIdentity):
         async with self.engine.connect() as conn:
             return (await conn.execute(
                 select(upstream_links)
@@ -148,7 +106,7 @@ class UpstreamAccounts:
                        upstream_links.c.subject == upstream.subject)
             )).first()
 
-    async def _verified_owner(self, upstream: Upstream) -> str | None:
+    async def _verified_owner(self, upstream: UpstreamIdentity) -> str | None:
         """The one local user whose primary address is this verified one, not yet linked at this connector."""
         email = _clean(upstream.email)
         if not upstream.email_verified or email is None:
@@ -165,7 +123,7 @@ class UpstreamAccounts:
             )).scalar_one()
         return None if taken else owners[0]
 
-    async def _add_link(self, user_id: str, upstream: Upstream, groups: list[str]) -> str:
+    async def _add_link(self, user_id: str, upstream: UpstreamIdentity, groups: list[str]) -> str:
         now = int(time.time())
         async with self.engine.begin() as conn:
             await conn.execute(insert(upstream_links).values(
@@ -176,7 +134,7 @@ class UpstreamAccounts:
                                .values(version=users.c.version + 1, updated_at=now))
         return user_id
 
-    async def _free_name(self, upstream: Upstream) -> str:
+    async def _free_name(self, upstream: UpstreamIdentity) -> str:
         """The username for a new user: the upstream's, unless someone has it (then `<name>@<connector id>`)."""
         base = _clean(upstream.username) or _clean(upstream.email) or _clean(upstream.subject) or "user"
         suffix = hashlib.sha256(upstream.subject.encode()).hexdigest()[:8]
@@ -186,7 +144,7 @@ class UpstreamAccounts:
                 return candidate
         raise DirectoryError("uniqueness", "every candidate username is taken")
 
-    async def _create(self, upstream: Upstream, groups: list[str]) -> str:
+    async def _create(self, upstream: UpstreamIdentity, groups: list[str]) -> str:
         user_name = await self._free_name(upstream)
         email = _clean(upstream.email)
         new = NewUser(user_name=user_name, email=email.lower() if email else None,
@@ -203,7 +161,7 @@ class UpstreamAccounts:
             await _replace_groups(conn, user_id, upstream.connector_id, groups)
         return user_id
 
-    async def _refresh(self, link, upstream: Upstream, groups: list[str]) -> None:
+    async def _refresh(self, link, upstream: UpstreamIdentity, groups: list[str]) -> None:
         """What the connector owns, as the upstream says now: its groups, and the profile of a user it created."""
         now = int(time.time())
         async with self.engine.begin() as conn:
@@ -220,7 +178,7 @@ class UpstreamAccounts:
                 await conn.execute(update(users).where(users.c.id == link.user_id)
                                    .values(version=users.c.version + 1, updated_at=now))
 
-    async def _refresh_profile(self, conn, row, upstream: Upstream) -> bool:
+    async def _refresh_profile(self, conn, row, upstream: UpstreamIdentity) -> bool:
         email = _clean(upstream.email)
         email = email.lower() if email else None
         values = {"display_name": _clean(upstream.name), "email": email,

@@ -7,23 +7,10 @@ A connector never stores an upstream password or token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class UpstreamIdentity:
-    """Who the upstream system says signed in. `subject` is stable for the person at that connector."""
-
-    connector_id: str
-    subject: str
-    username: str | None = None
-    email: str | None = None
-    email_verified: bool = False
-    name: str | None = None
-    groups: list[str] = field(default_factory=list)  # already prefixed and filtered per the connector's config
-    amr: list[str] = field(default_factory=list)  # how the person authenticated upstream (RFC 8176 values)
-    acr: str | None = None
+from iam.peers import UpstreamIdentity  # a shared leaf: the user-management role reads it too
 
 
 class ConnectorError(Exception):
