@@ -24,9 +24,9 @@ from iam.authn.connectors.pending import TTL
 from iam.authn.connectors.registry import callback_uri
 from iam.authn.login import _start_session, known_device, login_form, second_factor
 from iam.authn.services import authn_services
-from iam.authn.web import Flow, client_of, cookie_name, csrf_ok, set_cookie
+from iam.authn.web import Flow, client_of, cookie_name, set_cookie, sign_in_form
 from iam.errors import OAuthError, PeerUnavailable, UserDisabled
-from iam.http import client_address, parse_params, read_form
+from iam.http import client_address, parse_params
 from iam.observability import CONNECTOR_FAILURES, CONNECTOR_SIGN_INS, LOGINS, audit, source_of, upstream_call
 from iam.pages import HARDENING, error_page
 
@@ -78,6 +78,12 @@ def _parse_flow(params: dict[str, str]) -> Flow | None:
         return Flow.parse(params)
     except ValueError:
         return None
+
+
+def _posted_flow(form: dict[str, str]) -> Flow:
+    if not form:
+        raise ValueError("an empty form")
+    return Flow.parse(form)
 
 
 @router.get("/authn/connectors/{connector_id}/login")
@@ -146,15 +152,10 @@ async def connector_callback(connector_id: str, request: Request) -> Response:
 async def connector_password(connector_id: str, request: Request) -> Response:
     """An LDAP connector's form: the password is checked by the directory server and never stored here."""
     services = authn_services(request)
-    try:
-        form = await read_form(request)
-    except OAuthError:
-        form = {}
-    flow = _parse_flow(form) if form else None
-    if flow is None:
-        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
-    if not csrf_ok(request, form):
-        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    posted = await sign_in_form(request, _posted_flow)
+    if isinstance(posted, Response):
+        return posted
+    form, flow = posted
     config = _offered(request, connector_id, flow)
     if config is None or config.type != "ldap":
         return _unknown()

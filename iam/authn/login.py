@@ -20,15 +20,15 @@ from iam.authn.web import (
     client_name,
     client_of,
     cookie_name,
-    csrf_ok,
     current_session,
     handoff,
     page,
     set_cookie,
+    sign_in_form,
 )
 from iam.errors import OAuthError, PeerRejected
 from iam.formats import ACR_MFA, acr_of
-from iam.http import client_address, parse_params, read_form
+from iam.http import client_address, parse_params
 from iam.observability import LOGINS, audit, source_of
 from iam.pages import HARDENING, error_page
 from iam.peers import role_id
@@ -111,13 +111,10 @@ async def login_page(request: Request) -> Response:
 @router.post("/authn/login")
 async def login_submit(request: Request) -> Response:
     services = authn_services(request)
-    try:
-        form = await read_form(request)
-        flow = Flow.parse(form)
-    except (OAuthError, ValueError):
-        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
-    if not csrf_ok(request, form):
-        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    posted = await sign_in_form(request, Flow.parse)
+    if isinstance(posted, Response):
+        return posted
+    form, flow = posted
     if not services.settings.password_login:
         return error_page("Sign-in method not offered", "Sign in with one of the offered providers.", 403)
     username = form.get("username", "").strip()[:255]
@@ -147,13 +144,10 @@ async def login_submit(request: Request) -> Response:
 @router.post("/authn/login/continue")
 async def continue_as(request: Request) -> Response:
     """prompt=select_account: the person chose the account they are signed in with."""
-    try:
-        form = await read_form(request)
-        flow = Flow.parse(form)
-    except (OAuthError, ValueError):
-        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
-    if not csrf_ok(request, form):
-        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    posted = await sign_in_form(request, Flow.parse)
+    if isinstance(posted, Response):
+        return posted
+    _, flow = posted
     session = await current_session(request)
     if not await _reusable(request, flow, session):
         return login_form(request, flow)
@@ -195,12 +189,10 @@ async def _start_session(request: Request, flow: Flow, subject: str, amr: list[s
 @router.post("/authn/login/totp")
 async def totp_submit(request: Request) -> Response:
     services = authn_services(request)
-    try:
-        form = await read_form(request)
-    except OAuthError:
-        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
-    if not csrf_ok(request, form):
-        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    posted = await sign_in_form(request, lambda form: None)  # the flow is in the signed `mfa` token
+    if isinstance(posted, Response):
+        return posted
+    form, _ = posted
     try:
         pending = await services.peer_keys.verify(form.get("mfa", ""), issuer=Role.AUTHENTICATION,
                                              audience=role_id(Role.AUTHENTICATION), typ=MFA_TYP, max_ttl=MFA_TTL)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlencode
 
 from fastapi import Request, Response
@@ -15,9 +17,10 @@ from fastapi.responses import RedirectResponse
 
 from iam.authn.services import authn_services
 from iam.config import SCOPE_TOKEN
+from iam.errors import OAuthError
 from iam.formats import ACR_MFA, PROMPTS, known_acr_values, normalise_user_code
-from iam.http import is_digits
-from iam.pages import HARDENING, render
+from iam.http import is_digits, read_form
+from iam.pages import HARDENING, error_page, render
 from iam.peers import HANDOFF_TYP
 from iam.roles import Role
 from iam.security import constant_time_equal
@@ -59,6 +62,23 @@ def csrf_ok(request: Request, form: dict[str, str]) -> bool:
         return False
     cookie = request.cookies.get(cookie_name(request, "iam_csrf"), "")
     return bool(cookie) and constant_time_equal(cookie, form.get("csrf", ""))
+
+
+Parsed = TypeVar("Parsed")
+
+
+async def sign_in_form(request: Request, parse: Callable[[dict[str, str]], Parsed]
+                       ) -> tuple[dict[str, str], Parsed] | Response:
+    """The form a sign-in page posted and what `parse` reads from it (raising ValueError to refuse), or the
+    error page to answer instead: an unreadable form (400), then an expired or cross-site one (403)."""
+    try:
+        form = await read_form(request)
+        parsed = parse(form)
+    except (OAuthError, ValueError):
+        return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
+    if not csrf_ok(request, form):
+        return error_page("Session expired", "The sign-in form expired. Go back and try again.", 403)
+    return form, parsed
 
 
 def page(request: Request, template: str, status: int = 200, **context) -> Response:
