@@ -169,7 +169,7 @@ async def seeded(scim_app):
             external_id=external, active=active, email_verified=verified))
     ids["readers"] = await directory.create_group(NewGroup("Readers", members=(ids["alice"], ids["Bob"])))
     ids["writers"] = await directory.create_group(NewGroup("Writers", members=(ids["Bob"],)))
-    async with directory.engine.begin() as conn:
+    async with directory.store.engine.begin() as conn:
         for user_name, row in SEED.items():
             await conn.execute(update(users).where(users.c.id == ids[user_name])
                                .values(updated_at=1_700_000_000 + row[-1]))

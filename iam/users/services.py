@@ -8,6 +8,7 @@ from fastapi import Request
 from iam.peers import Credentials, Tokens
 from iam.runtime import Shared
 from iam.users.directory import Directory
+from iam.users.store import UserStore
 from iam.users.upstream import UpstreamAccounts
 
 
@@ -21,12 +22,12 @@ class UserServices:
 
     def __init__(self, shared: Shared) -> None:
         self.settings = shared.settings
-        self.engine = shared.stores["users"].engine
+        self.store = UserStore(shared.stores["users"].engine)  # the role's SQL, all of it
 
     def connect(self, credentials: Credentials, tokens: Tokens) -> None:
         self.credentials = credentials
         self.tokens = tokens
-        self.directory = Directory(self.engine, credentials)
+        self.directory = Directory(self.store, credentials)
         self.upstream = UpstreamAccounts(self.directory)  # people who sign in through a connector
         # A disabled or deleted user loses every grant and session at once, in whichever process they live.
         self.directory.on_disabled += [tokens.revoke_subject, credentials.end_sessions]

@@ -16,15 +16,16 @@ import hashlib
 import logging
 import time
 import uuid
+from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from iam.errors import UserDisabled
 from iam.observability import audit
 from iam.peers import UpstreamIdentity, UserClaims
-from iam.users.directory import RETRIES, DirectoryError, Email, NewUser, _user_values, _write_emails
-from iam.users.store import connector_groups, upstream_links, users
+from iam.users.directory import RETRIES, Directory, DirectoryError
+from iam.users.store import NewUser
 
 log = logging.getLogger("iam.users.upstream")
 
@@ -51,9 +52,9 @@ def _group_names(upstream: UpstreamIdentity) -> list[str]:
 class UpstreamAccounts:
     """The user-management side of connector sign-ins, over the directory's store."""
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory: Directory) -> None:
         self.directory = directory
-        self.engine = directory.engine
+        self.store = directory.store
 
     async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         """The user for an upstream sign-in: found by link, linked by verified email, or created.
@@ -84,11 +85,7 @@ class UpstreamAccounts:
 
     async def upstream_subject(self, sub: str, connector_id: str) -> str | None:
         """The subject a user has at a connector (for re-checks with the upstream), if linked."""
-        async with self.engine.connect() as conn:
-            return (await conn.execute(
-                select(upstream_links.c.subject)
-                .where(upstream_links.c.user_id == sub, upstream_links.c.connector_id == connector_id)
-            )).scalar()
+        return await self.store.upstream_subject(sub, connector_id)
 
     async def _active_claims(self, user_id: str) -> UserClaims:
         claims = await self.directory.claims(user_id)
@@ -98,40 +95,21 @@ class UpstreamAccounts:
             raise UserDisabled(f"user {user_id} is disabled")
         return claims
 
-    async def _link(self, upstream: UpstreamIdentity):
-        async with self.engine.connect() as conn:
-            return (await conn.execute(
-                select(upstream_links)
-                .where(upstream_links.c.connector_id == upstream.connector_id,
-                       upstream_links.c.subject == upstream.subject)
-            )).first()
+    async def _link(self, upstream: UpstreamIdentity) -> Row[Any] | None:
+        return await self.store.link(upstream.connector_id, upstream.subject)
 
     async def _verified_owner(self, upstream: UpstreamIdentity) -> str | None:
         """The one local user whose primary address is this verified one, not yet linked at this connector."""
         email = _clean(upstream.email)
         if not upstream.email_verified or email is None:
             return None  # never by an unverified address: that would be an account takeover
-        async with self.engine.connect() as conn:
-            owners = (await conn.execute(
-                select(users.c.id).where(users.c.email == email.lower(), users.c.email_verified.is_(True)).limit(2)
-            )).scalars().all()
-            if len(owners) != 1:
-                return None
-            taken = (await conn.execute(
-                select(func.count()).select_from(upstream_links)
-                .where(upstream_links.c.connector_id == upstream.connector_id, upstream_links.c.user_id == owners[0])
-            )).scalar_one()
-        return None if taken else owners[0]
+        owners = await self.store.verified_owners(email.lower(), limit=2)
+        if len(owners) != 1 or await self.store.linked_at(upstream.connector_id, owners[0]):
+            return None
+        return owners[0]
 
     async def _add_link(self, user_id: str, upstream: UpstreamIdentity, groups: list[str]) -> str:
-        now = int(time.time())
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(upstream_links).values(
-                connector_id=upstream.connector_id, subject=upstream.subject, user_id=user_id, provisioned=False,
-                created_at=now, last_sign_in=now))
-            await _replace_groups(conn, user_id, upstream.connector_id, groups)
-            await conn.execute(update(users).where(users.c.id == user_id)
-                               .values(version=users.c.version + 1, updated_at=now))
+        await self.store.add_link(user_id, upstream.connector_id, upstream.subject, groups, int(time.time()))
         return user_id
 
     async def _free_name(self, upstream: UpstreamIdentity) -> str:
@@ -149,65 +127,20 @@ class UpstreamAccounts:
         email = _clean(upstream.email)
         new = NewUser(user_name=user_name, email=email.lower() if email else None,
                       email_verified=bool(email and upstream.email_verified), display_name=_clean(upstream.name))
-        emails = new.all_emails()
-        user_id, now = str(uuid.uuid4()), int(time.time())
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(users).values(id=user_id, **_user_values(new, emails), version=1,
-                                                    created_at=now, updated_at=now))
-            await _write_emails(conn, user_id, emails, replace=False)
-            await conn.execute(insert(upstream_links).values(
-                connector_id=upstream.connector_id, subject=upstream.subject, user_id=user_id, provisioned=True,
-                created_at=now, last_sign_in=now))
-            await _replace_groups(conn, user_id, upstream.connector_id, groups)
+        user_id = str(uuid.uuid4())
+        await self.store.add_linked_user(user_id, new, upstream.connector_id, upstream.subject, groups,
+                                         int(time.time()))
         return user_id
 
-    async def _refresh(self, link, upstream: UpstreamIdentity, groups: list[str]) -> None:
+    async def _refresh(self, link: Row[Any], upstream: UpstreamIdentity, groups: list[str]) -> None:
         """What the connector owns, as the upstream says now: its groups, and the profile of a user it created."""
-        now = int(time.time())
-        async with self.engine.begin() as conn:
-            changed = await _replace_groups(conn, link.user_id, upstream.connector_id, groups)
-            if link.provisioned:
-                row = (await conn.execute(select(users).where(users.c.id == link.user_id))).first()
-                if row is not None:
-                    changed |= await self._refresh_profile(conn, row, upstream)
-            await conn.execute(update(upstream_links)
-                               .where(upstream_links.c.connector_id == link.connector_id,
-                                      upstream_links.c.subject == link.subject)
-                               .values(last_sign_in=now))
-            if changed:
-                await conn.execute(update(users).where(users.c.id == link.user_id)
-                                   .values(version=users.c.version + 1, updated_at=now))
-
-    async def _refresh_profile(self, conn, row, upstream: UpstreamIdentity) -> bool:
+        if not link.provisioned:  # a local account linked by email: its profile stays the directory's
+            await self.store.refresh_link(link, groups, int(time.time()))
+            return
         email = _clean(upstream.email)
         email = email.lower() if email else None
-        values = {"display_name": _clean(upstream.name), "email": email,
-                  "email_verified": bool(email and upstream.email_verified)}
-        wanted = _clean(upstream.username)
-        if wanted and wanted != row.user_name and wanted.casefold() != row.user_name_key:
-            # A renamed upstream account takes its new name when nobody else has it; else it keeps the old one.
-            taken = (await conn.execute(select(users.c.id).where(users.c.user_name_key == wanted.casefold()))).scalar()
-            if taken is None:
-                values.update(user_name=wanted, user_name_key=wanted.casefold())
-        if all(getattr(row, key) == value for key, value in values.items()):
-            return False
-        await conn.execute(update(users).where(users.c.id == row.id).values(**values))
-        if email != row.email:
-            await _write_emails(conn, row.id, (Email(email, primary=True),) if email else (), replace=True)
-        return True
-
-
-async def _replace_groups(conn, user_id: str, connector_id: str, names: list[str]) -> bool:
-    """Set a user's groups from one connector; True if they changed."""
-    where = (connector_groups.c.user_id == user_id, connector_groups.c.connector_id == connector_id)
-    current = set((await conn.execute(select(connector_groups.c.name).where(*where))).scalars().all())
-    if current == set(names):
-        return False
-    gone = sorted(current - set(names))
-    if gone:
-        await conn.execute(delete(connector_groups).where(*where, connector_groups.c.name.in_(gone)))
-    new = [name for name in names if name not in current]
-    if new:
-        await conn.execute(insert(connector_groups),
-                           [{"user_id": user_id, "connector_id": connector_id, "name": name} for name in new])
-    return True
+        profile = {"display_name": _clean(upstream.name), "email": email,
+                   "email_verified": bool(email and upstream.email_verified)}
+        # A renamed upstream account takes its new name when nobody else has it; else it keeps the old one.
+        await self.store.refresh_link(link, groups, int(time.time()), profile=profile,
+                                      user_name=_clean(upstream.username))
