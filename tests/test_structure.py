@@ -45,3 +45,43 @@ def test_the_internal_api_is_declared_in_four_modules(tmp_path):
     modules = {route.endpoint.__module__ for route in routes(app.router)
                if getattr(route, "path", "").startswith("/internal/")}
     assert modules == {"iam.internal", "iam.authn.internal", "iam.token.internal", "iam.users.internal"}
+
+
+# Where a role's SQL may be: its store module (iam/<role>/store.py), which holds the statements, and the SCIM
+# filter compiler, which turns a filter into a WHERE condition over the user store's tables for the store to run.
+SQL_MODULES = {"iam/token/store.py", "iam/authn/store.py", "iam/users/store.py", "iam/users/scim/filter.py"}
+# What any module may take from SQLAlchemy: its errors, and the type of a row the store returns.
+SQL_FREE = {"sqlalchemy.exc", "sqlalchemy.engine"}
+
+
+def _sql_in(path):
+    """The lines of a module that build or run SQL: an import of SQLAlchemy's statement builders (select, insert,
+    update, delete, text, func, dialects, ...), a call of `.execute`, or a connection opened on an engine."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlalchemy":
+            if node.module not in SQL_FREE:
+                yield node.lineno, f"from {node.module} import ..."
+        elif isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "sqlalchemy" for alias in node.names):
+            yield node.lineno, "import sqlalchemy"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target, name = node.func.value, node.func.attr
+            if name in ("execute", "exec_driver_sql", "run_sync"):
+                yield node.lineno, f".{name}()"
+            elif name in ("begin", "connect") and getattr(target, "attr", getattr(target, "id", None)) == "engine":
+                yield node.lineno, f"engine.{name}()"
+
+
+def test_each_role_keeps_its_sql_in_its_store():
+    """One persistence shape (issue #17): a store class per role holds its SQL; the rules live above it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(root)}:{line}: {what}"
+             for role in PACKAGES.values() for path in sorted((root / "iam" / role).rglob("*.py"))
+             if str(path.relative_to(root)) not in SQL_MODULES for line, what in _sql_in(path)]
+    assert found == []
+    for module in SQL_MODULES - {"iam/users/scim/filter.py"}:  # the check sees what a store does
+        assert list(_sql_in(root / module)), module
