@@ -115,6 +115,7 @@ class Replica:
         self.code, self.env, self.directory = code, {**env, "PYTHONPATH": str(code)}, directory
         self.directory.mkdir()
         self._serving = None
+        self.process: subprocess.Popen | None = None  # None until started, or when it could not start
 
     def command(self, *args: str) -> subprocess.CompletedProcess:
         return iam(*args, env=self.env, cwd=self.code)
@@ -186,7 +187,7 @@ def test_a_rolling_upgrade_fails_no_request(postgres_server, tmp_path):
         for thread in threads:
             thread.join(timeout=60)
         for replica in old + new:
-            if replica.process.poll() is None:
+            if replica.process is not None and replica.process.poll() is None:
                 replica.stop()
     assert failures == [], failures[:5]
     assert answered["issued"] > 20 and answered["introspected"] > 20
