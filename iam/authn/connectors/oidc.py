@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import secrets
 import time
@@ -30,7 +29,6 @@ import httpx
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import InvalidPayloadError, JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 from joserfc.jws import extract_compact
 
 from iam.authn.connectors import (
@@ -40,18 +38,12 @@ from iam.authn.connectors import (
     UpstreamIdentity,
     UpstreamRejected,
 )
-from iam.config import LOOPBACK_HOSTS, OidcConnectorConfig
+from iam.config import OidcConnectorConfig
+from iam.jwks import SIGNING_ALGS, fits, json_object, pick, public_keys, secure_url
 from iam.security import constant_time_equal
 
 log = logging.getLogger(__name__)
 
-# Signature algorithms iam accepts for ID tokens, and the key type each needs. Never `none`, never HMAC: an
-# HMAC check keyed with the provider's public key would accept tokens anyone can forge.
-SIGNING_ALGS: dict[str, type] = {
-    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), RSAKey),
-    **dict.fromkeys(("ES256", "ES384", "ES512"), ECKey),
-    **dict.fromkeys(("EdDSA", "Ed25519"), OKPKey),
-}
 DISCOVERY_TTL = 3600.0  # seconds a discovery document is used before it is fetched again
 JWKS_REFETCH_INTERVAL = 60.0  # an unknown kid fetches the JWKS again at most this often
 CLOCK_SKEW = 30  # seconds of clock difference tolerated for exp, iat and nbf
@@ -184,7 +176,7 @@ class OidcConnector:
                 form["client_secret"] = secret or ""
         response, body = await self._send("token endpoint", "POST", metadata.token_endpoint, data=form,
                                           headers=headers)
-        document = _json_object(body)
+        document = json_object(body)
         if response.status_code != 200:
             error = document.get("error") if document else None
             # RFC 6749 §5.2: invalid_client is iam's own credentials; invalid_grant this code.
@@ -268,7 +260,7 @@ class OidcConnector:
         if response.status_code >= 500:
             raise ConnectorUnavailable(f"connector {self.id}: userinfo endpoint answered {response.status_code}")
         media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        document = _json_object(body) if media_type == "application/json" else None
+        document = json_object(body) if media_type == "application/json" else None
         if response.status_code != 200 or document is None:
             raise UpstreamRejected(f"connector {self.id}: the userinfo endpoint answered {response.status_code} "
                                    f"{media_type or 'without a content type'} (signed userinfo: set userinfo: false)")
@@ -327,7 +319,7 @@ class OidcConnector:
         issuer = self.config.issuer
         response, body = await self._send("discovery", "GET", issuer + "/.well-known/openid-configuration",
                                           headers={"Accept": "application/json"})
-        document = _json_object(body)
+        document = json_object(body)
         if response.status_code != 200 or document is None:
             raise ConnectorUnavailable(f"connector {self.id}: discovery answered {response.status_code}, "
                                        "not a JSON document")
@@ -343,7 +335,7 @@ class OidcConnector:
             url = document.get(name)
             if url is None and name == "userinfo_endpoint":
                 continue
-            if not isinstance(url, str) or not _secure_url(url):
+            if not isinstance(url, str) or not secure_url(url):
                 raise unusable(f"{name} is missing or not an https URL")
             endpoints[name] = url
         response_types = document.get("response_types_supported")
@@ -377,36 +369,26 @@ class OidcConnector:
     async def _signing_key(self, metadata: ProviderMetadata, kid: Any, alg: str) -> Any | None:
         """The provider's key for this kid and alg. An unknown kid fetches the JWKS again (the provider rotated
         its keys), at most once per JWKS_REFETCH_INTERVAL: a flood of forged kids cannot make iam hammer it."""
-        if self._keys is not None and (key := _pick(self._keys, kid, alg)) is not None:
+        if self._keys is not None and (key := pick(self._keys, kid, alg)) is not None:
             return key
         async with self._lock:
             if self._keys is not None:
-                if (key := _pick(self._keys, kid, alg)) is not None:  # another sign-in just fetched it
+                if (key := pick(self._keys, kid, alg)) is not None:  # another sign-in just fetched it
                     return key
                 now = self._clock()
                 if self._last_refetch is not None and now - self._last_refetch < JWKS_REFETCH_INTERVAL:
                     return None
                 self._last_refetch = now
             self._keys = await self._fetch_keys(metadata)
-            return _pick(self._keys, kid, alg)
+            return pick(self._keys, kid, alg)
 
     async def _fetch_keys(self, metadata: ProviderMetadata) -> list[Any]:
         response, body = await self._send("JWKS", "GET", metadata.jwks_uri, headers={"Accept": "application/json"})
-        document = _json_object(body)
+        document = json_object(body)
         if response.status_code != 200 or document is None or not isinstance(document.get("keys"), list):
             raise ConnectorUnavailable(f"connector {self.id}: the JWKS answered {response.status_code}, "
                                        "not a JWK Set")
-        keys = []
-        for entry in document["keys"]:
-            # RFC 7517 §4.2: keys for encryption are not for signatures; a symmetric key has no place here.
-            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" or entry.get("kty") == "oct":
-                continue
-            try:
-                key = import_key({k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi")})
-            except (JoseError, ValueError, TypeError, KeyError):
-                continue  # a key iam cannot read is skipped; the others still work
-            keys.append(key)
-        return keys
+        return list(public_keys(document["keys"]))
 
     async def _send(self, what: str, method: str, url: str, **kwargs) -> tuple[httpx.Response, bytes]:
         """One request to the provider, bounded by the connector's timeout and MAX_RESPONSE_BYTES."""
@@ -441,7 +423,7 @@ class OidcConnector:
         except ConnectorUnavailable as exc:
             checks.append(Check("jwks", False, str(exc)))
         else:
-            usable = [k for k in self._keys if any(_fits(k, alg) for alg in metadata.signing_algs)]
+            usable = [k for k in self._keys if any(fits(k, alg) for alg in metadata.signing_algs)]
             kids = ", ".join(str(k.kid) for k in usable if k.kid)
             checks.append(Check("jwks", bool(usable), f"{len(usable)} signing key(s) for the advertised algorithms"
                                 + (f": {kids}" if kids else "")))
@@ -470,41 +452,6 @@ def claim_at(claims: dict[str, Any], path: str) -> Any:
             return None
         value = value[part]
     return value
-
-
-def _pick(keys: list[Any], kid: Any, alg: str) -> Any | None:
-    candidates = [key for key in keys if _fits(key, alg)]
-    if kid is not None:
-        return next((key for key in candidates if key.kid == kid), None)
-    return candidates[0] if len(candidates) == 1 else None  # without a kid, only an unambiguous key
-
-
-def _fits(key: Any, alg: str) -> bool:
-    """RFC 7517 §4.4: a key that names its alg is used with that alg only; the key type must fit the alg."""
-    declared = key.get("alg") if hasattr(key, "get") else None
-    if declared is not None and declared != alg:
-        return False
-    if not isinstance(key, SIGNING_ALGS[alg]):
-        return False
-    if isinstance(key, ECKey):
-        return {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}[alg] == key.curve_name
-    if isinstance(key, OKPKey):
-        return key.curve_name == "Ed25519" if alg == "Ed25519" else key.curve_name in ("Ed25519", "Ed448")
-    return True
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def _secure_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return bool(parts.hostname) and (parts.scheme == "https" or parts.scheme == "http"
-                                     and parts.hostname in LOOPBACK_HOSTS)
 
 
 def _number(value: Any) -> bool:
