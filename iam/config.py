@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from iam.jwks import LOOPBACK_HOSTS, check_key_set, secure_url
 from iam.roles import Role
 
 DEFAULT_CONFIG = "config/iam.yaml"
@@ -47,8 +48,72 @@ GrantType = Literal[
     "client_credentials",
     "urn:ietf:params:oauth:grant-type:device_code",
 ]
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "workload_identity", "none"]
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
 SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
+
+
+class WorkloadIdentity(_Strict):
+    """A workload trusted to authenticate as a client with a token its platform gave it (a Kubernetes
+    service-account token, a SPIFFE JWT-SVID), sent as a client assertion (RFC 7523 §2.2)."""
+
+    issuer: str = Field(description=(
+        "The `iss` of the workload's tokens, e.g. https://kubernetes.default.svc; `spiffe://<trust domain>` for "
+        "SPIFFE JWT-SVIDs (their `iss` is not checked, the trust bundle's keys vouch for them)."))
+    subject: str = Field(min_length=1, max_length=255, description=(
+        "The exact `sub`: `system:serviceaccount:<namespace>:<name>`, or a SPIFFE ID `spiffe://<domain>/<path>`."))
+    audience: str | None = Field(default=None, description=(
+        "An `aud` the token must carry; unset: iam's issuer (the projected volume's `audience`)."))
+    jwks_uri: str | None = Field(default=None, description=(
+        "The issuer's JWK Set URL; unset (and no jwks_file): found by OIDC discovery from the issuer."))
+    jwks_file: Path | None = Field(default=None, description=(
+        "A file with the issuer's JWK Set or SPIFFE trust bundle (a mounted ConfigMap), for issuers whose "
+        "discovery iam cannot reach."))
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        if not secure_url(value) and not SPIFFE_TRUST_DOMAIN.match(value):
+            raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host) or spiffe://<domain>")
+        return value
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not secure_url(value):
+            raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host)")
+        return value
+
+    @property
+    def spiffe_trust_domain(self) -> bool:
+        """The issuer is a SPIFFE trust domain: JWT-SVIDs need no `iss` (SPIFFE JWT-SVID §3), the trust bundle
+        names the keys."""
+        return bool(SPIFFE_TRUST_DOMAIN.match(self.issuer))
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_shape(cls, value: str) -> str:
+        if value.startswith("system:serviceaccount:") and len(value.split(":")) != 4:
+            raise ValueError("a service account subject is system:serviceaccount:<namespace>:<name>")
+        if value.startswith("spiffe://") and not SPIFFE_ID.match(value):
+            raise ValueError("not a SPIFFE ID (spiffe://<trust domain>/<path>)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> WorkloadIdentity:
+        if self.jwks_uri is not None and self.jwks_file is not None:
+            raise ValueError("set jwks_uri or jwks_file, not both")
+        if self.spiffe_trust_domain:
+            if self.jwks_uri is None and self.jwks_file is None:
+                raise ValueError("a SPIFFE trust domain needs its trust bundle: jwks_file or jwks_uri")
+            if not self.subject.startswith(self.issuer + "/"):
+                raise ValueError("the subject must be a SPIFFE ID of the issuer's trust domain")
+        return self
+
+
+# SPIFFE ID (SPIFFE-ID §2): lowercase trust domain, a path of non-empty segments that are not . or ..
+SPIFFE_TRUST_DOMAIN = re.compile(r"^spiffe://[a-z0-9._-]{1,255}$")
+SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/(?!\.{1,2}(/|$))[A-Za-z0-9._-]+)+$")
 
 
 class ClientConfig(_Strict):
@@ -69,7 +134,15 @@ class ClientConfig(_Strict):
     response_types: list[Literal["code"]] = Field(default=["code"], description="Only `code`.")
     scope: str = Field(default="", description="The scopes the client may be granted, space-separated.")
     token_endpoint_auth_method: AuthMethod = Field(default="client_secret_basic", description=(
-        "`client_secret_basic`, `client_secret_post`, or `none` for a public client."))
+        "`client_secret_basic`, `client_secret_post`, `private_key_jwt` (a client assertion signed with a key "
+        "of `jwks` / `jwks_uri`), `workload_identity` (a token of one of `workload_identities`), or `none` for "
+        "a public client."))
+    jwks: dict[str, Any] | None = Field(default=None, description=(
+        "private_key_jwt: the client's public keys, a JWK Set `{\"keys\": [...]}` (RFC 7591 §2)."))
+    jwks_uri: str | None = Field(default=None, description=(
+        "private_key_jwt: where the client publishes its JWK Set instead (https)."))
+    workload_identities: list[WorkloadIdentity] = Field(default=[], description=(
+        "workload_identity: the workloads that may authenticate as this client, by issuer and subject."))
     post_logout_redirect_uris: list[str] = Field(default=[], description=(
         "Where RP-initiated logout may send the browser back to (exact match)."))
     application_type: Literal["web", "native"] = Field(default="web", description=(
@@ -89,7 +162,8 @@ class ClientConfig(_Strict):
     refresh_reuse_window: int = Field(default=0, ge=0, le=60, description=(
         "Seconds in which a retry of a just-rotated refresh token gets the same successor instead of revoking "
         "the grant; 0 is strict rotation."))
-    audience: list[str] = Field(default=[], description="The `aud` of the client's access tokens (the APIs).")
+    audience: list[str] = Field(default=[], description=(
+        "The `aud` of the client's access tokens (the APIs); a `resource` parameter (RFC 8707) picks one of them."))
     require_consent: bool = Field(default=False, description=(
         "Ask the person to allow the client its scopes before its first code, and again when it asks for more "
         "(third-party clients)."))
@@ -112,6 +186,20 @@ class ClientConfig(_Strict):
         if value and not value.startswith("$argon2id$"):
             raise ValueError("must be an argon2id hash (see `iam clients hash-secret`)")
         return value or None
+
+    @field_validator("jwks")
+    @classmethod
+    def _key_set(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_key_set(value)
+        return value
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_uri(cls, value: str | None) -> str | None:
+        if value is not None and not secure_url(value):
+            raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host)")
+        return value
 
     @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod
@@ -136,6 +224,15 @@ class ClientConfig(_Strict):
                 raise ValueError("public clients must use PKCE (RFC 9700 §2.1.1): require_pkce cannot be false")
         if "authorization_code" in self.grant_types and not self.redirect_uris:
             raise ValueError("the authorization_code grant needs at least one redirect_uri")
+        method = self.token_endpoint_auth_method
+        if method in ("private_key_jwt", "workload_identity") and has_secret:
+            raise ValueError(f"a {method} client has no client secret")
+        if (method == "private_key_jwt") != (self.jwks is not None or self.jwks_uri is not None):
+            raise ValueError("private_key_jwt needs jwks or jwks_uri, and only private_key_jwt uses them")
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("set jwks or jwks_uri, not both (RFC 7591 §2)")
+        if (method == "workload_identity") != bool(self.workload_identities):
+            raise ValueError("workload_identity needs workload_identities, and only workload_identity uses them")
         return self
 
     @property
@@ -145,16 +242,13 @@ class ClientConfig(_Strict):
     @property
     def enabled(self) -> bool:
         """A confidential client whose secret expanded to nothing cannot authenticate: it is disabled."""
-        if self.is_public:
-            return True
+        if self.token_endpoint_auth_method not in SECRET_METHODS:
+            return True  # public, or authenticated by keys (the validator above checked they are there)
         return bool(self.client_secret_hash) or bool(self.client_secret and self.client_secret.get_secret_value())
 
     @property
     def scopes(self) -> frozenset[str]:
         return frozenset(self.scope.split())
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def check_redirect_uri(uri: str) -> None:

@@ -25,7 +25,8 @@ async def test_metadata_describes_what_is_implemented(client, path):
     assert set(meta["grant_types_supported"]) == {
         "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code"}
     assert "password" not in meta["grant_types_supported"] and "implicit" not in meta["grant_types_supported"]
-    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post", "none"}
+    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post", "private_key_jwt", "none"}
+    assert meta["token_endpoint_auth_signing_alg_values_supported"] == ["RS256", "PS256", "ES256", "EdDSA"]
     # OIDC Discovery §3 required members, and what RFC 9700 / RFC 9207 ask to advertise.
     assert meta["response_types_supported"] == ["code"] and meta["subject_types_supported"] == ["public"]
     assert meta["id_token_signing_alg_values_supported"] == ["RS256"]  # never "none"

@@ -22,6 +22,7 @@ from fastapi import Request
 from iam.config import ClientConfig
 from iam.errors import OAuthError, invalid_client
 from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
+from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
 
 log = logging.getLogger("iam.clients")
 
@@ -33,7 +34,8 @@ def _digest(secret: str) -> bytes:
 
 
 class ClientRegistry:
-    def __init__(self, clients: list[ClientConfig]) -> None:
+    def __init__(self, clients: list[ClientConfig], assertions: ClientAssertions) -> None:
+        self.assertions = assertions
         self._clients: dict[str, ClientConfig] = {}
         self._digests: dict[str, bytes] = {}
         self._hashes: dict[str, str] = {}
@@ -55,8 +57,11 @@ class ClientRegistry:
     def __iter__(self) -> Iterator[ClientConfig]:
         return iter(self._clients.values())
 
-    async def authenticate(self, authorization: str | None, form: dict[str, str]) -> ClientConfig:
-        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3)."""
+    async def authenticate(self, authorization: str | None, form: dict[str, str], endpoint: str) -> ClientConfig:
+        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3), at `endpoint` (the URL
+        of the endpoint called, under the issuer)."""
+        if "client_assertion" in form or "client_assertion_type" in form:
+            return await self._by_assertion(authorization, form, endpoint)
         if authorization is not None:
             client_id, secret = _parse_basic(authorization)
             if "client_secret" in form:
@@ -82,6 +87,22 @@ class ClientRegistry:
             raise invalid_client(f"client is registered for {client.token_endpoint_auth_method}")
         return client
 
+    async def _by_assertion(self, authorization: str | None, form: dict[str, str], endpoint: str) -> ClientConfig:
+        """RFC 7521 §4.2: a client assertion, for a private_key_jwt or workload_identity client."""
+        if authorization is not None or "client_secret" in form:
+            # RFC 7521 §4.2.1: more than one client authentication mechanism is invalid_client.
+            raise invalid_client("use one client authentication method, not two")
+        assertion = form.get("client_assertion")
+        if assertion is None or form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise OAuthError("invalid_request", f"client_assertion with client_assertion_type {ASSERTION_TYPE}")
+        # RFC 7523 §3: client_id is optional, the assertion's sub names the client (private_key_jwt).
+        client_id = form.get("client_id") or claimed_client(assertion)
+        client = self._clients.get(client_id) if client_id is not None else None
+        if client is None:
+            raise invalid_client()
+        await self.assertions.verify(client, assertion, endpoint)
+        return client
+
     async def _verify_secret(self, client_id: str, secret: str) -> bool:
         presented = _digest(secret)
         known = self._digests.get(client_id)
@@ -102,8 +123,9 @@ class ClientRegistry:
 
 async def authenticate(request: Request, clients: ClientRegistry, form: dict[str, str]) -> ClientConfig:
     """Authenticate the calling client of an endpoint; failures are counted and audited."""
+    endpoint = clients.assertions.issuer.rstrip("/") + request.url.path
     try:
-        return await clients.authenticate(request.headers.get("authorization"), form)
+        return await clients.authenticate(request.headers.get("authorization"), form, endpoint)
     except OAuthError as exc:
         if exc.error == "invalid_client":
             CLIENT_AUTH_FAILURES.inc()

@@ -7,8 +7,11 @@ from typing import Any
 from iam.config import Settings
 from iam.formats import ACR_VALUES, PROMPTS
 from iam.token.claims import CLAIMS_SUPPORTED
+from iam.token.client_assertions import ASSERTION_ALGS
 
-SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
+# On the wire a workload_identity client sends a jwt-bearer client assertion too (RFC 7523 §2.2): the methods a
+# client can name are these; workload_identity only says whose keys verify its assertion.
+CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 
 def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
@@ -36,9 +39,12 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
         "id_token_signing_alg_values_supported": ["RS256"],
         "code_challenge_methods_supported": ["S256"],
         "prompt_values_supported": sorted(PROMPTS),
-        "token_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
-        "introspection_endpoint_auth_methods_supported": SECRET_METHODS,
-        "revocation_endpoint_auth_methods_supported": [*SECRET_METHODS, "none"],
+        "token_endpoint_auth_methods_supported": [*CONFIDENTIAL_METHODS, "none"],
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "introspection_endpoint_auth_methods_supported": CONFIDENTIAL_METHODS,
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "revocation_endpoint_auth_methods_supported": [*CONFIDENTIAL_METHODS, "none"],
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "introspection_signing_alg_values_supported": ["RS256"],
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "claims_parameter_supported": False,  # OIDC Core §5.5: the claims parameter is ignored

@@ -6,10 +6,12 @@ import time
 
 from fastapi import Request
 
+from iam.jwks import KeySources
 from iam.peers import Directory, UpstreamChecks
 from iam.runtime import Shared
 from iam.token.access_tokens import AccessTokens, LiveToken
 from iam.token.app_access import AppAccess
+from iam.token.client_assertions import ClientAssertions
 from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
 from iam.token.hot_cache import HotCache, RevocationListener
@@ -30,7 +32,6 @@ class TokenServices:
         self.keys = shared.keys
         self.identity = shared.identity
         self.peer_keys = shared.peer_keys
-        self.clients = ClientRegistry(settings.clients)
         store = shared.stores["token"]
         # Live token rows for introspection and forward-auth. On PostgreSQL the cache is on only while the
         # revocation listener is connected (other replicas revoke too); on SQLite (one process) always.
@@ -42,6 +43,8 @@ class TokenServices:
             self.revocation_listener = RevocationListener(
                 self.hot_cache, lambda: store.connect_driver(server_settings=listener_name))
         self.store = TokenStore(store.engine, self.hot_cache)
+        self.key_sources = KeySources()  # the keys of private_key_jwt clients and of trusted workload issuers
+        self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources))
         self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
         self.metadata_json = metadata_json(settings, grant_types)
         self.device_approvals = DeviceApprovals(self.store, self.clients)
@@ -58,6 +61,7 @@ class TokenServices:
     async def stop(self) -> None:
         if self.revocation_listener is not None:
             await self.revocation_listener.stop()
+        await self.key_sources.close()
 
     def sweep(self) -> None:
         self.hot_cache.sweep(time.time())

@@ -137,6 +137,16 @@ device_codes = Table(
     Column("expires_at", Integer, nullable=False, index=True),
 )
 
+# The `jti`s of client assertions already used (RFC 7523 §3 item 7): a replay, on any replica, hits the primary
+# key. Kept until the assertion expires; `digest` is SHA-256 over the client id and the jti.
+assertion_jtis = Table(
+    "assertion_jtis",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class AccessTokenRow:
@@ -307,6 +317,18 @@ class TokenStore:
             # After the commit (or its failure: evicting too much is harmless). A concurrent lookup that
             # read the row before the commit cannot put it back: eviction bumps the cache's generation.
             revoked.evict(self.cache)
+
+    # -- client assertions -----------------------------------------------------------------------------------
+    async def use_assertion_jti(self, digest: bytes, client_id: str, expires_at: int) -> bool:
+        """Record a client assertion's jti; False if it was recorded before (a replay). One autocommit INSERT:
+        the primary key decides between concurrent uses, on every replica."""
+        try:
+            async with self.reader.connect() as conn:
+                await conn.execute(insert(assertion_jtis).values(
+                    digest=digest, client_id=client_id, expires_at=expires_at))
+        except IntegrityError:
+            return False
+        return True
 
     # -- pending authorization requests -------------------------------------------------------------------
     async def add_request(self, values: dict[str, Any]) -> None:
@@ -500,6 +522,7 @@ class TokenStore:
                 # Pending authorization requests, pushed ones (RFC 9126) included.
                 (authorization_requests, authorization_requests.c.id, authorization_requests.c.expires_at, 0),
                 (device_codes, device_codes.c.digest, device_codes.c.expires_at, 0),
+                (assertion_jtis, assertion_jtis.c.digest, assertion_jtis.c.expires_at, 0),
             ):
                 total += (await conn.execute(delete(table).where(key.in_(doomed(key, expiry < now - keep,
                                                                                   batch=batch))))).rowcount
