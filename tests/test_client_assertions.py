@@ -355,6 +355,24 @@ async def test_bad_jwt_svids_are_refused(client, app):
     await refused(client, app, form(SPIFFE.svid("/ns/billing/sa/worker", [ISSUER], ttl=-3600), "spiffe-worker"))
 
 
+# -- resource indicators (RFC 8707) -----------------------------------------------------------------------
+async def test_resource_selects_the_audience(client, app):
+    response = await request_token(client, form(signed()), resource="https://billing.test")
+    assert response.status_code == 200, response.text
+    introspected = await client.post("/oauth/v2/introspect", data={"token": response.json()["access_token"]},
+                                     headers=basic("svc-basic"))
+    assert introspected.json()["aud"] == "https://billing.test"
+    plain = await request_token(client, form(signed()))
+    introspected = await client.post("/oauth/v2/introspect", data={"token": plain.json()["access_token"]},
+                                     headers=basic("svc-basic"))
+    assert introspected.json()["aud"] == ["https://api.test", "https://billing.test"]
+
+
+@pytest.mark.parametrize("resource", ["https://other.test", "https://api.test/#frag", "not a uri"])
+async def test_an_unknown_resource_is_invalid_target(client, app, resource):
+    await refused(client, app, form(signed()) | {"resource": resource}, "invalid_target", 400)
+
+
 # -- configuration ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("client", "message"), [
     ({"token_endpoint_auth_method": "private_key_jwt"}, "needs jwks or jwks_uri"),

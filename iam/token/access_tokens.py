@@ -93,16 +93,18 @@ class AccessTokens:
 
     def mint(
         self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None,
-        claims: dict[str, Any] | None = None,
+        claims: dict[str, Any] | None = None, audience: list[str] | None = None,
     ) -> IssuedToken:
-        """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction)."""
+        """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction).
+        `audience` narrows the client's (RFC 8707 resource indicators)."""
         now = int(self.clock())
         ttl = client.access_token_ttl
+        audience = client.audience if audience is None else audience
         payload = {
             "iss": self.issuer,
             "sub": subject,
             # RFC 9068 §3: aud is required; without a configured audience the token is for this issuer.
-            "aud": client.audience[0] if len(client.audience) == 1 else (client.audience or self.issuer),
+            "aud": audience[0] if len(audience) == 1 else (audience or self.issuer),
             "client_id": client.client_id,
             "iat": now,
             "exp": now + ttl,
@@ -124,8 +126,9 @@ class AccessTokens:
         )
         return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row)
 
-    async def issue(self, client: ClientConfig, subject: str, scope: str) -> IssuedToken:
-        issued = self.mint(client, subject, scope)
+    async def issue(self, client: ClientConfig, subject: str, scope: str,
+                    audience: list[str] | None = None) -> IssuedToken:
+        issued = self.mint(client, subject, scope, audience=audience)
         await self.store.add_access_token(issued.row)
         return issued
 
