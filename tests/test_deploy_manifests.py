@@ -116,6 +116,39 @@ def test_manifests_render_and_validate_against_the_kubernetes_schemas(path):
                 pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on Kubernetes {version}: {exc.message}")
 
 
+EXAMPLES = sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_examples_validate_against_the_kubernetes_schemas(path):
+    for obj in (doc for doc in yaml.safe_load_all(path.read_text()) if doc):
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{path.name}: {obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}")
+
+
+def test_a_workload_authenticates_with_a_projected_token_for_the_issuer_and_no_secret(overlay):
+    objects = [doc for doc in yaml.safe_load_all((ROOT / "k8s/examples/workload-identity.yaml").read_text()) if doc]
+    issuer = env_of(role_deployment(overlay, "token")[1])["IAM_ISSUER"]["value"]
+    pod = of_kind(objects, "Deployment")["billing-api"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "api"
+    sources = [source for volume in pod["volumes"] for source in volume.get("projected", {}).get("sources", [])]
+    (projected,) = [source["serviceAccountToken"] for source in sources if "serviceAccountToken" in source]
+    assert projected["audience"] == issuer and projected["expirationSeconds"] >= 600  # the API's minimum
+    dump = yaml.safe_dump(objects)
+    assert "secretKeyRef" not in dump and "secret:" not in dump and "client_secret" not in dump
+    # the client it authenticates as, in the header's configuration, is a valid workload_identity client
+    from iam.config import ClientConfig
+
+    header = (ROOT / "k8s/examples/workload-identity.yaml").read_text().split("In config/iam.yaml:\n#\n")[1]
+    config = yaml.safe_load("\n".join(line[2:] for line in header.split("\n#\n")[0].splitlines()))
+    client = ClientConfig.model_validate(config["clients"][0])
+    assert client.token_endpoint_auth_method == "workload_identity"
+    assert client.workload_identities[0].subject == "system:serviceaccount:billing:api"
+
+
 def test_every_namespaced_object_of_the_overlay_is_in_its_namespace(overlay):
     namespace = of_kind(overlay, "Namespace")["iam"]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
