@@ -47,9 +47,11 @@ GrantType = Literal[
     "refresh_token",
     "client_credentials",
     "urn:ietf:params:oauth:grant-type:device_code",
+    "urn:ietf:params:oauth:grant-type:token-exchange",
 ]
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "workload_identity", "none"]
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 
 
@@ -116,6 +118,19 @@ SPIFFE_TRUST_DOMAIN = re.compile(r"^spiffe://[a-z0-9._-]{1,255}$")
 SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]{1,255}(/(?!\.{1,2}(/|$))[A-Za-z0-9._-]+)+$")
 
 
+class TokenExchangePolicy(_Strict):
+    """What a client may get by token exchange (RFC 8693): for which audiences, from whose tokens."""
+
+    audiences: list[str] = Field(min_length=1, description=(
+        "The audiences (`audience` or `resource`) it may exchange tokens for; never more."))
+    subject_audiences: list[str] = Field(default=[], description=(
+        "Access tokens of other clients it may exchange: those whose `aud` contains one of these (the APIs it "
+        "serves); its own tokens always."))
+    workload_identities: list[WorkloadIdentity] = Field(default=[], description=(
+        "Workload tokens (service-account tokens, JWT-SVIDs) it may present as subject_token or actor_token "
+        "(`subject_token_type` `urn:ietf:params:oauth:token-type:jwt`)."))
+
+
 class ClientConfig(_Strict):
     """A client, described with RFC 7591 metadata names plus iam's own keys."""
 
@@ -164,6 +179,8 @@ class ClientConfig(_Strict):
         "the grant; 0 is strict rotation."))
     audience: list[str] = Field(default=[], description=(
         "The `aud` of the client's access tokens (the APIs); a `resource` parameter (RFC 8707) picks one of them."))
+    token_exchange: TokenExchangePolicy | None = Field(default=None, description=(
+        "Token exchange (RFC 8693, grant `urn:ietf:params:oauth:grant-type:token-exchange`): its policy."))
     require_consent: bool = Field(default=False, description=(
         "Ask the person to allow the client its scopes before its first code, and again when it asks for more "
         "(third-party clients)."))
@@ -231,6 +248,10 @@ class ClientConfig(_Strict):
             raise ValueError("private_key_jwt needs jwks or jwks_uri, and only private_key_jwt uses them")
         if self.jwks is not None and self.jwks_uri is not None:
             raise ValueError("set jwks or jwks_uri, not both (RFC 7591 §2)")
+        if (EXCHANGE_GRANT in self.grant_types) != (self.token_exchange is not None):
+            raise ValueError("the token-exchange grant needs token_exchange, and only it uses it")
+        if self.token_exchange is not None and method == "none":
+            raise ValueError("token exchange needs a confidential client (RFC 8693 §2.1)")
         if (method == "workload_identity") != bool(self.workload_identities):
             raise ValueError("workload_identity needs workload_identities, and only workload_identity uses them")
         return self

@@ -23,7 +23,8 @@ async def test_metadata_describes_what_is_implemented(client, path):
     assert meta["issuer"] == ISSUER  # byte for byte
     assert meta["token_endpoint"] == f"{ISSUER}/oauth/v2/token"
     assert set(meta["grant_types_supported"]) == {
-        "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code"}
+        "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code",
+        "urn:ietf:params:oauth:grant-type:token-exchange"}
     assert "password" not in meta["grant_types_supported"] and "implicit" not in meta["grant_types_supported"]
     assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post", "private_key_jwt", "none"}
     assert meta["token_endpoint_auth_signing_alg_values_supported"] == ["RS256", "PS256", "ES256", "EdDSA"]

@@ -93,12 +93,12 @@ class AccessTokens:
 
     def mint(
         self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None,
-        claims: dict[str, Any] | None = None, audience: list[str] | None = None,
+        claims: dict[str, Any] | None = None, audience: list[str] | None = None, ttl: int | None = None,
     ) -> IssuedToken:
         """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction).
-        `audience` narrows the client's (RFC 8707 resource indicators)."""
+        `audience` narrows the client's (RFC 8707 resource indicators), `ttl` its token lifetime."""
         now = int(self.clock())
-        ttl = client.access_token_ttl
+        ttl = client.access_token_ttl if ttl is None else ttl
         audience = client.audience if audience is None else audience
         payload = {
             "iss": self.issuer,

@@ -44,6 +44,11 @@ MAX_JTI_CHARS = 256
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 
+class AssertionRejected(Exception):
+    """A JWT that does not verify or does not hold (the message says which rule): invalid_client when it
+    authenticates a client, invalid_request when it is a token exchange's subject or actor token."""
+
+
 class KeySource(Protocol):
     async def key(self, kid: Any, alg: str) -> Key | None: ...
 
@@ -88,15 +93,17 @@ class ClientAssertions:
         self.clock = clock
         self._client_keys: dict[str, KeySource] = {}
         self._workloads: dict[str, list[TrustedWorkload]] = {}
+        # The workload tokens each client may present in a token exchange (RFC 8693), by its policy.
+        self.exchange_workloads: dict[str, list[TrustedWorkload]] = {}
         for client in settings.clients:
             if client.jwks is not None:
                 self._client_keys[client.client_id] = StaticKeys(check_key_set(client.jwks))
             elif client.jwks_uri is not None:
                 self._client_keys[client.client_id] = sources.jwks_uri(client.jwks_uri)
             if client.workload_identities:
-                self._workloads[client.client_id] = [
-                    TrustedWorkload(identity, identity.audience or settings.issuer, self._workload_keys(identity))
-                    for identity in client.workload_identities]
+                self._workloads[client.client_id] = self.trusted(client.workload_identities)
+            if client.token_exchange is not None and client.token_exchange.workload_identities:
+                self.exchange_workloads[client.client_id] = self.trusted(client.token_exchange.workload_identities)
 
     def _workload_keys(self, identity: WorkloadIdentity) -> KeySource:
         if identity.jwks_file is not None:
@@ -109,48 +116,59 @@ class ClientAssertions:
         """Authenticate `client` by `assertion`, presented at `endpoint` (its URL under the issuer); raises
         invalid_client (or 503 if keys cannot be had)."""
         method = client.token_endpoint_auth_method
-        if method == "private_key_jwt":
-            await self._private_key_jwt(client, assertion, endpoint)
-        elif method == "workload_identity":
-            await self._workload(client, assertion)
-        else:
-            raise invalid_client(f"client is registered for {method}")
+        try:
+            if method == "private_key_jwt":
+                await self._private_key_jwt(client, assertion, endpoint)
+            elif method == "workload_identity":
+                await self.workload_claims(self._workloads[client.client_id], assertion)
+            else:
+                raise invalid_client(f"client is registered for {method}")
+        except AssertionRejected as exc:
+            raise invalid_client(str(exc)) from None
 
     async def _private_key_jwt(self, client: ClientConfig, assertion: str, endpoint: str) -> None:
         claims = await _verified(assertion, self._client_keys[client.client_id])
         client_id = client.client_id
         # RFC 7523 §3 items 1 and 2: the client is both issuer and subject.
         if claims.get("iss") != client_id or claims.get("sub") != client_id:
-            raise invalid_client("the assertion's iss and sub must be the client_id")
+            raise AssertionRejected("the assertion's iss and sub must be the client_id")
         # Item 3: the audience is this server: its issuer (RFC 7523bis), the token endpoint or the endpoint called.
         _check_audience(claims, (self.issuer, self.token_endpoint, endpoint))
         now = self.clock()
         expires = _check_times(claims, now)
         if expires > now + MAX_ASSERTION_LIFETIME + CLOCK_SKEW:
-            raise invalid_client(f"the assertion's exp is more than {MAX_ASSERTION_LIFETIME} s ahead")
+            raise AssertionRejected(f"the assertion's exp is more than {MAX_ASSERTION_LIFETIME} s ahead")
         jti = claims.get("jti")  # OpenID Connect Core §9: required
         if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_CHARS:
-            raise invalid_client("the assertion has no usable jti")
+            raise AssertionRejected("the assertion has no usable jti")
         # Item 7: single use. Kept until it could no longer be accepted anyway.
         digest = hashlib.sha256(f"{client_id}\0{jti}".encode()).digest()
         if not await self.store.use_assertion_jti(digest, client_id, int(expires) + CLOCK_SKEW + 1):
-            raise invalid_client("the assertion was used before (jti)")
+            raise AssertionRejected("the assertion was used before (jti)")
 
-    async def _workload(self, client: ClientConfig, assertion: str) -> None:
+    def trusted(self, identities: Sequence[WorkloadIdentity]) -> list[TrustedWorkload]:
+        """Workload identities with their key sources, resolved once (at start-up)."""
+        return [TrustedWorkload(identity, identity.audience or self.issuer, self._workload_keys(identity))
+                for identity in identities]
+
+    async def workload_claims(self, workloads: Sequence[TrustedWorkload], assertion: str) -> dict[str, Any]:
+        """The claims of a workload's token (a service-account token, a JWT-SVID) from one of `workloads`;
+        AssertionRejected if it is not one."""
         unverified = _unverified_claims(assertion)
         issuer, subject = unverified.get("iss"), unverified.get("sub")
-        trusted = next((t for t in self._workloads[client.client_id]
+        trusted = next((t for t in workloads
                         if t.identity.subject == subject and _issued_by(t.identity, issuer)), None)
         if trusted is None:
-            raise invalid_client("no trusted workload identity of this client has that iss and sub")
+            raise AssertionRejected("no trusted workload identity has that iss and sub")
         claims = await _verified(assertion, trusted.keys)
         if claims.get("sub") != trusted.identity.subject or not _issued_by(trusted.identity, claims.get("iss")):
-            raise invalid_client("the token's iss or sub is not the trusted workload's")
+            raise AssertionRejected("the token's iss or sub is not the trusted workload's")
         _check_audience(claims, (trusted.audience,))
         _check_times(claims, self.clock())
         # A SPIFFE JWT-SVID has no more to check: its sub, a SPIFFE ID, was matched exactly (config checks its shape).
         if trusted.identity.subject.startswith(SERVICE_ACCOUNT_PREFIX):
             _check_service_account(claims, trusted.identity.subject)
+        return claims
 
 
 def _issued_by(identity: WorkloadIdentity, issuer: Any) -> bool:
@@ -160,16 +178,16 @@ def _issued_by(identity: WorkloadIdentity, issuer: Any) -> bool:
 
 
 async def _verified(assertion: str, keys: KeySource) -> dict[str, Any]:
-    """The claims of a JWS signed by one of `keys` with an accepted algorithm; invalid_client otherwise."""
+    """The claims of a JWS signed by one of `keys` with an accepted algorithm; AssertionRejected otherwise."""
     try:
         header = extract_compact(assertion.encode()).headers()
     except (JoseError, ValueError, UnicodeError):
-        raise invalid_client("the assertion is not a compact JWS") from None
+        raise AssertionRejected("the assertion is not a compact JWS") from None
     alg = header.get("alg")
     if alg not in ASSERTION_ALGS:  # never none, never HMAC (alg confusion with a public key)
-        raise invalid_client("the assertion's alg is not one of " + ", ".join(ASSERTION_ALGS))
+        raise AssertionRejected("the assertion's alg is not one of " + ", ".join(ASSERTION_ALGS))
     if "crit" in header:  # RFC 7515 §4.1.11: no extension iam would have to understand
-        raise invalid_client("unsupported crit header")
+        raise AssertionRejected("unsupported crit header")
     try:
         key = await keys.key(header.get("kid"), alg)
     except KeysUnavailable as exc:
@@ -177,13 +195,13 @@ async def _verified(assertion: str, keys: KeySource) -> dict[str, Any]:
         raise OAuthError("temporarily_unavailable", "the keys to verify the assertion are unavailable; retry later",
                          503, {"Retry-After": "5"}) from None
     if key is None:
-        raise invalid_client("the assertion is signed by an unknown key (kid)")
+        raise AssertionRejected("the assertion is signed by an unknown key (kid)")
     try:
         claims = jwt.decode(assertion, key, algorithms=[alg]).claims
     except (JoseError, ValueError):
-        raise invalid_client("the assertion's signature does not verify") from None
+        raise AssertionRejected("the assertion's signature does not verify") from None
     if not isinstance(claims, dict):
-        raise invalid_client("the assertion's claims are not a JSON object")
+        raise AssertionRejected("the assertion's claims are not a JSON object")
     return claims
 
 
@@ -191,9 +209,9 @@ def _unverified_claims(assertion: str) -> dict[str, Any]:
     try:
         claims = json.loads(extract_compact(assertion.encode()).payload)
     except (JoseError, ValueError, UnicodeError):
-        raise invalid_client("the assertion is not a compact JWS") from None
+        raise AssertionRejected("the assertion is not a compact JWS") from None
     if not isinstance(claims, dict):
-        raise invalid_client("the assertion's claims are not a JSON object")
+        raise AssertionRejected("the assertion's claims are not a JSON object")
     return claims
 
 
@@ -201,17 +219,17 @@ def _check_audience(claims: dict[str, Any], accepted: Sequence[str]) -> None:
     audience = claims.get("aud")
     audiences = [audience] if isinstance(audience, str) else audience
     if not isinstance(audiences, list) or not any(a in audiences for a in accepted):
-        raise invalid_client("the assertion's aud is not this server")
+        raise AssertionRejected("the assertion's aud is not this server")
 
 
 def _check_times(claims: dict[str, Any], now: float) -> float:
     """RFC 7523 §3 items 4-6: exp required and not past, nbf and iat not in the future. Returns exp."""
     expires = claims.get("exp")
     if not isinstance(expires, int | float) or isinstance(expires, bool) or now >= expires + CLOCK_SKEW:
-        raise invalid_client("the assertion has expired (or has no exp)")
+        raise AssertionRejected("the assertion has expired (or has no exp)")
     for name in ("nbf", "iat"):
         if name in claims and (not _number(claims[name]) or claims[name] > now + CLOCK_SKEW):
-            raise invalid_client(f"the assertion is not valid yet ({name})")
+            raise AssertionRejected(f"the assertion is not valid yet ({name})")
     return float(expires)
 
 
@@ -222,13 +240,13 @@ def _check_service_account(claims: dict[str, Any], subject: str) -> None:
     namespace, name = subject.removeprefix(SERVICE_ACCOUNT_PREFIX).split(":")
     kube = claims.get("kubernetes.io")
     if not isinstance(kube, dict) or kube.get("namespace") != namespace:
-        raise invalid_client("the token's kubernetes.io claim does not name the service account's namespace")
+        raise AssertionRejected("the token's kubernetes.io claim does not name the service account's namespace")
     account = kube.get("serviceaccount")
     if not isinstance(account, dict) or not _object_ref(account) or account["name"] != name:
-        raise invalid_client("the token's kubernetes.io claim does not name the service account")
+        raise AssertionRejected("the token's kubernetes.io claim does not name the service account")
     for bound in ("pod", "node", "secret"):
         if bound in kube and not _object_ref(kube[bound]):
-            raise invalid_client(f"the token's kubernetes.io {bound} binding is malformed")
+            raise AssertionRejected(f"the token's kubernetes.io {bound} binding is malformed")
 
 
 def _object_ref(value: Any) -> bool:

@@ -2,12 +2,13 @@
 
 from fastapi import Request, Response
 
+from iam.config import EXCHANGE_GRANT
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import PlainRoute, read_form
 from iam.observability import TOKENS_ISSUED, audit, source_of
 from iam.token.clients import authenticate
 from iam.token.device_codes import DEVICE_GRANT
-from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token
+from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token, token_exchange
 from iam.token.services import token_services
 
 GRANTS = {
@@ -15,6 +16,7 @@ GRANTS = {
     "client_credentials": client_credentials.grant,
     "refresh_token": refresh_token.grant,
     DEVICE_GRANT: device_code.grant,
+    EXCHANGE_GRANT: token_exchange.grant,
 }
 
 
