@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 TOKEN = f"{ISSUER}/oauth/v2/token"
 KEYS = client_keys()
 SPIFFE = SpiffeIssuer()
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 SERVICE = {"grant_types": ["client_credentials"], "scope": "api:read", "audience": ["https://api.test"]}
 
 
@@ -33,6 +34,9 @@ def workload_clients(kube: ServiceAccountIssuer, bundle: str) -> list[dict]:
         {"client_id": "billing-api", "token_endpoint_auth_method": "workload_identity", **SERVICE,
          "workload_identities": [{"issuer": kube.issuer, "subject": "system:serviceaccount:billing:api",
                                   "audience": ISSUER}]},
+        {"client_id": "orders-api", "token_endpoint_auth_method": "private_key_jwt", "jwks": public_jwks(KEYS),
+         "grant_types": [EXCHANGE], "scope": "api:read",
+         "token_exchange": {"audiences": ["https://inventory.test"], "subject_audiences": ["https://api.test"]}},
         {"client_id": "spiffe-worker", "token_endpoint_auth_method": "workload_identity", **SERVICE,
          "workload_identities": [{"issuer": "spiffe://example.org", "subject": "spiffe://example.org/worker",
                                   "jwks_file": bundle}]},
@@ -86,6 +90,15 @@ def test_each_key_based_method_through_a_real_server(tmp_path, kube):
         other = get_token(base, {**form(kube.token("billing", "api", [ISSUER]), "billing-api"),
                                  "resource": "https://other.test"})
         assert other.status_code == 400 and other.json()["error"] == "invalid_target"
+        # token exchange (RFC 8693): the API that received the workload's token trades it for the next API's
+        exchanged = httpx.post(f"{base}/oauth/v2/token", timeout=10, data={
+            "grant_type": EXCHANGE, "subject_token": narrowed.json()["access_token"],
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "audience": "https://inventory.test", **form(assertion(KEYS["RS256"], "orders-api", TOKEN))})
+        assert exchanged.status_code == 200, exchanged.text
+        claims = introspect(base, exchanged.json()["access_token"])
+        assert claims["sub"] == "billing-api" and claims["aud"] == "https://inventory.test"
+        assert claims["client_id"] == "orders-api"
 
 
 def test_a_replayed_assertion_fails_on_the_other_replica(tmp_path, kube, postgres_server):

@@ -36,6 +36,7 @@ def _digest(secret: str) -> bytes:
 class ClientRegistry:
     def __init__(self, clients: list[ClientConfig], assertions: ClientAssertions) -> None:
         self.assertions = assertions
+        self._base = assertions.issuer.rstrip("/")  # + an endpoint's path: the URL an assertion's aud may name
         self._clients: dict[str, ClientConfig] = {}
         self._digests: dict[str, bytes] = {}
         self._hashes: dict[str, str] = {}
@@ -57,11 +58,10 @@ class ClientRegistry:
     def __iter__(self) -> Iterator[ClientConfig]:
         return iter(self._clients.values())
 
-    async def authenticate(self, authorization: str | None, form: dict[str, str], endpoint: str) -> ClientConfig:
-        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3), at `endpoint` (the URL
-        of the endpoint called, under the issuer)."""
+    async def authenticate(self, authorization: str | None, form: dict[str, str], path: str) -> ClientConfig:
+        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3), at the endpoint `path`."""
         if "client_assertion" in form or "client_assertion_type" in form:
-            return await self._by_assertion(authorization, form, endpoint)
+            return await self._by_assertion(authorization, form, self._base + path)
         if authorization is not None:
             client_id, secret = _parse_basic(authorization)
             if "client_secret" in form:
@@ -123,9 +123,8 @@ class ClientRegistry:
 
 async def authenticate(request: Request, clients: ClientRegistry, form: dict[str, str]) -> ClientConfig:
     """Authenticate the calling client of an endpoint; failures are counted and audited."""
-    endpoint = clients.assertions.issuer.rstrip("/") + request.url.path
     try:
-        return await clients.authenticate(request.headers.get("authorization"), form, endpoint)
+        return await clients.authenticate(request.headers.get("authorization"), form, request.scope["path"])
     except OAuthError as exc:
         if exc.error == "invalid_client":
             CLIENT_AUTH_FAILURES.inc()
