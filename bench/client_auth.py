@@ -32,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.signin import summary  # noqa: E402
 from tests.assertions import assertion, client_keys, form, public_jwks  # noqa: E402
 from tests.postgres import cluster, free_port  # noqa: E402
 from tests.server import serve, write_config  # noqa: E402
@@ -39,13 +40,6 @@ from tests.workload_issuer import ServiceAccountIssuer  # noqa: E402
 
 SECRET = secrets.token_urlsafe(24)
 SERVICE = {"grant_types": ["client_credentials"], "scope": "api:read", "access_token_ttl": 3600}
-
-
-def percentile(values: list[float], pct: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
 async def run(url: str, next_request: Callable[[], tuple[dict, dict] | None], connections: int,
@@ -75,12 +69,7 @@ async def run(url: str, next_request: Callable[[], tuple[dict, dict] | None], co
 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(connections)))
-    elapsed = time.monotonic() - started
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    return {"tokens": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
-            "per_second": round(len(latencies) / elapsed, 1),
-            "p50_ms": None if p50 is None else round(p50 * 1000, 2),
-            "p99_ms": None if p99 is None else round(p99 * 1000, 2)}
+    return summary("tokens", latencies, errors, time.monotonic() - started)
 
 
 def parse_args() -> argparse.Namespace:

@@ -126,9 +126,13 @@ async def run(scenario, workers: int, duration: float) -> dict:
 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(workers)))
-    elapsed = time.monotonic() - started
+    return summary("sign_ins", latencies, errors, time.monotonic() - started)
+
+
+def summary(unit: str, latencies: list[float], errors: int, elapsed: float) -> dict:
+    """A closed-loop run's figures: how many `unit`s, errors, per second, p50 and p99 in ms."""
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    return {"sign_ins": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
+    return {unit: len(latencies), "errors": errors, "seconds": round(elapsed, 2),
             "per_second": round(len(latencies) / elapsed, 2),
             "p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "p99_ms": None if p99 is None else round(p99 * 1000, 1)}

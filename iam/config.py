@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -55,6 +56,15 @@ EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 
 
+def _https_url(value: str) -> str:
+    if not secure_url(value):
+        raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host)")
+    return value
+
+
+HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+
+
 class WorkloadIdentity(_Strict):
     """A workload trusted to authenticate as a client with a token its platform gave it (a Kubernetes
     service-account token, a SPIFFE JWT-SVID), sent as a client assertion (RFC 7523 §2.2)."""
@@ -66,7 +76,7 @@ class WorkloadIdentity(_Strict):
         "The exact `sub`: `system:serviceaccount:<namespace>:<name>`, or a SPIFFE ID `spiffe://<domain>/<path>`."))
     audience: str | None = Field(default=None, description=(
         "An `aud` the token must carry; unset: iam's issuer (the projected volume's `audience`)."))
-    jwks_uri: str | None = Field(default=None, description=(
+    jwks_uri: HttpsUrl | None = Field(default=None, description=(
         "The issuer's JWK Set URL; unset (and no jwks_file): found by OIDC discovery from the issuer."))
     jwks_file: Path | None = Field(default=None, description=(
         "A file with the issuer's JWK Set or SPIFFE trust bundle (a mounted ConfigMap), for issuers whose "
@@ -77,13 +87,6 @@ class WorkloadIdentity(_Strict):
     def _issuer(cls, value: str) -> str:
         if not secure_url(value) and not SPIFFE_TRUST_DOMAIN.match(value):
             raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host) or spiffe://<domain>")
-        return value
-
-    @field_validator("jwks_uri")
-    @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        if value is not None and not secure_url(value):
-            raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host)")
         return value
 
     @property
@@ -154,7 +157,7 @@ class ClientConfig(_Strict):
         "a public client."))
     jwks: dict[str, Any] | None = Field(default=None, description=(
         "private_key_jwt: the client's public keys, a JWK Set `{\"keys\": [...]}` (RFC 7591 §2)."))
-    jwks_uri: str | None = Field(default=None, description=(
+    jwks_uri: HttpsUrl | None = Field(default=None, description=(
         "private_key_jwt: where the client publishes its JWK Set instead (https)."))
     workload_identities: list[WorkloadIdentity] = Field(default=[], description=(
         "workload_identity: the workloads that may authenticate as this client, by issuer and subject."))
@@ -209,13 +212,6 @@ class ClientConfig(_Strict):
     def _key_set(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             check_key_set(value)
-        return value
-
-    @field_validator("jwks_uri")
-    @classmethod
-    def _jwks_uri(cls, value: str | None) -> str | None:
-        if value is not None and not secure_url(value):
-            raise ValueError(f"{value!r}: must be an https URL (http only on a loopback host)")
         return value
 
     @field_validator("redirect_uris", "post_logout_redirect_uris")
