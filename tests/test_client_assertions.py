@@ -19,6 +19,7 @@ from iam.token.client_assertions import MAX_ASSERTION_LIFETIME
 from iam.token.store import access_tokens, assertion_jtis
 from tests.assertions import ALGS, assertion, client_keys, form, public_jwks, unsigned
 from tests.conftest import ISSUER, basic, client_config, make_settings
+from tests.oauth import follow, pkce, query, sign_in
 from tests.postgres import free_port
 from tests.workload_issuer import ServiceAccountIssuer, SpiffeIssuer
 
@@ -26,6 +27,7 @@ TOKEN = f"{ISSUER}/oauth/v2/token"
 KEYS = client_keys()
 SPIFFE = SpiffeIssuer()
 SPIFFE_ID = "spiffe://example.org/ns/billing/sa/worker"
+WEB_CALLBACK = "https://signer.test/cb"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,8 @@ def settings(tmp_path, store_urls, kube, down_kube):
         *client_config(),
         {"client_id": "signer", "token_endpoint_auth_method": "private_key_jwt", "jwks": public_jwks(KEYS),
          "audience": ["https://api.test", "https://billing.test"], **service},
+        {"client_id": "signer-web", "token_endpoint_auth_method": "private_key_jwt", "jwks": public_jwks(KEYS),
+         "grant_types": ["authorization_code"], "redirect_uris": [WEB_CALLBACK], "scope": "openid email"},
         {"client_id": "remote-signer", "token_endpoint_auth_method": "private_key_jwt",
          "jwks_uri": f"{kube.issuer}/openid/v1/jwks", **service},
         {"client_id": "unreachable-signer", "token_endpoint_auth_method": "private_key_jwt",
@@ -235,6 +239,27 @@ async def test_introspection_revocation_and_par_take_the_same_assertions(client,
     unauthenticated = await client.post("/oauth/v2/par", data={"response_type": "code", **form(signed(
         audience="https://other.test"))})
     assert unauthenticated.status_code == 401
+
+
+async def test_a_web_client_pushes_its_request_and_redeems_its_code_with_private_key_jwt(client, alice):
+    """PAR (RFC 9126 §2) and the code grant, both authenticated by assertion (aud the PAR endpoint, then the
+    issuer)."""
+    verifier, challenge = pkce()
+    pushed = await client.post("/oauth/v2/par", data={
+        "response_type": "code", "redirect_uri": WEB_CALLBACK, "scope": "openid email", "state": "s-1",
+        "code_challenge": challenge, "code_challenge_method": "S256",
+        **form(signed(client_id="signer-web", audience=f"{ISSUER}/oauth/v2/par"))})
+    assert pushed.status_code == 201, pushed.text
+    start = await client.get("/oauth/v2/authorize", params={"client_id": "signer-web",
+                                                            "request_uri": pushed.json()["request_uri"]})
+    page = await follow(client, start, WEB_CALLBACK)
+    done = await follow(client, await sign_in(client, page), WEB_CALLBACK)
+    code = query(done.headers["location"])["code"]
+    redeemed = await client.post("/oauth/v2/token", data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": WEB_CALLBACK, "code_verifier": verifier,
+        **form(signed(client_id="signer-web", audience=ISSUER))})
+    assert redeemed.status_code == 200, redeemed.text
+    assert "id_token" in redeemed.json()
 
 
 async def test_keys_from_a_jwks_uri_are_fetched_once(client, app, kube):
