@@ -125,6 +125,15 @@ def ldap_server():
         yield server
 
 
+@pytest.fixture(scope="module")
+def kube():
+    """A Kubernetes service-account token issuer, its discovery and JWKS on a real port (tests/workload_issuer.py)."""
+    from tests.workload_issuer import ServiceAccountIssuer
+
+    with ServiceAccountIssuer() as issuer:
+        yield issuer
+
+
 @pytest.fixture(scope="session")
 def oidc_upstream(tmp_path_factory):
     """A real upstream OpenID Connect provider (node-oidc-provider) for the run: see tests/oidc_upstream.py."""

@@ -31,12 +31,6 @@ WEB_CALLBACK = "https://signer.test/cb"
 
 
 @pytest.fixture(scope="module")
-def kube():
-    with ServiceAccountIssuer() as issuer:
-        yield issuer
-
-
-@pytest.fixture(scope="module")
 def down_kube():
     """A cluster whose issuer answers 503 (its control plane unreachable from iam)."""
     with ServiceAccountIssuer() as issuer:

@@ -9,19 +9,12 @@ from sqlalchemy import func, select, update
 from iam.token.store import access_tokens
 from tests.conftest import ISSUER, basic, client_config, make_settings
 from tests.oauth import code_flow, redeem
-from tests.workload_issuer import ServiceAccountIssuer
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 JWT = "urn:ietf:params:oauth:token-type:jwt"
 ORDERS_SECRET = "orders-secret-0123456789abcdef"
 INVENTORY = "https://inventory.test"
-
-
-@pytest.fixture(scope="module")
-def kube():
-    with ServiceAccountIssuer() as issuer:
-        yield issuer
 
 
 @pytest.fixture

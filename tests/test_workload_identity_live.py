@@ -52,12 +52,6 @@ def introspect(base: str, token: str) -> dict:
                       timeout=10).json()
 
 
-@pytest.fixture(scope="module")
-def kube():
-    with ServiceAccountIssuer() as issuer:
-        yield issuer
-
-
 def test_each_key_based_method_through_a_real_server(tmp_path, kube):
     bundle = SPIFFE.write_bundle(tmp_path / "bundle.json")
     env = token_role_env(tmp_path, clients=workload_clients(kube, str(bundle)))
