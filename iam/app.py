@@ -157,6 +157,8 @@ class Runtime(Shared):
             self.keys.load(generate=not any(self.settings.keys.dir.glob("*.json")))
         except (KeyRingError, OSError) as exc:
             raise StartupError(f"signing keys: {exc}") from None
+        if self.token is not None:
+            self.token.check_keys()
         if self.authn is not None:
             self.authn.start()
         if self.audit_sink is not None:
@@ -259,9 +261,9 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.role.serves(Role.TOKEN):
         # The hot paths right after the probes: routes are tried in order, and these carry most of the traffic.
         # Plain routes on the app's own router (iam.http.PlainRoute): no FastAPI per-request machinery.
-        from iam.token import endpoint, introspection, phantom
+        from iam.token import discovery, endpoint, introspection, phantom
 
-        app.router.routes.extend([*phantom.routes, *introspection.routes, *endpoint.routes])
+        app.router.routes.extend([*phantom.routes, *introspection.routes, *endpoint.routes, *discovery.routes])
     app.include_router(internal.router)
     app.include_router(pages.router)
     role = settings.role
@@ -278,10 +280,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(users_internal.router)
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import authorize, discovery, logout, revocation, userinfo
+        from iam.token import authorize, logout, revocation, userinfo
         from iam.token import device as token_device
         from iam.token import internal as token_internal
 
-        for module in (authorize, token_device, revocation, userinfo, logout, discovery, token_internal):
+        for module in (authorize, token_device, revocation, userinfo, logout, token_internal):
             app.include_router(module.router)
     return app

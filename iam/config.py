@@ -191,6 +191,10 @@ class ClientConfig(_Strict):
         "Accept only pushed authorization requests (RFC 9126 §5) from this client."))
     connectors: list[str] | None = Field(default=None, description=(
         "The connectors (ids from `connectors:`) offered when signing in to this client; unset: every one."))
+    introspection_signed_response_alg: Literal["RS256", "ES256", "EdDSA", "Ed25519"] = Field(
+        default="RS256", description=(
+            "The JWS algorithm of the client's signed introspection responses (RFC 9701 §6); `EdDSA` and "
+            "`Ed25519` (RFC 9864) need an Ed25519 key in the ring (`iam keys rotate` adds one)."))
 
     @field_validator("scope")
     @classmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from fastapi import Request
+from fastapi import Request, Response
 from starlette.routing import Match, Route
 
 from iam.errors import OAuthError
@@ -123,3 +125,48 @@ class PlainRoute(Route):
         if match is not Match.NONE:
             child_scope["route"] = self
         return match, child_scope
+
+
+# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E / obs-text
+_ENTITY_TAG = re.compile(r'\s*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
+def none_match(header: str, etag: str) -> bool:
+    """Whether an `If-None-Match` field value matches `etag` (RFC 9110 §13.1.2): `*`, or a list of entity-tags of
+    which one is weakly equal (the opaque tags alike, W/ or not). A malformed value matches nothing."""
+    header = header.strip()
+    if header == "*":
+        return True
+    position, tags = 0, []
+    while position < len(header):
+        found = _ENTITY_TAG.match(header, position)
+        if found is None:
+            return False
+        tags.append(found.group(1))
+        position = found.end()
+    return etag.removeprefix("W/") in tags
+
+
+class _Prebuilt(Response):
+    """A response whose status, headers and body were all built beforehand."""
+
+    def __init__(self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        self.status_code, self.raw_headers, self.body, self.background = status, raw_headers, body, None
+
+
+class StaticDocument:
+    """A document that changes only when the server's configuration or keys do (discovery, JWKS): its bytes, a
+    strong `ETag` (a digest of them) and `Cache-Control`, built once; a conditional GET whose `If-None-Match`
+    matches gets `304` with the same validator and caching headers, and no body (RFC 9110 §13.1.2, §15.4.5)."""
+
+    def __init__(self, body: bytes, media_type: str, cache_control: str) -> None:
+        self.body = body
+        self.etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+        validators = [(b"etag", self.etag.encode()), (b"cache-control", cache_control.encode())]
+        self._ok = _Prebuilt(200, [(b"content-type", media_type.encode()),
+                                   (b"content-length", str(len(body)).encode()), *validators], body)
+        self._not_modified = _Prebuilt(304, validators)
+
+    def response(self, request: Request) -> Response:
+        header = request.headers.get("if-none-match")
+        return self._not_modified if header is not None and none_match(header, self.etag) else self._ok

@@ -111,9 +111,9 @@ def test_migrate_then_serve_on_postgresql_over_real_http(tmp_path, pg_env):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
         rotated = iam("keys", "rotate", env=pg_env, cwd=tmp_path)
-        assert rotated.returncode == 0 and rotated.stdout.count("added") == 2
+        assert rotated.returncode == 0 and rotated.stdout.count("added") == 3
         listing = iam("keys", "list", env=pg_env, cwd=tmp_path).stdout
-        assert listing.count("signing") == 2 and listing.count("published") == 2
+        assert listing.count("signing") == 3 and listing.count("published") == 3
 
         revoked = httpx.post(f"{base}/oauth/v2/revoke", data={"token": token}, headers=basic("svc-basic"))
         assert revoked.status_code == 200

@@ -43,20 +43,53 @@ async def test_metadata_describes_what_is_implemented(client, path):
     assert (await client.get(meta["jwks_uri"].removeprefix(ISSUER))).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/.well-known/openid-configuration", "/oauth/v2/jwks"])
+async def test_static_documents_revalidate_with_etag_rfc9110_s13_1_2(client, path):
+    first = await client.get(path)
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and etag.startswith('"') and "max-age" in first.headers["cache-control"]
+    for header in (etag, f"W/{etag}", f'"other", {etag}', "*", f' "x" ,W/{etag} '):
+        again = await client.get(path, headers={"If-None-Match": header})
+        assert again.status_code == 304, header
+        assert again.content == b"" and again.headers["etag"] == etag
+        assert again.headers["cache-control"] == first.headers["cache-control"]
+    for header in ('"other"', 'W/"other", "another"', etag.strip('"'), f"{etag} junk", ""):
+        changed = await client.get(path, headers={"If-None-Match": header})
+        assert changed.status_code == 200 and changed.content == first.content, header
+    head = await client.head(path)
+    assert head.status_code == 200 and head.headers["etag"] == etag
+
+
+async def test_a_key_rotation_changes_the_documents_and_their_etags(client, app, settings):
+    before = {path: await client.get(path) for path in ("/.well-known/openid-configuration", "/oauth/v2/jwks")}
+    KeyRing(settings.keys.dir).load().rotate()  # what `iam keys rotate` does
+    assert app.state.iam.keys.reload_if_changed()
+    jwks = await client.get("/oauth/v2/jwks", headers={"If-None-Match": before["/oauth/v2/jwks"].headers["etag"]})
+    assert jwks.status_code == 200 and jwks.headers["etag"] != before["/oauth/v2/jwks"].headers["etag"]
+    assert len(jwks.json()["keys"]) == 2 * len(before["/oauth/v2/jwks"].json()["keys"])
+    assert (await client.get("/.well-known/openid-configuration")).content == \
+        before["/.well-known/openid-configuration"].content  # the same metadata: the same algorithms
+    assert not app.state.iam.keys.reload_if_changed()
+    cached = await client.get("/oauth/v2/jwks", headers={"If-None-Match": jwks.headers["etag"]})
+    assert cached.status_code == 304
+
+
 async def test_issuer_with_a_path_and_trailing_slash_is_kept_exactly(tmp_path, store_urls):
     from iam.app import create_app
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path, store_urls, issuer="https://login.example.com/tenant-a/")
     app = create_app(settings)
-    meta = json.loads(app.state.iam.token.metadata_json)
+    meta = json.loads(app.state.iam.token.documents.current().metadata.body)
     assert meta["issuer"] == "https://login.example.com/tenant-a/"
     assert meta["token_endpoint"] == "https://login.example.com/tenant-a/oauth/v2/token"
 
 
 async def test_jwks_publishes_public_keys_with_kid(client):
     keys = (await client.get("/oauth/v2/jwks")).json()["keys"]
-    assert {k["alg"] for k in keys} == {"RS256", "ES256"}
+    assert {k.get("alg") for k in keys} == {"RS256", "ES256", None}
+    # The Ed25519 key names no alg: it verifies `EdDSA` (RFC 8037) and `Ed25519` (RFC 9864) alike.
+    assert [k["crv"] for k in keys if "alg" not in k] == ["Ed25519"]
     for key in keys:
         assert key["kid"] and key["use"] == "sig"
         assert not {"d", "p", "q", "dp", "dq", "qi"} & set(key), "private parameters must never be published"
@@ -66,7 +99,7 @@ async def test_generated_keys_are_private_files(app, settings):
     directory = settings.keys.dir
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     files = list(directory.glob("*.json"))
-    assert len(files) == 2
+    assert len(files) == 3
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 

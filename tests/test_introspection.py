@@ -2,13 +2,16 @@
 
 import asyncio
 
+import httpx
 import pytest
 from joserfc import jwt
+from joserfc.errors import UnsupportedAlgorithmError
 from joserfc.jwk import KeySet
 from sqlalchemy import event, update
 
+from iam.app import StartupError, create_app
 from iam.token.store import access_tokens
-from tests.conftest import ISSUER, SECRETS, basic
+from tests.conftest import ISSUER, SECRETS, basic, client_config, make_settings
 from tests.test_token_endpoint import get_token
 
 
@@ -65,6 +68,48 @@ async def test_signed_introspection_response_rfc9701(client):
     assert decoded.claims["iss"] == ISSUER and decoded.claims["aud"] == "svc-post"
     assert decoded.claims["token_introspection"]["active"] is True
     assert decoded.claims["token_introspection"]["client_id"] == "svc-basic"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA", "Ed25519"])
+async def test_signed_introspection_uses_the_clients_registered_alg_rfc9701_s6(tmp_path, store_urls, alg):
+    resource_server = {"client_id": "rs", "client_secret": "rs-secret-0123456789abcdef",
+                       "grant_types": ["client_credentials"], "introspection_signed_response_alg": alg}
+    settings = make_settings(tmp_path, store_urls, clients=[*client_config(), resource_server])
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=ISSUER) as client:
+        meta = (await client.get("/.well-known/oauth-authorization-server")).json()
+        assert alg in meta["introspection_signing_alg_values_supported"]
+        token = (await get_token(client))["access_token"]
+        response = await client.post("/oauth/v2/introspect", data={"token": token},
+                                     auth=("rs", "rs-secret-0123456789abcdef"),
+                                     headers={"Accept": "application/token-introspection+jwt"})
+        assert response.status_code == 200
+        published = KeySet.import_key_set((await client.get(meta["jwks_uri"].removeprefix(ISSUER))).json())
+        decoded = jwt.decode(response.text, published, algorithms=[alg])
+        assert decoded.header["alg"] == alg and decoded.header["typ"] == "token-introspection+jwt"
+        assert decoded.claims["aud"] == "rs" and decoded.claims["token_introspection"]["active"] is True
+        # A verifier that expects another algorithm refuses it: the header names the one actually used.
+        with pytest.raises(UnsupportedAlgorithmError):
+            jwt.decode(response.text, published, algorithms=["RS256" if alg != "RS256" else "ES256"])
+        # Callers that registered nothing still get RS256 (RFC 9701 §6: the default).
+        default = await introspect(client, token, accept="application/token-introspection+jwt")
+        assert jwt.decode(default.text, published, algorithms=["RS256"]).header["alg"] == "RS256"
+
+
+async def test_a_client_alg_the_key_ring_cannot_sign_stops_start_up(tmp_path, store_urls):
+    settings = make_settings(tmp_path, store_urls, clients=[*client_config(), {
+        "client_id": "rs", "client_secret": "rs-secret-0123456789abcdef", "grant_types": ["client_credentials"],
+        "introspection_signed_response_alg": "EdDSA"}])
+    from iam.keys import KeyRing
+
+    KeyRing(settings.keys.dir).load(generate=True)
+    for path in settings.keys.dir.glob("*-ed25519-*.json"):
+        path.unlink()  # a key directory made before Ed25519 keys existed
+    app = create_app(settings)
+    with pytest.raises(StartupError, match="introspection_signed_response_alg EdDSA"):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 async def test_phantom_forward_auth_swaps_opaque_for_jwt(client):

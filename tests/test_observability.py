@@ -264,7 +264,7 @@ async def test_user_lifecycle_and_key_rotation_are_audited(app, caplog, tmp_path
     config = write_config(tmp_path, keys={"dir": str(tmp_path / "cli-keys")})
     rotated = run_iam("keys", "rotate", env={"IAM_CONFIG": str(config)}, cwd=tmp_path)
     audits = [json.loads(line)["audit"] for line in rotated.stderr.splitlines() if '"iam.audit"' in line]
-    assert rotated.returncode == 0 and [a["event"] for a in audits] == ["key.rotated", "key.rotated"]
+    assert rotated.returncode == 0 and [a["event"] for a in audits] == ["key.rotated"] * 3
     assert {a["details"]["kid"] for a in audits} <= set(rotated.stdout.replace("added ", "").split())
 
 

@@ -8,6 +8,7 @@ import time
 
 from fastapi import Request, Response
 
+from iam.config import ClientConfig
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
 from iam.http import TOKEN_PARAMETER, PlainRoute, read_form
 from iam.observability import INTROSPECTIONS
@@ -36,7 +37,7 @@ async def introspect(request: Request) -> Response:
     (INTROSPECT_INACTIVE if live is None else INTROSPECT_ACTIVE).inc()
     accept = request.headers.get("accept", "")
     if JWT_RESPONSE in accept:
-        return _signed_response(services, caller.client_id, None if live is None else live.row)
+        return _signed_response(services, caller, None if live is None else live.row)
     if live is None:
         return json_response(INACTIVE, 200, NO_STORE)
     if "application/jwt" in accept:
@@ -48,9 +49,11 @@ async def introspect(request: Request) -> Response:
 routes = [PlainRoute("/oauth/v2/introspect", introspect, methods=["POST"], include_in_schema=False)]
 
 
-def _signed_response(services: TokenServices, audience: str, row: AccessTokenRow | None) -> Response:
-    """RFC 9701: the introspection result, signed for the calling resource server."""
+def _signed_response(services: TokenServices, caller: ClientConfig, row: AccessTokenRow | None) -> Response:
+    """RFC 9701: the introspection result, signed for the calling resource server with the algorithm it
+    registered (§6, `introspection_signed_response_alg`)."""
     result = INACTIVE if row is None else introspection_members(row.jwt)
-    claims = {"iss": services.settings.issuer, "aud": audience, "iat": int(time.time()), "token_introspection": result}
-    jwt = services.keys.sign(claims, alg="RS256", typ="token-introspection+jwt")
+    claims = {"iss": services.settings.issuer, "aud": caller.client_id, "iat": int(time.time()),
+              "token_introspection": result}
+    jwt = services.keys.sign(claims, alg=caller.introspection_signed_response_alg, typ="token-introspection+jwt")
     return Response(jwt, 200, NO_STORE, media_type=JWT_RESPONSE)

@@ -1,20 +1,25 @@
-"""Authorization server metadata (RFC 8414, OpenID Connect Discovery 1.0): built once at start-up
-(iam/token/services.py), it describes exactly what this server implements."""
+"""Authorization server metadata (RFC 8414, OpenID Connect Discovery 1.0), built once per key ring: it describes
+exactly what this server implements; with the JWKS, the documents iam/token/discovery.py serves."""
+
+from __future__ import annotations
 
 import json
 from typing import Any
 
 from iam.config import Settings
 from iam.formats import ACR_VALUES, PROMPTS
+from iam.http import StaticDocument
+from iam.keys import KeyRing
 from iam.token.claims import CLAIMS_SUPPORTED
 from iam.token.client_assertions import ASSERTION_ALGS
 
 # On the wire a workload_identity client sends a jwt-bearer client assertion too (RFC 7523 §2.2): the methods a
 # client can name are these; workload_identity only says whose keys verify its assertion.
 CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+CACHE_CONTROL = "public, max-age=300"
 
 
-def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
+def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[str, Any]:
     base = settings.issuer.rstrip("/")
     scopes = sorted({scope for client in settings.clients for scope in client.scopes} | {"openid"})
     return {
@@ -45,7 +50,7 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
         "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "revocation_endpoint_auth_methods_supported": [*CONFIDENTIAL_METHODS, "none"],
         "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
-        "introspection_signing_alg_values_supported": ["RS256"],
+        "introspection_signing_alg_values_supported": keys.jws_algorithms,  # RFC 9701 §7
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "claims_parameter_supported": False,  # OIDC Core §5.5: the claims parameter is ignored
         "request_parameter_supported": False,
@@ -53,5 +58,20 @@ def metadata(settings: Settings, grant_types: list[str]) -> dict[str, Any]:
     }
 
 
-def metadata_json(settings: Settings, grant_types: list[str]) -> bytes:
-    return json.dumps(metadata(settings, grant_types), separators=(",", ":")).encode()
+class Documents:
+    """The metadata and the JWKS of the current key ring (see iam/token/discovery.py), rebuilt the first time they
+    are asked for after the ring changed (`KeyRing.generation`: a rotation picked up)."""
+
+    def __init__(self, settings: Settings, grant_types: list[str], keys: KeyRing) -> None:
+        self._settings, self._grant_types, self._keys = settings, grant_types, keys
+        self._generation = -1
+        self.metadata = self.jwks = StaticDocument(b"", "application/json", CACHE_CONTROL)
+
+    def current(self) -> Documents:
+        keys = self._keys
+        if self._generation != keys.generation:
+            body = json.dumps(metadata(self._settings, self._grant_types, keys), separators=(",", ":")).encode()
+            self.metadata = StaticDocument(body, "application/json", CACHE_CONTROL)
+            self.jwks = StaticDocument(keys.jwks_json, "application/jwk-set+json", CACHE_CONTROL)
+            self._generation = keys.generation
+        return self

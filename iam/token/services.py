@@ -8,14 +8,14 @@ from fastapi import Request
 
 from iam.jwks import KeySources
 from iam.peers import Directory, UpstreamChecks
-from iam.runtime import Shared
+from iam.runtime import Shared, StartupError
 from iam.token.access_tokens import AccessTokens, LiveToken
 from iam.token.app_access import AppAccess
 from iam.token.client_assertions import ClientAssertions
 from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
 from iam.token.hot_cache import HotCache, RevocationListener
-from iam.token.metadata import metadata_json
+from iam.token.metadata import Documents
 from iam.token.store import TokenStore
 
 
@@ -46,13 +46,21 @@ class TokenServices:
         self.key_sources = KeySources()  # the keys of private_key_jwt clients and of trusted workload issuers
         self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources))
         self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
-        self.metadata_json = metadata_json(settings, grant_types)
+        self.documents = Documents(settings, grant_types, self.keys)
         self.device_approvals = DeviceApprovals(self.store, self.clients)
         self.app_access = AppAccess(self.store, self.clients)
 
     def connect(self, directory: Directory, upstream_checks: UpstreamChecks) -> None:
         self.directory = directory
         self.upstream_checks = upstream_checks
+
+    def check_keys(self) -> None:
+        """Once the key ring is loaded: refuse a client whose signed responses the ring cannot sign."""
+        for client in self.clients:
+            alg = client.introspection_signed_response_alg
+            if alg not in self.keys.jws_algorithms:
+                raise StartupError(f"client {client.client_id}: introspection_signed_response_alg {alg} needs a key "
+                                   f"the key ring does not hold (`iam keys rotate` adds one of every kind)")
 
     def start(self) -> None:
         if self.revocation_listener is not None:
