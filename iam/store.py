@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +260,116 @@ def _no_tls_on_loopback(url) -> dict:
     return {"ssl": False} if url.host in ("127.0.0.1", "localhost", "::1", None) else {}
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets readers proceed during a write; busy_timeout turns lock contention into a short wait.
+def _sqlite_pragmas(dbapi_conn, _record=None, busy_ms: int = 5000) -> None:
+    # WAL lets readers proceed during a write; busy_timeout turns lock contention into a short wait. In WAL,
+    # synchronous=NORMAL syncs at checkpoints instead of at every commit: a commit survives the process
+    # crashing, and the database stays consistent on power loss (the last commits may be lost then).
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+class SqliteDirect:
+    """The hot statements of a SQLite file store without aiosqlite's thread hop per statement.
+
+    Reads run on the event loop, on a connection of their own: in WAL a reader never waits for a writer, and
+    a one-row indexed lookup costs less than the hop. Should the database be busy anyway (a checkpoint
+    resetting the WAL), the read raises sqlite3.Error at once (no busy wait on the loop) and the caller falls
+    back to its usual path. Writes go to one writer thread that commits whatever has queued meanwhile in one
+    transaction (group commit): each caller's future resolves only after that COMMIT, and a batch that fails
+    is rolled back and retried one statement per transaction, so each caller gets its own statement's outcome.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None  # used only in the writer thread
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._queue: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        _sqlite_pragmas(conn, busy_ms=busy_ms)
+        return conn
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = self._connect(busy_ms=0)
+        return self._reader
+
+    def read_one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """The first row of a read, or None (sqlite3.Error: see above)."""
+        return self.reader.execute(sql, params).fetchone()
+
+    async def write(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one statement and return once it is committed (sqlite3.Error if it failed: nothing stored)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((sql, params, done))
+        if self._flushing is None:
+            self._flushing = loop.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await loop.run_in_executor(self._thread, self._commit, [(s, p) for s, p, _ in batch])
+                except Exception as exc:  # the whole batch failed (or the writer thread is shut down)
+                    outcomes = [exc] * len(batch)
+                for (_, _, done), outcome in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue
+                    if outcome is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(outcome)
+        finally:
+            self._flushing = None
+
+    def _commit(self, batch: list[tuple[str, tuple[Any, ...]]]) -> list[Exception | None]:
+        """In the writer thread: the batch in one transaction, or else each statement in its own."""
+        if self._writer is None:
+            self._writer = self._connect(busy_ms=5000)
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, params in batch:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+            return [None] * len(batch)
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if len(batch) == 1:
+                raise
+        outcomes: list[Exception | None] = []
+        for sql, params in batch:
+            try:
+                conn.execute(sql, params)  # autocommit: its own transaction
+                outcomes.append(None)
+            except sqlite3.Error as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def close(self) -> None:
+        """After the last request: what is queued is committed first."""
+        if self._flushing is not None:
+            await self._flushing
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, writer.close)
+        self._thread.shutdown(wait=True)
 
 
 def _closed_by_server(_dbapi_conn, record, _proxy) -> None:

@@ -243,8 +243,9 @@ async def test_revocation_requires_client_authentication(client):
 async def test_introspection_and_forward_auth_are_one_query_without_signing(client, app, monkeypatch):
     """The first call is one indexed lookup; the next ones are served from the hot cache: no query at all.
 
-    Never a signature. Every statement sent to the token store is recorded: SQLAlchemy's, and (PostgreSQL)
-    what runs straight on the pooled asyncpg connections, as the hot lookup does there.
+    Never a signature. Every statement sent to the token store is recorded: SQLAlchemy's, and what runs
+    straight on the driver, as the hot lookup does: on the pooled asyncpg connections (PostgreSQL), on the
+    store's own sqlite3 reader (SQLite).
     """
     from tests.test_hot_cache import cache_on
 
@@ -272,6 +273,9 @@ async def test_introspection_and_forward_auth_are_one_query_without_signing(clie
 
     event.listen(engine, "before_cursor_execute", record)
     event.listen(engine, "checkout", log_driver_queries)
+    direct = app.state.iam.token.store.sqlite
+    if direct is not None:
+        direct.reader.set_trace_callback(statements.append)
     monkeypatch.setattr(app.state.iam.keys, "sign", no_signing)
     try:
         assert (await introspect(client, token)).json()["active"] is True
@@ -284,6 +288,8 @@ async def test_introspection_and_forward_auth_are_one_query_without_signing(clie
     finally:
         event.remove(engine, "before_cursor_execute", record)
         event.remove(engine, "checkout", log_driver_queries)
+        if direct is not None:
+            direct.reader.set_trace_callback(None)
     assert len(first) == 1, first
     assert first[0].lstrip().upper().startswith("SELECT") and "digest" in first[0]
     assert warm == first  # served from the cache: not one more statement

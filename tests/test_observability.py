@@ -240,7 +240,8 @@ def test_dashboard_and_alerts_only_use_metrics_iam_exports():
 
 
 async def test_store_timing_includes_the_direct_hot_statements(client, backend):
-    """On PostgreSQL the hot lookup and the issuance INSERT bypass SQLAlchemy; they are timed all the same."""
+    """The hot lookup and the issuance INSERT bypass SQLAlchemy (asyncpg, or sqlite3 directly); they are timed
+    all the same."""
     before = metric((await client.get("/metrics")).text, "iam_store_query_duration_seconds_count", store="token")
     token = (await get_token(client))["access_token"]
     await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})

@@ -70,6 +70,7 @@ class TokenServices:
         if self.revocation_listener is not None:
             await self.revocation_listener.stop()
         await self.key_sources.close()
+        await self.store.close()
 
     def sweep(self) -> None:
         self.hot_cache.sweep(time.time())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
-from iam.store import doomed
+from iam.store import SqliteDirect, doomed
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
@@ -186,6 +188,18 @@ _INSERT_SQL = (
     " VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
 _FAILED = object()
+# Concurrent issuances share one INSERT (group commit, see TokenStore.add_access_token): one column array each.
+_INSERT_MANY_SQL = (
+    "INSERT INTO access_tokens (digest, client_id, subject, expires_at, revoked, jwt, grant_id)"
+    " SELECT * FROM unnest($1::bytea[], $2::varchar[], $3::varchar[], $4::integer[], $5::boolean[], $6::text[],"
+    " $7::varchar[])"
+)
+# The same two statements for SQLite's own driver (iam.store.SqliteDirect), with its placeholders.
+_FIND_SQLITE = _FIND_SQL.replace("$1", "?")
+_INSERT_SQLITE = (
+    "INSERT INTO access_tokens (digest, client_id, subject, expires_at, revoked, jwt, grant_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 _GRANT_COLUMNS = [grants.c[name] for name in (
     "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "connector", "nonce", "offline", "created_at"
@@ -206,24 +220,91 @@ class TokenStore:
         # The token role's hot cache: every revocation below evicts from it once its transaction is over.
         self.cache = cache
         self._postgresql = engine.dialect.name == "postgresql"
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.sqlite = SqliteDirect(database) if database and database != ":memory:" else None
+        self._inserts: list[tuple[AccessTokenRow, asyncio.Future[None]]] = []  # waiting for the next batch
+        self._inserting: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._inserting is not None:
+            await self._inserting
+        if self.sqlite is not None:
+            await self.sqlite.close()
 
     # -- access tokens ------------------------------------------------------------------------------------
     async def add_access_token(self, row: AccessTokenRow) -> None:
-        """The lone INSERT of a token issuance, in autocommit: one round trip instead of BEGIN, INSERT, COMMIT."""
+        """The lone INSERT of a token issuance, returning once the row is committed.
+
+        On PostgreSQL the issuances that arrive while one batch is being written make the next batch: one
+        autocommit INSERT of all their rows, one round trip and one commit (group commit). Should a batch fail,
+        each of its rows is inserted on its own, so each caller gets its own row's outcome.
+        On SQLite the same, in the writer thread of iam.store.SqliteDirect.
+        """
         if self._postgresql:
-            params = _access_params(row)
-            inserted = await self._on_driver(_INSERT_SQL, lambda driver: driver.execute(_INSERT_SQL, *params))
-            if inserted is not _FAILED:
-                return
-            # The direct attempt failed, and may still have committed (a connection lost after COMMIT):
-            # insert again the SQLAlchemy way. A duplicate digest can then only be that first attempt's row.
-            try:
-                await self._insert(row)
-            except IntegrityError:
-                if await self._find(row.digest) != row:
-                    raise
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            self._inserts.append((row, done))
+            if self._inserting is None:
+                self._inserting = loop.create_task(self._insert_batches())
+            await done
             return
+        if self.sqlite is not None:
+            started = time.perf_counter()
+            try:
+                await self.sqlite.write(_INSERT_SQLITE, _access_params(row))
+                _DIRECT_DURATION.observe(time.perf_counter() - started)
+                return
+            except sqlite3.Error as exc:  # rolled back: nothing stored; reported the SQLAlchemy way below
+                log.debug("direct insert failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
         await self._insert(row)
+
+    async def _insert_batches(self) -> None:
+        try:
+            while self._inserts:
+                batch, self._inserts = self._inserts, []
+                try:
+                    outcomes = await self._insert_batch([row for row, _ in batch])
+                except Exception as exc:  # nothing may be left waiting
+                    outcomes = [exc] * len(batch)
+                for (_, done), outcome in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue  # its request was cancelled meanwhile
+                    if outcome is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(outcome)
+        finally:
+            self._inserting = None
+
+    async def _insert_batch(self, rows: list[AccessTokenRow]) -> list[BaseException | None]:
+        async def alone(row: AccessTokenRow) -> None:
+            await self._insert_postgresql(row)
+
+        if len(rows) > 1:
+            columns = [list(column) for column in zip(*map(_access_params, rows), strict=True)]
+            try:
+                inserted = await self._on_driver(
+                    _INSERT_MANY_SQL, lambda driver: driver.execute(_INSERT_MANY_SQL, *columns))
+            except Exception as exc:  # a timeout, no connection: every row of the batch fails alike
+                return [exc] * len(rows)
+            if inserted is not _FAILED:
+                return [None] * len(rows)
+        outcomes = await asyncio.gather(*map(alone, rows), return_exceptions=True)
+        return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
+
+    async def _insert_postgresql(self, row: AccessTokenRow) -> None:
+        """One row in one autocommit round trip, straight on the driver; else the SQLAlchemy way."""
+        params = _access_params(row)
+        inserted = await self._on_driver(_INSERT_SQL, lambda driver: driver.execute(_INSERT_SQL, *params))
+        if inserted is not _FAILED:
+            return
+        # The direct attempt failed, and may still have committed (a connection lost after COMMIT): insert
+        # again the SQLAlchemy way. A duplicate digest can then only be that first attempt's row.
+        try:
+            await self._insert(row)
+        except IntegrityError:
+            if await self._find(row.digest) != row:
+                raise
 
     async def _insert(self, row: AccessTokenRow) -> None:
         async with self.reader.connect() as conn:
@@ -234,6 +315,18 @@ class TokenStore:
             found = await self._on_driver(_FIND_SQL, lambda driver: driver.fetchrow(_FIND_SQL, digest))
             if found is not _FAILED:
                 return None if found is None else AccessTokenRow(digest, *found)
+        elif self.sqlite is not None:
+            started = time.perf_counter()
+            try:
+                found = self.sqlite.read_one(_FIND_SQLITE, (digest,))
+            except sqlite3.Error:
+                pass  # busy (see SqliteDirect): the usual way
+            else:
+                _DIRECT_DURATION.observe(time.perf_counter() - started)
+                if found is None:
+                    return None
+                client_id, subject, expires_at, revoked, jwt, grant_id = found
+                return AccessTokenRow(digest, client_id, subject, expires_at, bool(revoked), jwt, grant_id)
         return await self._find(digest)
 
     async def _find(self, digest: bytes) -> AccessTokenRow | None:
