@@ -19,6 +19,7 @@ from sqlalchemy import MetaData
 from iam import __version__, errors, health, internal, pages
 from iam.audit_store import AuditSink, purge_before
 from iam.config import PEERS_NEEDED, Settings
+from iam.http import PlainRoutes
 from iam.keys import KeyRing, KeyRingError
 from iam.observability import AUDIT, Observability, instrument_store, setup_tracing, shutdown_tracing
 from iam.peers import (
@@ -257,13 +258,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.iam = runtime
     app.add_middleware(Observability, headers=pages.every_response(settings.issuer))
     errors.install(app)
-    app.include_router(health.router)
     if settings.role.serves(Role.TOKEN):
-        # The hot paths right after the probes: routes are tried in order, and these carry most of the traffic.
-        # Plain routes on the app's own router (iam.http.PlainRoute): no FastAPI per-request machinery.
+        # The hot paths first, found by their path in one lookup (iam.http.PlainRoutes): they carry most of the
+        # traffic. Plain routes on the app's own router (iam.http.PlainRoute): no FastAPI per-request machinery.
         from iam.token import discovery, endpoint, introspection, phantom
 
-        app.router.routes.extend([*phantom.routes, *introspection.routes, *endpoint.routes, *discovery.routes])
+        app.router.routes.append(
+            PlainRoutes([*phantom.routes, *introspection.routes, *endpoint.routes, *discovery.routes]))
+    app.include_router(health.router)
     app.include_router(internal.router)
     app.include_router(pages.router)
     role = settings.role

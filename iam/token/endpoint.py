@@ -1,6 +1,9 @@
 """The token endpoint (RFC 6749 §3.2): authenticate the client, then hand over to the grant's module."""
 
+import functools
+
 from fastapi import Request, Response
+from prometheus_client import Counter
 
 from iam.config import EXCHANGE_GRANT
 from iam.errors import NO_STORE, OAuthError, json_response
@@ -20,6 +23,11 @@ GRANTS = {
 }
 
 
+@functools.cache  # the configured grants and clients: a bounded set of label values
+def _issued(grant_type: str, client_id: str) -> Counter:
+    return TOKENS_ISSUED.labels(grant_type, client_id)
+
+
 async def token(request: Request) -> Response:
     services = token_services(request)
     form = await read_form(request)
@@ -33,7 +41,7 @@ async def token(request: Request) -> Response:
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
     body, subject = await handler(services, client, form)
-    TOKENS_ISSUED.labels(grant_type, client.client_id).inc()
+    _issued(grant_type, client.client_id).inc()
     audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
           client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))
     return json_response(body, 200, NO_STORE)
