@@ -40,7 +40,8 @@ BENCH = Path(__file__).resolve().parent
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CLIENT_ID = "bench"
 SECRET_ENV = "IAM_BENCH_CLIENT_SECRET"  # the client secret reaches the server only through its environment
-SCENARIOS = ["health", "client_credentials", "introspect_json", "introspect_jwt", "phantom"]
+SCENARIOS = ["health", "client_credentials", "introspect_json", "introspect_jwt", "introspect_signed", "phantom",
+             "discovery", "jwks", "jwks_304"]
 
 CONFIG = """\
 # Written by bench/run.py for one benchmark run; deleted with its temp dir.
@@ -62,7 +63,7 @@ clients:
     token_endpoint_auth_method: client_secret_basic
     scope: "api:read"
     access_token_ttl: {token_ttl}   # T must outlive the whole run
-introspection_cache_seconds: {cache_seconds}   # 0 (--no-cache): every check is an indexed lookup
+{client_extra}introspection_cache_seconds: {cache_seconds}   # 0 (--no-cache): every check is an indexed lookup
 {extra}"""
 
 
@@ -114,8 +115,10 @@ def start_postgres(tmp: Path, stack: contextlib.ExitStack) -> int:
     return port
 
 
-def db_sessions(port: int) -> int | None:
+def db_sessions(port: int | None) -> int | None:
     """Sessions ever opened on iam_token (pg_stat_database): shows how often the server's pool reconnects."""
+    if port is None:  # SQLite
+        return None
     sql = "SELECT sessions FROM pg_stat_database WHERE datname = 'iam_token'"
     command = [PG_BIN / "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "iam_token"]
     done = subprocess.run([*command, "-Atc", sql], capture_output=True, text=True, timeout=30)
@@ -130,7 +133,7 @@ def stop_postgres(data: Path) -> None:
 
 # -- the iam server ------------------------------------------------------------------------------------
 def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5,
-                 token_ttl: int = 3600, extra: str = "") -> str:
+                 token_ttl: int = 3600, extra: str = "", signed_alg: str | None = None) -> str:
     """Write the bench config, start `iam serve` and wait until it is ready; return its base URL.
 
     The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
@@ -139,7 +142,8 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
     config = tmp / "iam-bench.yaml"
     config.write_text(
         CONFIG.format(port=port, db=db, keys=tmp / "keys", client_id=CLIENT_ID, secret_env=SECRET_ENV,
-                      cache_seconds=cache_seconds, token_ttl=token_ttl, extra=extra)
+                      cache_seconds=cache_seconds, token_ttl=token_ttl, extra=extra,
+                      client_extra=f"    introspection_signed_response_alg: {signed_alg}\n" if signed_alg else "")
     )
     # A clean environment: IAM_KEYS_DIR, IAM_ISSUER, ... from the caller's shell would override the config.
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_") and k != "SERVICE_ROLE"}
@@ -203,6 +207,7 @@ class Scenario:
 def scenarios(basic: str, token: str) -> dict[str, Scenario]:
     form = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": basic}
     jwt_form = {**form, "Accept": "application/jwt"}  # the phantom JWT instead of RFC 7662 JSON
+    signed_form = {**form, "Accept": "application/token-introspection+jwt"}  # RFC 9701, the client's alg
     return {
         s.name: s
         for s in [
@@ -210,9 +215,20 @@ def scenarios(basic: str, token: str) -> dict[str, Scenario]:
             Scenario("client_credentials", "POST", "/oauth/v2/token", form, "grant_type=client_credentials"),
             Scenario("introspect_json", "POST", "/oauth/v2/introspect", form, f"token={token}"),
             Scenario("introspect_jwt", "POST", "/oauth/v2/introspect", jwt_form, f"token={token}"),
+            Scenario("introspect_signed", "POST", "/oauth/v2/introspect", signed_form, f"token={token}"),
             Scenario("phantom", "GET", "/oauth/v2/phantom", {"Authorization": f"Bearer {token}"}),
+            Scenario("discovery", "GET", "/.well-known/openid-configuration"),
+            Scenario("jwks", "GET", "/oauth/v2/jwks"),
+            # a cache revalidating: the ETag of the JWKS, filled in by main() (see with_etag)
+            Scenario("jwks_304", "GET", "/oauth/v2/jwks", {"If-None-Match": "{etag}"}),
         ]
     }
+
+
+def with_etag(base: str, scenario: Scenario) -> Scenario:
+    """jwks_304 sends the JWKS's current ETag; a server without ETags gets a placeholder (and fails the check)."""
+    etag = httpx.get(base + scenario.path, timeout=10).headers.get("etag", '"none"')
+    return Scenario(scenario.name, scenario.method, scenario.path, {"If-None-Match": etag})
 
 
 def get_token(base: str, basic: str) -> str:
@@ -238,9 +254,14 @@ def sanity_check(base: str, scenario: Scenario) -> None:
         "introspect_jwt": lambda: (
             r.headers["content-type"].startswith("application/jwt") and r.text.count(".") == 2
         ),
+        "introspect_signed": lambda: r.headers["content-type"].startswith("application/token-introspection+jwt"),
         "phantom": lambda: r.headers.get("authorization", "").startswith("Bearer ey"),
+        "discovery": lambda: "issuer" in r.json(),
+        "jwks": lambda: bool(r.json()["keys"]),
+        "jwks_304": lambda: True,
     }
-    if r.status_code != 200 or not checks[scenario.name]():
+    expected = 304 if scenario.name == "jwks_304" else 200
+    if r.status_code != expected or not checks[scenario.name]():
         raise BenchError(f"sanity check failed for {scenario.name}: {r.status_code} {r.text[:300]}")
 
 
@@ -288,7 +309,7 @@ def max_throughput(base: str, scenario: Scenario, args: argparse.Namespace, dura
     return run_loadgen(base, scenario, args, duration)
 
 
-def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_port: int) -> dict:
+def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_port: int | None) -> dict:
     if args.warmup > 0:  # fills the DB pool and warms caches; not recorded
         max_throughput(base, scenario, args, args.warmup)
     before = db_sessions(pg_port)
@@ -344,7 +365,8 @@ def tools_note(args: argparse.Namespace) -> str:
         f"{args.connections} keep-alive connections; latency from each request's scheduled send time.",
         "non-2xx, sock err: max run / paced run. new db conns: PostgreSQL sessions opened during the max run "
         "(pg_stat_database, approximate). *: paced run below 95% of its target rate.",
-        f"Server: `iam serve`, 1 uvicorn worker, role token, PostgreSQL 15 (fsync on), hot cache "
+        f"Server: `iam serve`, 1 uvicorn worker, role token, "
+        f"{'SQLite' if args.store == 'sqlite' else 'PostgreSQL 15 (fsync on)'}, hot cache "
         f"{'off' if args.no_cache else 'on'}; load generators, "
         f"server and database share this {os.cpu_count()}-CPU machine.",
     ])  # fmt: skip
@@ -365,6 +387,10 @@ def parse_args() -> argparse.Namespace:
     add("--tool", choices=["auto", "wrk", "python"], default="auto", help="max-throughput generator")
     add("--no-cache", action="store_true",
         help="turn the token role's hot cache off: every introspection and forward-auth check is a store lookup")
+    add("--store", choices=["postgresql", "sqlite"], default="postgresql",
+        help="the token store: a throw-away PostgreSQL 15 cluster (default), or SQLite files (the embedded default)")
+    add("--signed-alg", choices=["RS256", "ES256", "EdDSA", "Ed25519"], default=None,
+        help="the bench client's introspection_signed_response_alg (introspect_signed); default: the server's")
     add("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
     args = parser.parse_args()
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -395,12 +421,17 @@ def main() -> None:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # runs last: after server and cluster stop
             if os.geteuid() == 0:
                 shutil.chown(tmp, "postgres", "postgres")  # the cluster lives inside and runs as postgres
-            pg_port = start_postgres(tmp, stack)
-            db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}"
+            if args.store == "sqlite":  # the embedded default: one file per store in the temp dir
+                pg_port, db = None, f"sqlite+aiosqlite:///{tmp}"
+            else:
+                pg_port = start_postgres(tmp, stack)
+                db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}"
             secret = secrets.token_urlsafe(24)
-            base = start_server(tmp, db, secret, stack, cache_seconds=0 if args.no_cache else 5)
+            base = start_server(tmp, db, secret, stack, cache_seconds=0 if args.no_cache else 5,
+                                signed_alg=args.signed_alg)
             basic = "Basic " + base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
             all_scenarios = scenarios(basic, get_token(base, basic))
+            all_scenarios["jwks_304"] = with_etag(base, all_scenarios["jwks_304"])
             for name in args.scenarios:
                 sanity_check(base, all_scenarios[name])
             log(f"sanity checks passed; running {', '.join(args.scenarios)} ({args.duration:g} s each)")
@@ -433,6 +464,7 @@ def main() -> None:
             "load_ratio": args.load_ratio,
             "max_tool": "wrk" if args.wrk else "loadgen",
             "hot_cache": not args.no_cache,
+            "store": args.store,
         },  # fmt: skip
         "notes": tools_note(args),
         "results": results,
