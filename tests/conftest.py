@@ -175,6 +175,9 @@ def make_settings(tmp_path: Path, store_urls: dict[str, str], **overrides) -> Se
         "keys": {"dir": str(tmp_path / "keys")},
         "clients": client_config(),
         "purge_interval": 0,
+        # A generous bound: a test's first connection on a busy machine may take seconds. The bound itself
+        # (store_timeout's default) is what tests/test_operations.py checks.
+        "store_timeout": 15,
         **overrides,
     }
     return Settings.model_validate(data)
