@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from iam.config import load_settings
+from iam.keys import KeyRing
 from iam.token.endpoint import GRANTS
 from iam.token.metadata import metadata
 from tests.oauth import advertised_paths
@@ -324,11 +325,12 @@ def test_ingresses_route_the_public_endpoints_and_nothing_internal(overlay):
         assert "iam-user-management" not in backends
 
 
-def test_the_ingress_routes_every_endpoint_discovery_advertises(overlay):
+def test_the_ingress_routes_every_endpoint_discovery_advertises(overlay, tmp_path):
     """Discovery, built by the server from the shipped config/iam.yaml, points only at paths the Ingress routes
     to the token role (an endpoint added to discovery but not to the Ingress is a 404 behind it)."""
     settings = load_settings(ROOT / "config" / "iam.yaml", env={})
-    advertised = advertised_paths(metadata(settings, sorted(GRANTS)))
+    keys = KeyRing(tmp_path / "keys").load(generate=True)
+    advertised = advertised_paths(metadata(settings, sorted(GRANTS), keys))
     assert "/oauth/v2/par" in advertised
     public = of_kind(overlay, "Ingress")["iam-public"]
     for path in advertised:
