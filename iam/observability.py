@@ -101,6 +101,7 @@ AUDIT_EVENTS = {
     "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
+    "mfa.recovery_codes_created", "mfa.recovery_code_used",
 }
 
 

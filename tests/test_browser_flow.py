@@ -293,7 +293,12 @@ def test_totp_enrolment_sign_out_and_sign_in_with_the_second_factor(page: Page, 
     page.get_by_label("Your password").fill(PASSWORD)
     page.get_by_role("button", name="Turn on").click()
     expect(page.get_by_role("status")).to_have_text("Two-step verification is on.")
+    expect(page).to_have_title("Your recovery codes · iam")
+    recovery_codes = page.locator(".recovery-codes code").all_inner_texts()
+    assert len(recovery_codes) == 10
+    page.get_by_role("link", name="Back to your account").click()
     expect(page.get_by_text("Two-step verification: on")).to_be_visible()
+    expect(page.get_by_text("Recovery codes left: 10")).to_be_visible()
 
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_title("Signed out · iam")
@@ -314,6 +319,18 @@ def test_totp_enrolment_sign_out_and_sign_in_with_the_second_factor(page: Page, 
     page.get_by_role("button", name="Verify").click()
     claims = tokens(live, request, at_callback(page, request))["claims"]
     assert claims["sub"] == live.subjects["tess"] and claims["amr"] == ["pwd", "otp"]
+
+    # The phone is lost: a recovery code instead, once.
+    request = authorization_request(live, "cli", prompt="login")
+    page.goto(request.url)
+    type_credentials(page, "tess")
+    page.get_by_text("Use a recovery code").click()
+    page.get_by_label("Recovery code").press_sequentially(recovery_codes[0], delay=5)
+    page.get_by_role("button", name="Use recovery code").click()
+    claims = tokens(live, request, at_callback(page, request))["claims"]
+    assert claims["amr"] == ["pwd", "otp"]
+    page.goto(f"{live.issuer}/authn/account")
+    expect(page.get_by_text("Recovery codes left: 9")).to_be_visible()
 
 
 def test_a_third_party_client_is_allowed_once_on_the_consent_page(page: Page, live: Live, tmp_path: Path):

@@ -39,7 +39,7 @@ async def account_page(request: Request) -> Response:
     return await account(request)
 
 
-async def account(request: Request, notice: str | None = None) -> Response:
+async def account(request: Request, notice: str | None = None, status: int = 200) -> Response:
     """The account page, with a notice of what was just done (never one taken from the URL)."""
     services = authn_services(request)
     session = await current_session(request)
@@ -50,7 +50,9 @@ async def account(request: Request, notice: str | None = None) -> Response:
         applications = await services.app_access.applications(session.subject)
     except PeerUnavailable:
         applications = None  # the page still works; the list says it is unavailable
-    return page(request, "account.html", user=user, totp_enabled=await services.totp.enabled(session.subject),
+    totp_enabled = await services.totp.enabled(session.subject)
+    return page(request, "account.html", status, user=user, totp_enabled=totp_enabled,
+                recovery_codes_left=await services.totp.recovery_codes_left(session.subject) if totp_enabled else 0,
                 notice=notice, links=services.account_links, applications=applications,
                 date=_date)
 
@@ -113,8 +115,30 @@ async def totp_confirm(request: Request) -> Response:
         return await _setup_page(request, session.subject, secret, refused[1])
     if await services.totp.verify(session.subject, form.get("code", ""), confirming=True):
         audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="totp")
-        return await account(request, notice="Two-step verification is on.")
+        return await _new_recovery_codes(request, session.subject, "Two-step verification is on.")
     return await _setup_page(request, session.subject, secret, "That code is not valid. Try the current one.")
+
+
+async def _new_recovery_codes(request: Request, subject: str, notice: str) -> Response:
+    """Ten new recovery codes, replacing any earlier ones, on a page shown this once (never cached)."""
+    codes = await authn_services(request).totp.new_recovery_codes(subject)
+    audit("mfa.recovery_codes_created", actor=subject, source=source_of(request), count=len(codes))
+    return page(request, "recovery_codes.html", codes=codes, notice=notice)
+
+
+@router.post("/authn/totp/recovery-codes")
+async def recovery_codes_renew(request: Request) -> Response:
+    """New recovery codes (the old ones stop working), after the password is asked again as for enrolment."""
+    services = authn_services(request)
+    session = await current_session(request)
+    form = await _form(request)
+    if session is None or form is None:
+        return error_page("Session expired", "Sign in again to get new recovery codes.", 403)
+    if not await services.totp.enabled(session.subject):
+        return await account(request)
+    if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "recovery codes"):
+        return await account(request, notice=refused[1], status=refused[0])
+    return await _new_recovery_codes(request, session.subject, "Your earlier recovery codes no longer work.")
 
 
 async def _reauthenticate(request: Request, subject: str, password: str, purpose: str) -> tuple[int, str] | None:

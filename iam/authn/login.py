@@ -15,6 +15,7 @@ from fastapi.responses import RedirectResponse
 from iam.authn.consent import hand_off_or_ask
 from iam.authn.services import authn_services
 from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
+from iam.authn.totp import RECOVERY_CODE
 from iam.authn.web import (
     Flow,
     client_name,
@@ -204,7 +205,12 @@ async def totp_submit(request: Request) -> Response:
     address = client_address(request, services.settings.trusted_proxies)
     if await services.throttle.check(account, address, known_device(request)):
         return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
-    if not await services.totp.verify(subject, form.get("code", "")):
+    # A recovery code stands in for the TOTP code, guessed and throttled the same way.
+    used = await services.totp.second_step(subject, form.get("code", ""))
+    if used == RECOVERY_CODE:
+        audit("mfa.recovery_code_used", actor=subject, source=source_of(request), client_id=flow.client_id,
+              left=await services.totp.recovery_codes_left(subject))
+    if used is None:
         await services.throttle.fail(account, address)
         LOGINS.labels("mfa_failure").inc()
         audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)

@@ -1,5 +1,5 @@
-"""The credential store: password hashes, TOTP secrets, SSO sessions, login throttling, consents and sign-ins
-waiting at an upstream provider.
+"""The credential store: password hashes, TOTP secrets and recovery codes, SSO sessions, login throttling,
+consents and sign-ins waiting at an upstream provider.
 
 Owned by the authentication role alone. `AuthnStore` holds all of the role's SQL; the rules (argon2, session
 expiry, the throttle's arithmetic, TOTP windows, sealing) live in the modules above it.
@@ -69,6 +69,15 @@ totp = Table(
     Column("last_step", Integer, nullable=False, default=0),  # a code is accepted once (RFC 6238 §5.2)
 )
 
+# TOTP recovery codes (iam/authn/totp.py): ten per confirmed factor, each a SHA-256 digest, deleted when used.
+recovery_codes = Table(
+    "recovery_codes",
+    metadata,
+    Column("subject", String(64), primary_key=True),
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("created_at", Integer, nullable=False),
+)
+
 login_failures = Table(
     "login_failures",
     metadata,
@@ -130,7 +139,7 @@ class AuthnStore:
     async def remove_credentials(self, subject: str) -> None:
         """Every credential of a subject (the password, any second factor), and their consents."""
         async with self.engine.begin() as conn:
-            for table in (credentials, totp, consents):
+            for table in (credentials, totp, recovery_codes, consents):
                 await conn.execute(delete(table).where(table.c.subject == subject))
 
     # -- SSO sessions (iam/authn/sessions.py) -------------------------------------------------------------------
@@ -236,9 +245,30 @@ class AuthnStore:
         return bool(won.rowcount == 1)
 
     async def remove_totp(self, subject: str) -> bool:
-        """Whether there was a factor, confirmed or not."""
+        """Whether there was a factor, confirmed or not; its recovery codes go with it."""
         async with self.engine.begin() as conn:
+            await conn.execute(delete(recovery_codes).where(recovery_codes.c.subject == subject))
             return bool((await conn.execute(delete(totp).where(totp.c.subject == subject))).rowcount > 0)
+
+    async def replace_recovery_codes(self, subject: str, digests: list[bytes], now: int) -> None:
+        """The subject's recovery codes are these, and only these, from now on."""
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(recovery_codes).where(recovery_codes.c.subject == subject))
+            await conn.execute(insert(recovery_codes),
+                               [{"subject": subject, "digest": d, "created_at": now} for d in digests])
+
+    async def take_recovery_code(self, subject: str, digest: bytes) -> bool:
+        """Remove the code; True for the one caller that removed it (single use)."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(delete(recovery_codes).where(recovery_codes.c.subject == subject,
+                                                                  recovery_codes.c.digest == digest))
+        return bool(won.rowcount == 1)
+
+    async def count_recovery_codes(self, subject: str) -> int:
+        async with self.engine.connect() as conn:
+            count: int = (await conn.execute(select(func.count()).select_from(recovery_codes)
+                                             .where(recovery_codes.c.subject == subject))).scalar_one()
+        return count
 
     # -- consents (iam/authn/consent.py) ------------------------------------------------------------------------
     async def consented_scopes(self, subject: str, client_id: str) -> set[str]:

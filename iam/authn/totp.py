@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
+import secrets
 import time
 
 import pyotp
@@ -22,6 +24,15 @@ ISSUER_NAME = "iam"
 class TotpAlreadyEnabled(Exception):
     """Enrolment was asked for while a confirmed factor exists; it must be removed first."""
 
+
+RECOVERY_CODES = 10
+# A recovery code: 16 characters of RFC 4648 base32 (80 bits), shown as four groups of four. With 80 bits a plain
+# SHA-256 at rest is enough (NIST SP 800-63B §5.1.1.2 asks a memorized secret's slow hash for its low entropy;
+# no offline search gets through 2^80): checking costs no argon2 run, and no key that `iam keys rotate` changes.
+RECOVERY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+RECOVERY_LENGTH = 16
+
+TOTP_CODE, RECOVERY_CODE = "totp", "recovery code"  # what a second step was passed with
 
 SEALED = "v1:"  # a stored secret sealed with the data key (AES-256-GCM, bound to its subject)
 
@@ -95,6 +106,42 @@ class Totp:
 
     async def remove(self, subject: str) -> None:
         await self.store.remove_totp(subject)
+
+    async def second_step(self, subject: str, code: str) -> str | None:
+        """What `code` passes the second step with (TOTP_CODE or RECOVERY_CODE, each spent by this call), or None.
+        Either is a one-time password (RFC 8176 §2 "otp")."""
+        if await self.verify(subject, code):
+            return TOTP_CODE
+        if await self.use_recovery_code(subject, code):
+            return RECOVERY_CODE
+        return None
+
+    # -- recovery codes: each accepted once instead of a TOTP code --------------------------------------------
+    async def new_recovery_codes(self, subject: str) -> list[str]:
+        """Ten fresh codes replacing any earlier ones; they are shown once and only their digests are kept."""
+        codes = ["".join(secrets.choice(RECOVERY_ALPHABET) for _ in range(RECOVERY_LENGTH))
+                 for _ in range(RECOVERY_CODES)]
+        await self.store.replace_recovery_codes(subject, [_recovery_digest(subject, c) for c in codes],
+                                                int(self.clock()))
+        return [" ".join(code[i:i + 4] for i in range(0, RECOVERY_LENGTH, 4)) for code in codes]
+
+    async def recovery_codes_left(self, subject: str) -> int:
+        return await self.store.count_recovery_codes(subject)
+
+    async def use_recovery_code(self, subject: str, code: str) -> bool:
+        """Whether `code` is one of the subject's unused recovery codes; it is spent by this call (of two
+        requests with the same code, one wins). Spaces, dashes and case do not matter."""
+        code = code.upper().replace(" ", "").replace("-", "")
+        if len(code) != RECOVERY_LENGTH or not set(code) <= set(RECOVERY_ALPHABET):
+            return False
+        if not await self.enabled(subject):  # the codes stand in for a factor that is on
+            return False
+        return await self.store.take_recovery_code(subject, _recovery_digest(subject, code))
+
+
+def _recovery_digest(subject: str, code: str) -> bytes:
+    """Bound to its subject: a digest copied to another user's rows matches nothing."""
+    return hashlib.sha256(f"iam recovery code:{subject}:{code}".encode()).digest()
 
 
 def provisioning(secret: str, account: str) -> tuple[str, str]:
