@@ -270,10 +270,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     role = settings.role
     if role.serves(Role.AUTHENTICATION):
-        from iam.authn import account, connector_sign_in, consent, device, kubeconfig, login
+        from iam.authn import account, connector_sign_in, consent, device, kubeconfig, login, reset
         from iam.authn import internal as authn_internal
 
-        for module in (login, connector_sign_in, consent, account, device, kubeconfig, authn_internal):
+        for module in (login, connector_sign_in, consent, account, reset, device, kubeconfig, authn_internal):
             app.include_router(module.router)
     if role.serves(Role.USER_MANAGEMENT):
         from iam.users import internal as users_internal

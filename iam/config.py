@@ -368,6 +368,34 @@ class KubeCluster(_Strict):
         return "".join(value.split())
 
 
+class Mail(_Strict):
+    """An SMTP relay for password reset and address verification messages (iam/mail.py)."""
+
+    host: str = Field(min_length=1, description="The relay's host name.")
+    port: int = Field(default=587, ge=1, le=65535, description="Its port (587 submission, 465 implicit TLS).")
+    security: Literal["starttls", "tls", "none"] = Field(default="starttls", description=(
+        "`starttls` (required, not opportunistic), `tls` (implicit TLS, RFC 8314), or `none` (loopback only)."))
+    username: str = Field(default="", description="The relay's user name (empty: no SMTP AUTH).")
+    password: SecretStr | None = Field(default=None, description="Its password, from the environment (`${VAR}`).")
+    from_address: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", description="The From: address, e.g. `iam@example.com`.")
+    from_name: str = Field(default="iam", description="The From: display name.")
+    timeout: float = Field(default=10.0, gt=0, le=120, description="Seconds one delivery attempt takes at most.")
+    attempts: int = Field(default=4, ge=1, le=10, description="Delivery attempts per message before it is dropped.")
+    retry_delay: float = Field(default=5.0, ge=0, le=600, description=(
+        "Seconds before the second attempt, doubled before each further one."))
+    queue_size: int = Field(default=1000, ge=1, description=(
+        "Messages waiting at most; more are dropped (logged, metered) rather than held in memory."))
+    templates_dir: Path | None = Field(default=None, description=(
+        "A directory whose templates (`password_reset.subject.txt`, `.txt`, `.html`, ...) replace the built-in "
+        "ones of iam/templates/mail/ that have the same name."))
+
+    @model_validator(mode="after")
+    def _no_plain_text_off_loopback(self) -> Mail:
+        if self.security == "none" and self.host not in LOOPBACK_HOSTS:
+            raise ValueError("security `none` is allowed for a loopback relay only")
+        return self
+
+
 class Kubernetes(_Strict):
     clusters: list[KubeCluster] = Field(default=[], description=(
         "Clusters whose API server trusts this issuer (`iam kube`, /authn/kubeconfig)."))
@@ -550,6 +578,8 @@ class Settings(_Strict):
         "Upstream identity providers the sign-in page offers (iam/authn/connectors/)."))
     password_login: bool = Field(default=True, description=(
         "Offer iam's own username/password form (false: connectors only)."))
+    mail: Mail | None = Field(default=None, description=(
+        "The SMTP relay; unset, no mail is sent and the sign-in page offers no password reset."))
 
     @field_validator("issuer")
     @classmethod
@@ -560,7 +590,7 @@ class Settings(_Strict):
             raise ValueError("must be an absolute https URL")
         if parts.query or parts.fragment:
             raise ValueError("must have no query or fragment (RFC 8414 §2)")
-        if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
             raise ValueError("must use https (http is allowed for localhost only)")
         return value
 

@@ -101,7 +101,7 @@ AUDIT_EVENTS = {
     "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
-    "mfa.recovery_codes_created", "mfa.recovery_code_used",
+    "mfa.recovery_codes_created", "mfa.recovery_code_used", "password.reset_requested", "password.reset",
 }
 
 
@@ -147,6 +147,9 @@ REFRESH_REUSE = Counter("iam_refresh_token_reuse_total", "Spent refresh tokens p
                         ["outcome"], registry=REGISTRY)
 CLIENT_AUTH_FAILURES = Counter("iam_client_auth_failures_total", "Failed client authentications",
                                registry=REGISTRY)
+MAIL_MESSAGES = Counter("iam_mail_messages_total", "Mail messages by template and result (sent, retried: an attempt "
+                        "failed and another follows, failed: dropped after the last attempt, dropped: queue full)",
+                        ["template", "result"], registry=REGISTRY)
 SSO_SESSIONS = Gauge("iam_sso_sessions_active", "Live SSO sessions", registry=REGISTRY)
 STORE_DURATION = Histogram("iam_store_query_duration_seconds", "Store statement latency", ["store"],
                            buckets=_BUCKETS, registry=REGISTRY)

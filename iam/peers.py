@@ -101,6 +101,11 @@ class Directory(Protocol):
 
     async def find(self, username: str) -> UserClaims | None: ...
 
+    async def find_by_email(self, email: str) -> UserClaims | None:
+        """The one user whose verified primary address this is; None when there is none, or several."""
+
+    async def sign_out_everywhere(self, sub: str, actor: str = "operator") -> None:
+        """End every session and revoke every grant of the user (`iam users sign-out`, a password reset)."""
 
 
 class UpstreamAccounts(Protocol):
@@ -276,6 +281,14 @@ class RemoteDirectory(_Remote):
     async def find(self, username: str) -> UserClaims | None:
         response = await self.call("GET", "/internal/v1/users", params={"username": username})
         return None if response.status_code == 404 else UserClaims(**response.json())
+
+    async def find_by_email(self, email: str) -> UserClaims | None:
+        response = await self.call("GET", "/internal/v1/users", params={"email": email})
+        return None if response.status_code == 404 else UserClaims(**response.json())
+
+    async def sign_out_everywhere(self, sub: str, actor: str = "operator") -> None:
+        response = await self.call("POST", f"/internal/v1/users/{_segment(sub)}/sign-out", json={"actor": actor})
+        response.raise_for_status()
 
     async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         body = {"identity": {key: getattr(identity, key) for key in UPSTREAM_FIELDS}, "link_by": link_by}

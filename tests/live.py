@@ -8,6 +8,7 @@ Import the `live` fixture into a test module to use it: one server per module.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import secrets
 import threading
@@ -150,11 +151,17 @@ def clients(callbacks: Callbacks) -> list[dict]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[Live]:
     """One `iam serve` per module, its users created beforehand with `iam users add`."""
-    directory = tmp_path_factory.mktemp("live")
+    with running(tmp_path_factory.mktemp("live")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(directory: Path, **settings: object) -> Iterator[Live]:
+    """`iam serve` in `directory` with the test clients and users, and `settings` in its config file."""
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"  # http is allowed for a loopback issuer
     with Callbacks() as callbacks:
-        config = write_config(directory, issuer=issuer, clients=clients(callbacks), purge_interval=0)
+        config = write_config(directory, issuer=issuer, clients=clients(callbacks), purge_interval=0, **settings)
         env = {
             "IAM_CONFIG": str(config),
             "SERVICE_ROLE": "all",

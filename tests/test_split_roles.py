@@ -16,6 +16,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from iam.app import store_metadata
+from tests import smtp_server
 from tests.conftest import PASSWORD, create_database
 from tests.oauth import authorize, follow, hidden_fields, pkce, query, sign_in
 from tests.postgres import free_port
@@ -27,7 +28,13 @@ ROLE_TABLES = {role: set(store_metadata(store).tables) for role, store in STORE_
 
 
 @pytest.fixture(scope="module")
-def cluster_of_roles(tmp_path_factory, postgres_server):
+def inbox():
+    with smtp_server.running() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster_of_roles(tmp_path_factory, postgres_server, inbox):
     """Start token, authentication and user-management as three `iam serve` processes."""
     ports = {role: free_port() for role in ROLE_TABLES}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
@@ -46,8 +53,11 @@ def cluster_of_roles(tmp_path_factory, postgres_server):
     with ExitStack() as stack:
         for role in ("user-management", "authentication", "token"):
             directory = tmp_path_factory.mktemp(role)
+            # The authentication role mails password reset links.
+            mail = {"host": "127.0.0.1", "port": inbox.port, "security": "none", "from_address": "iam@iam.test"}
             config = write_config(directory, issuer=urls["token"], authentication_url=urls["authentication"],
-                                  keys={"dir": str(directory / "keys")}, clients=clients)
+                                  keys={"dir": str(directory / "keys")}, clients=clients,
+                                  **({"mail": mail} if role == "authentication" else {}))
             envs[role] = {
                 "IAM_CONFIG": str(config),
                 "SERVICE_ROLE": role,
@@ -161,6 +171,37 @@ async def test_an_operator_resets_a_second_factor_through_the_authentication_rol
         await authn.close()
     again = await asyncio.to_thread(run_cli, envs, "user-management", "users", "reset-mfa", "erin")
     assert again.stdout.strip() == "erin: had no two-step verification"
+
+
+async def test_a_password_reset_signs_out_through_the_other_roles(cluster_of_roles, inbox):
+    """The authentication role finds the person by address at the directory, and has the directory end their
+    sessions (back at the authentication role) and grants (at the token role)."""
+    urls, _, _ = cluster_of_roles
+    await scim_user(urls, "fay", [])
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        verifier, challenge = pkce()
+        page = await follow(http, await authorize(http, "webapp", CALLBACK, "openid", challenge), CALLBACK)
+        done = await follow(http, await sign_in(http, page, "fay"), CALLBACK)
+        token = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "authorization_code", "code": query(done.headers["location"])["code"],
+            "redirect_uri": CALLBACK, "code_verifier": verifier})
+        async with httpx.AsyncClient(base_url=urls["authentication"]) as other:
+            form = await other.get("/authn/password/forgot")
+            await other.post("/authn/password/forgot", data={**hidden_fields(form.text),
+                                                              "identifier": "fay@example.com"})
+            for _ in range(300):  # sent off the request path
+                if any(m["To"] == "fay@example.com" for m in inbox.messages):
+                    break
+                await asyncio.sleep(0.05)
+            link = inbox.link(next(m for m in inbox.messages if m["To"] == "fay@example.com"))
+            form = await other.get(link)
+            reset = await other.post("/authn/password/reset", data={**hidden_fields(form.text),
+                                                                     "new": "fay's new passphrase"})
+            assert reset.status_code == 200 and "signed out everywhere" in reset.text
+        assert (await http.get(f"{urls['authentication']}/authn/account")).status_code == 303
+        refreshed = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+            "grant_type": "refresh_token", "refresh_token": token.json()["refresh_token"]})
+        assert refreshed.json()["error"] == "invalid_grant"
 
 
 async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):

@@ -67,7 +67,8 @@ def login_form(request: Request, flow: Flow, status: int = 200, error: str | Non
     if connector is None:
         return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
                     error=error, username=username or flow.login_hint or "", account=account, connectors=links,
-                    action="/authn/login", password_form=services.settings.password_login)
+                    action="/authn/login", password_form=services.settings.password_login,
+                    forgot_password=services.settings.password_login and services.mailer.configured)
     others = services.settings.password_login or len(offered) > 1
     return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
                 error=error, username=username or flow.login_hint or "",

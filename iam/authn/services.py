@@ -11,11 +11,13 @@ from iam.authn.connectors.pending import PendingRequests
 from iam.authn.connectors.recheck import UpstreamChecks
 from iam.authn.connectors.registry import Connectors
 from iam.authn.credentials import CredentialService
+from iam.authn.reset_links import PasswordResets
 from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
 from iam.authn.throttle import Throttle
 from iam.authn.totp import Totp
 from iam.keys import DATA_KEY, KeyRingError
+from iam.mail import Mailer
 from iam.observability import SSO_SESSIONS
 from iam.peers import AppAccess, DeviceApprovals, Directory, UpstreamAccounts
 from iam.runtime import Shared, StartupError
@@ -43,6 +45,8 @@ class AuthnServices:
         self.credentials = CredentialService(self.store, self.sessions)
         self.throttle = Throttle(self.store, shared.identity, shared.peer_keys)
         self.totp = Totp(self.store)
+        self.mailer = Mailer(settings.mail)
+        self.password_resets = PasswordResets(self.store, self.mailer, settings.login_base)
         self.connectors = Connectors(settings.connectors)  # upstream OIDC providers and LDAP directories
         self.pending_upstream = PendingRequests(self.store)
         self.upstream_checks = UpstreamChecks(self)
@@ -58,6 +62,7 @@ class AuthnServices:
 
     def start(self) -> None:
         self.totp.data_key = self._data_key()
+        self.mailer.start()
 
     def _data_key(self) -> str | None:
         """The key directory's data key, created on first run where the directory is writable."""
@@ -75,10 +80,13 @@ class AuthnServices:
 
     async def purge(self, now: int, batch: int) -> int:
         return (await self.sessions.purge_ended(now, batch) + await self.throttle.purge_stale(now, batch)
-                + await self.pending_upstream.purge_expired(now, batch))
+                + await self.pending_upstream.purge_expired(now, batch)
+                + await self.password_resets.purge_expired(now, batch))
 
     async def stop(self) -> None:
         await self.connectors.close()
+        await self.password_resets.idle()
+        await self.mailer.stop()
 
     async def update_gauges(self) -> None:
         SSO_SESSIONS.set(await self.sessions.count_live())

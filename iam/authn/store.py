@@ -78,6 +78,15 @@ recovery_codes = Table(
     Column("created_at", Integer, nullable=False),
 )
 
+# A password reset link (iam/authn/reset.py): the SHA-256 of its 256-bit token, for one user, used once.
+password_resets = Table(
+    "password_resets",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("subject", String(64), nullable=False, index=True),
+    Column("expires_at", Integer, nullable=False, index=True),
+)
+
 login_failures = Table(
     "login_failures",
     metadata,
@@ -139,7 +148,7 @@ class AuthnStore:
     async def remove_credentials(self, subject: str) -> None:
         """Every credential of a subject (the password, any second factor), and their consents."""
         async with self.engine.begin() as conn:
-            for table in (credentials, totp, recovery_codes, consents):
+            for table in (credentials, totp, recovery_codes, password_resets, consents):
                 await conn.execute(delete(table).where(table.c.subject == subject))
 
     # -- SSO sessions (iam/authn/sessions.py) -------------------------------------------------------------------
@@ -269,6 +278,36 @@ class AuthnStore:
             count: int = (await conn.execute(select(func.count()).select_from(recovery_codes)
                                              .where(recovery_codes.c.subject == subject))).scalar_one()
         return count
+
+    # -- password reset links (iam/authn/reset.py) ---------------------------------------------------------------
+    async def add_password_reset(self, digest: bytes, subject: str, expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(password_resets).values(digest=digest, subject=subject, expires_at=expires_at))
+
+    async def password_reset_subject(self, digest: bytes, now: int) -> str | None:
+        """The user of the link with this digest, while it is unused and unexpired."""
+        async with self.engine.connect() as conn:
+            subject: str | None = (await conn.execute(select(password_resets.c.subject).where(
+                password_resets.c.digest == digest, password_resets.c.expires_at > now))).scalar()
+        return subject
+
+    async def take_password_reset(self, digest: bytes, subject: str, now: int) -> bool:
+        """Spend the link, and with it every other link of its user; True for the one caller that spent it."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(delete(password_resets).where(
+                password_resets.c.digest == digest, password_resets.c.subject == subject,
+                password_resets.c.expires_at > now))
+            if won.rowcount != 1:
+                return False
+            await conn.execute(delete(password_resets).where(password_resets.c.subject == subject))
+        return True
+
+    async def purge_password_resets(self, now: int, batch: int) -> int:
+        expired = select(password_resets.c.digest).where(password_resets.c.expires_at <= now).limit(batch)
+        async with self.engine.begin() as conn:
+            deleted: int = (await conn.execute(
+                delete(password_resets).where(password_resets.c.digest.in_(expired)))).rowcount
+        return deleted
 
     # -- consents (iam/authn/consent.py) ------------------------------------------------------------------------
     async def consented_scopes(self, subject: str, client_id: str) -> set[str]:

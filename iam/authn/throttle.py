@@ -32,7 +32,9 @@ from iam.roles import Role
 
 WINDOW = 15 * 60
 # fixed-window counters: key prefix -> (failures allowed in a window, lock seconds once reached)
-LIMITS = {"pair": (5, 5 * 60), "addr": (30, 15 * 60)}
+LIMITS = {"pair": (5, 5 * 60), "addr": (30, 15 * 60),
+          # password reset requests (iam/authn/reset.py): each request counts, not only failures
+          "reset-acct": (3, 60 * 60), "reset-addr": (10, 15 * 60)}
 # The account's token bucket, kept as a debt in seconds: each guess adds GUESS_COST, time pays it back, and a
 # guess is allowed while the debt leaves room for one more within BURST guesses.
 GUESS_COST = 40
@@ -83,6 +85,16 @@ class Throttle:
         """The right secret from this address: its pair counter starts afresh. The account's bucket does not (a
         sign-in by the owner must not hand an attacker elsewhere a new burst of guesses)."""
         await self.store.forget_failures(self._keys(account, address)[1])
+
+    async def spend_reset(self, account: str, address: str) -> bool:
+        """Count a password reset request for `account` (as typed) from `address`; True when it is throttled
+        (then it is not counted)."""
+        keys = [f"reset-addr:{address}", f"reset-acct:{account_key(account)}"]
+        now = int(self.clock())
+        if any(row.locked_until > now for row in await self.store.failure_counts(keys)):
+            return True
+        await self.store.count_failures(keys, lambda key, row: _counter(key, row, now))
+        return False
 
     def device_cookie(self, account: str) -> str:
         """The known-device cookie's value for a browser that just signed in as `account`."""

@@ -133,6 +133,11 @@ class Directory:
         user_id = await self.find_id(username)
         return None if user_id is None else await self.claims(user_id)
 
+    async def find_by_email(self, email: str) -> UserClaims | None:
+        """The one user whose verified primary address this is (case-insensitively); None for none or several."""
+        owners = await self.store.verified_owners(email.strip().lower(), limit=2)
+        return await self.claims(owners[0]) if len(owners) == 1 else None
+
     async def list_users(self, offset: int = 0, limit: int = 100) -> list[UserClaims]:
         ids = await self.store.user_ids(offset, limit)
         return [claims for user_id in ids if (claims := await self.claims(user_id)) is not None]
@@ -193,14 +198,14 @@ class Directory:
             raise DirectoryError("not_found", f"no user {sub}")
         await self.credentials.set_password(sub, password)
 
-    async def sign_out_everywhere(self, sub: str) -> None:
+    async def sign_out_everywhere(self, sub: str, actor: str = "operator") -> None:
         """End every session and revoke every grant of a user who stays active (a suspected compromise, a lost
         device). Unlike disabling, nothing else would stop what was issued, so a hook that fails is an error."""
         if await self.claims(sub) is None:
             raise DirectoryError("not_found", f"no user {sub}")
         for hook in self.on_disabled:
             await hook(sub)
-        audit("user.signed_out", actor="operator", user=sub)
+        audit("user.signed_out", actor=actor, user=sub)
 
     async def reset_second_factor(self, sub: str) -> bool:
         """An operator removes a user's second factor (a lost authenticator): the password alone signs in again,

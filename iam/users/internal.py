@@ -22,10 +22,27 @@ async def user_claims(sub: str, request: Request) -> Response:
 
 
 @router.get("/internal/v1/users")
-async def find_user(username: str, request: Request) -> Response:
+async def find_user(request: Request, username: str | None = None, email: str | None = None) -> Response:
+    """The user with this username, or the one whose verified primary address is `email`."""
     await require_peer(request, Role.USER_MANAGEMENT, Role.TOKEN, Role.AUTHENTICATION)
-    claims = await user_services(request).directory.find(username)
+    directory = user_services(request).directory
+    claims = (await directory.find(username) if username is not None
+              else await directory.find_by_email(email) if email is not None else None)
     return json_response(_NOT_FOUND, 404) if claims is None else json_response(claims.as_dict())
+
+
+@router.post("/internal/v1/users/{sub}/sign-out")
+async def sign_out_everywhere(sub: str, request: Request) -> Response:
+    """Every session and grant of the user ends (a password reset at the authentication role)."""
+    await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
+    try:
+        actor = str((await request.json()).get("actor", "operator"))[:64]
+        await user_services(request).directory.sign_out_everywhere(sub, actor=actor)
+    except (ValueError, AttributeError):
+        return json_response({"error": "invalid_request"}, 400)
+    except DirectoryError:
+        return json_response(_NOT_FOUND, 404)
+    return Response(status_code=204)
 
 
 @router.post("/internal/v1/upstream-identities")
