@@ -165,7 +165,8 @@ def cmd_users_add(args: argparse.Namespace) -> None:
     async def add(directory) -> None:
         new = NewUser(user_name=args.username, email=args.email, email_verified=args.email_verified,
                       given_name=args.given_name, family_name=args.family_name, display_name=args.name)
-        user_id = await directory.create_user(new, password=password, group_names=tuple(args.group))
+        user_id = await directory.create_user(new, password=password, group_names=tuple(args.group),
+                                              send_verification=args.send_verification)
         print(user_id)
 
     _with_directory(args, add)
@@ -449,6 +450,8 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--username", required=True)
     add.add_argument("--email")
     add.add_argument("--email-verified", action="store_true", help="mark the email address as verified")
+    add.add_argument("--send-verification", action="store_true",
+                     help="mail the user a link that verifies the address (needs `mail` settings)")
     add.add_argument("--name", help="display name")
     add.add_argument("--given-name")
     add.add_argument("--family-name")

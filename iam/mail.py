@@ -50,7 +50,14 @@ class Mailer:
             self._worker = asyncio.create_task(self._deliver_all(), name="iam mail")
 
     async def stop(self) -> None:
+        """Deliver what is queued (for at most one attempt's timeout: `iam users add` exits right after), then
+        end the worker."""
         if self._worker is not None:
+            assert self._queue is not None and self.settings is not None
+            try:
+                await asyncio.wait_for(self._queue.join(), self.settings.timeout)
+            except TimeoutError:
+                log.warning("%d mail message(s) still queued at shutdown were dropped", self._queue.qsize())
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None

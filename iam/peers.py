@@ -107,6 +107,9 @@ class Directory(Protocol):
     async def sign_out_everywhere(self, sub: str, actor: str = "operator") -> None:
         """End every session and revoke every grant of the user (`iam users sign-out`, a password reset)."""
 
+    async def confirm_email(self, sub: str, email: str) -> bool:
+        """Mark the user's address verified if it is still `email` (a verification link); whether it was."""
+
 
 class UpstreamAccounts(Protocol):
     """The user-management role's accounts of people who sign in through a connector (iam.users.upstream)."""
@@ -137,6 +140,9 @@ class Credentials(Protocol):
     async def reset_second_factor(self, sub: str) -> bool: ...
 
     async def end_sessions(self, sub: str) -> None: ...
+
+    async def send_verification(self, sub: str) -> bool:
+        """Mail the user a link that verifies their address; False when mail is off or there is no address."""
 
 
 class Tokens(Protocol):
@@ -249,6 +255,13 @@ class PeerKeys:
             raise PeerRejected("expired or over-long assertion")
         return claims
 
+    async def verify_own(self, token: str, *, role: Role, typ: str, max_ttl: int) -> dict[str, Any] | None:
+        """What `role` signed for itself (a cookie, a link), or None when it is not genuine or has expired."""
+        try:
+            return await self.verify(token, issuer=role, audience=role_id(role), typ=typ, max_ttl=max_ttl)
+        except PeerRejected:
+            return None
+
 
 class _Remote:
     """An HTTP client for another role's internal API, authenticated with this role's service assertion."""
@@ -290,6 +303,10 @@ class RemoteDirectory(_Remote):
         response = await self.call("POST", f"/internal/v1/users/{_segment(sub)}/sign-out", json={"actor": actor})
         response.raise_for_status()
 
+    async def confirm_email(self, sub: str, email: str) -> bool:
+        response = await self.call("POST", f"/internal/v1/users/{_segment(sub)}/email-verified", json={"email": email})
+        return response.status_code == 204
+
     async def provision(self, identity: UpstreamIdentity, link_by: str | None = None) -> UserClaims:
         body = {"identity": {key: getattr(identity, key) for key in UPSTREAM_FIELDS}, "link_by": link_by}
         response = await self.call("POST", "/internal/v1/upstream-identities", json=body)
@@ -321,6 +338,10 @@ class RemoteCredentials(_Remote):
         response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}")
         if response.status_code not in (204, 404):
             raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+
+    async def send_verification(self, sub: str) -> bool:
+        response = await self.call("POST", f"/internal/v1/credentials/{_segment(sub)}/verification")
+        return response.status_code == 204
 
     async def reset_second_factor(self, sub: str) -> bool:
         response = await self.call("DELETE", f"/internal/v1/credentials/{_segment(sub)}/second-factor")

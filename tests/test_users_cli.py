@@ -58,3 +58,21 @@ def test_reset_mfa_removes_a_lost_authenticator_and_delete_removes_every_credent
     assert factors() == []  # a deleted user leaves no credential behind
     with sqlite3.connect(tmp_path / "authn.db") as db:
         assert db.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
+
+
+def test_add_with_send_verification_mails_the_link_before_the_command_exits(tmp_path):
+    from tests import smtp_server
+
+    stores = {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in ("authn", "token", "users")}
+    with smtp_server.running() as inbox:
+        mail = {"host": "127.0.0.1", "port": inbox.port, "security": "none", "from_address": "iam@iam.test"}
+        env = {"IAM_CONFIG": str(write_config(tmp_path, stores=stores, keys={"dir": str(tmp_path / "keys")},
+                                              mail=mail))}
+        added = iam("users", "add", "--username", "hal", "--email", "hal@example.com", "--send-verification",
+                    env=env, cwd=tmp_path)
+        assert added.returncode == 0, added.stderr
+        assert [m["To"] for m in inbox.messages] == ["hal@example.com"]
+        assert "/authn/email/verify?token=" in inbox.link(inbox.messages[0])
+        quiet = iam("users", "add", "--username", "ida", "--email", "ida@example.com", "--email-verified",
+                    "--send-verification", env=env, cwd=tmp_path)
+        assert quiet.returncode == 0 and len(inbox.messages) == 1  # verified already: nothing to send

@@ -51,10 +51,48 @@ async def account(request: Request, notice: str | None = None, status: int = 200
     except PeerUnavailable:
         applications = None  # the page still works; the list says it is unavailable
     totp_enabled = await services.totp.enabled(session.subject)
+    can_verify = bool(user and user.email and not user.email_verified and services.mailer.configured)
     return page(request, "account.html", status, user=user, totp_enabled=totp_enabled,
                 recovery_codes_left=await services.totp.recovery_codes_left(session.subject) if totp_enabled else 0,
-                notice=notice, links=services.account_links, applications=applications,
+                can_verify=can_verify, notice=notice, links=services.account_links, applications=applications,
                 date=_date)
+
+
+@router.post("/authn/email/verification")
+async def send_verification(request: Request) -> Response:
+    """The signed-in person asks for a link that verifies their address."""
+    services = authn_services(request)
+    session = await current_session(request)
+    if session is None or await _form(request) is None:
+        return error_page("Session expired", "Sign in again to verify your address.", 403)
+    sent = await services.email_verification.send(session.subject)
+    return await account(request, notice="A link is on its way to your address." if sent else None)
+
+
+@router.get("/authn/email/verify")
+async def verify_form(request: Request) -> Response:
+    """The link from the message: a button that verifies (opening a link alone, as a mail scanner does, not)."""
+    try:
+        token = parse_params(request.url.query).get("token", "")
+    except OAuthError:
+        token = ""
+    if await authn_services(request).email_verification.statement(token) is None:
+        return error_page(*_DEAD_VERIFICATION)
+    return page(request, "email_verify.html", token=token)
+
+
+@router.post("/authn/email/verify")
+async def verify_submit(request: Request) -> Response:
+    form = await _form(request)
+    if form is None:
+        return error_page("Session expired", "Open the link from the message again.", 403)
+    if not await authn_services(request).email_verification.confirm(form.get("token", "")):
+        return error_page(*_DEAD_VERIFICATION)
+    return page(request, "email_verified.html")
+
+
+_DEAD_VERIFICATION = ("This link is not valid", "The link has expired, is incomplete, or your address changed since "
+                      "it was sent. Ask for a new one from your account page.")
 
 
 def _date(epoch: int) -> str:

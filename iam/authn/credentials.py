@@ -11,6 +11,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
+from iam.authn.verification_links import EmailVerification
 from iam.errors import PasswordRejected
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
@@ -46,6 +47,7 @@ class CredentialService:
     def __init__(self, store: AuthnStore, sessions: Sessions, max_concurrent_hashes: int = 2) -> None:
         self.store = store
         self.sessions = sessions
+        self.verification: EmailVerification | None = None  # set with the role's services
         # Each argon2 run takes 64 MiB: bound how many run at once so a login storm cannot exhaust memory.
         self._slots = asyncio.Semaphore(max_concurrent_hashes)
 
@@ -65,6 +67,10 @@ class CredentialService:
     async def end_sessions(self, sub: str) -> None:
         """A disabled or deleted user: every SSO session of theirs ends."""
         await self.sessions.end_all(sub)
+
+    async def send_verification(self, sub: str) -> bool:
+        """Mail the user a link that verifies their address (iam/authn/verification_links.py)."""
+        return self.verification is not None and await self.verification.send(sub)
 
     async def reset_second_factor(self, sub: str) -> bool:
         """Remove a user's TOTP factor (lost authenticator): the next sign-in needs only the password. Returns

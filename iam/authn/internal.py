@@ -52,6 +52,14 @@ async def reset_second_factor(sub: str, request: Request) -> Response:
     return Response(status_code=204) if removed else json_response({"error": "not_found"}, 404)
 
 
+@router.post("/internal/v1/credentials/{sub}/verification")
+async def send_verification(sub: str, request: Request) -> Response:
+    """Mail the user an address verification link (a SCIM create with sendVerification): 204 sent, 409 not."""
+    await require_peer(request, Role.AUTHENTICATION, Role.USER_MANAGEMENT)
+    sent = await authn_services(request).credentials.send_verification(sub)
+    return Response(status_code=204) if sent else json_response({"error": "not_sent"}, 409)
+
+
 @router.post("/internal/v1/upstream-identities/recheck")
 async def recheck_upstream(request: Request) -> Response:
     """Refresh of a grant signed in through a connector: may the person go on? (iam/authn/connectors/recheck.py)"""

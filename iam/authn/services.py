@@ -16,6 +16,7 @@ from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
 from iam.authn.throttle import Throttle
 from iam.authn.totp import Totp
+from iam.authn.verification_links import EmailVerification
 from iam.keys import DATA_KEY, KeyRingError
 from iam.mail import Mailer
 from iam.observability import SSO_SESSIONS
@@ -47,6 +48,8 @@ class AuthnServices:
         self.totp = Totp(self.store)
         self.mailer = Mailer(settings.mail)
         self.password_resets = PasswordResets(self.store, self.mailer, settings.login_base)
+        self.email_verification = self.credentials.verification = EmailVerification(
+            shared.identity, shared.peer_keys, self.mailer, settings.login_base)
         self.connectors = Connectors(settings.connectors)  # upstream OIDC providers and LDAP directories
         self.pending_upstream = PendingRequests(self.store)
         self.upstream_checks = UpstreamChecks(self)
@@ -55,7 +58,7 @@ class AuthnServices:
 
     def connect(self, directory: Directory, upstream_accounts: UpstreamAccounts, app_access: AppAccess,
                 device_approvals: DeviceApprovals) -> None:
-        self.directory = directory
+        self.directory = self.email_verification.directory = directory
         self.upstream_accounts = upstream_accounts
         self.app_access = app_access
         self.device_approvals = device_approvals

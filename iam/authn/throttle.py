@@ -26,8 +26,6 @@ from __future__ import annotations
 import time
 
 from iam.authn.store import AuthnStore
-from iam.errors import PeerRejected
-from iam.peers import role_id
 from iam.roles import Role
 
 WINDOW = 15 * 60
@@ -102,13 +100,8 @@ class Throttle:
                                   issuer=Role.AUTHENTICATION, ttl=DEVICE_TTL)
 
     async def _known(self, account: str, device: str) -> bool:
-        try:
-            claims = await self.peer_keys.verify(device, issuer=Role.AUTHENTICATION,
-                                                 audience=role_id(Role.AUTHENTICATION), typ=DEVICE_TYP,
-                                                 max_ttl=DEVICE_TTL)
-        except PeerRejected:
-            return False
-        return claims.get("acct") == account_key(account)
+        claims = await self.peer_keys.verify_own(device, role=Role.AUTHENTICATION, typ=DEVICE_TYP, max_ttl=DEVICE_TTL)
+        return claims is not None and claims.get("acct") == account_key(account)
 
     async def purge_stale(self, now: int, batch: int) -> int:
         """Delete at most `batch` rows that neither lock, count nor owe any more (their window is over)."""

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from sqlalchemy.exc import IntegrityError
 
+from iam.errors import PeerUnavailable
 from iam.observability import audit
 from iam.peers import Credentials, UserClaims
 from iam.users.store import (
@@ -75,7 +76,8 @@ class Directory:
         return self.store.dialect
 
     # -- users --------------------------------------------------------------------------------------------
-    async def create_user(self, new: NewUser, *, password: str | None = None, group_names: tuple[str, ...] = ()) -> str:
+    async def create_user(self, new: NewUser, *, password: str | None = None, group_names: tuple[str, ...] = (),
+                          send_verification: bool = False) -> str:
         """Create a user; with a password, the credential is written first under the new id.
 
         A credential without a user row cannot log in (login starts at the directory), so a failure after
@@ -98,7 +100,18 @@ class Directory:
                 await self._forget_credential(user_id)
             raise
         audit("user.created", actor=user_id, user=user_id, groups=list(group_names))
+        if send_verification:  # sent only for an address that is not verified already
+            await self.send_verification(user_id)
         return user_id
+
+    async def send_verification(self, sub: str) -> bool:
+        """Have the authentication role mail the user a link that verifies their address; a role that cannot be
+        reached is logged (the user exists; the link can be asked for again from the account page)."""
+        try:
+            return await self.credentials.send_verification(sub)
+        except PeerUnavailable:
+            log.warning("the verification message could not be requested: the authentication role did not answer")
+            return False
 
     async def _forget_credential(self, sub: str) -> None:
         try:
@@ -206,6 +219,13 @@ class Directory:
         for hook in self.on_disabled:
             await hook(sub)
         audit("user.signed_out", actor=actor, user=sub)
+
+    async def confirm_email(self, sub: str, email: str) -> bool:
+        """The person opened a verification link sent to `email`: verified, if it is still their address."""
+        confirmed = await self.store.confirm_email(sub, email.lower(), int(self.clock()))
+        if confirmed:
+            audit("email.verified", actor=sub, user=sub)
+        return confirmed
 
     async def reset_second_factor(self, sub: str) -> bool:
         """An operator removes a user's second factor (a lost authenticator): the password alone signs in again,

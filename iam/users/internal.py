@@ -71,3 +71,17 @@ async def upstream_subject(sub: str, connector_id: str, request: Request) -> Res
     await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
     subject = await user_services(request).upstream.upstream_subject(sub, connector_id)
     return json_response(_NOT_FOUND, 404) if subject is None else json_response({"subject": subject})
+
+
+@router.post("/internal/v1/users/{sub}/email-verified")
+async def confirm_email(sub: str, request: Request) -> Response:
+    """A verification link was opened: 204 when the address is still the user's (now verified), else 409."""
+    await require_peer(request, Role.USER_MANAGEMENT, Role.AUTHENTICATION)
+    try:
+        email = (await request.json())["email"]
+        if not isinstance(email, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return json_response({"error": "invalid_request"}, 400)
+    confirmed = await user_services(request).directory.confirm_email(sub, email)
+    return Response(status_code=204) if confirmed else json_response({"error": "address_changed"}, 409)

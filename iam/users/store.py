@@ -319,6 +319,15 @@ class UserStore:
             )
         return bool(result.rowcount)
 
+    async def confirm_email(self, sub: str, email: str, now: int) -> bool:
+        """Mark the user's primary address verified, only while it is still `email`; whether it was."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(users).where(users.c.id == sub, users.c.email == email, users.c.active.is_(True))
+                .values(email_verified=True, version=users.c.version + 1, updated_at=now)
+            )
+        return bool(result.rowcount)
+
     async def delete_user(self, sub: str, version: int | None, now: int) -> bool:
         """Delete a user (at `version`, when given) and bump their groups; False if no such user (at it)."""
         return await self._delete(users, sub, version, now)

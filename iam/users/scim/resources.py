@@ -159,6 +159,7 @@ class UserInput:
     email_verified: bool | None  # None: not given (kept while the primary email stays the same)
     id: str | None
     groups: frozenset[str] | None  # the read-only `groups` as sent back, to check it did not change
+    send_verification: bool = False  # a create mails a verification link (never stored)
 
 
 def parse_user(body: Any) -> UserInput:
@@ -198,7 +199,7 @@ def user_input(doc: dict, read_only: dict | None = None) -> UserInput:
     verified = extension["emailVerified"] is True if "emailVerified" in extension else None
     password = doc.get("password")
     return UserInput(new, password, doc.get("active"), verified, _read_only_id(read_only),
-                     _group_ids(read_only.get("groups")))
+                     _group_ids(read_only.get("groups")), extension.get("sendVerification") is True)
 
 
 def _email(value: dict, index: int) -> Email:

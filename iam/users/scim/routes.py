@@ -380,7 +380,8 @@ async def create_user(request: Request) -> Response:
     shape = _shape(request)
     given = resources.parse_user(await read_json(request))
     directory = _directory(request)
-    user_id = await directory.create_user(resources.new_user(given, None), password=given.password)
+    user_id = await directory.create_user(resources.new_user(given, None), password=given.password,
+                                          send_verification=given.send_verification)
     user = await directory.get_user(user_id)
     if user is None:  # deleted in the meantime
         raise not_found(f"no user {user_id}")

@@ -162,6 +162,9 @@ IAM_USER_SCHEMA = Schema(IAM_USER, "IamUser", "iam's User extension", (
          description="Whether the primary email address is verified (the OIDC email_verified claim). "
                      "Reset to false when the primary email changes unless set in the same request; "
                      "unassigned (null, removed) is false."),
+    Attr("sendVerification", "boolean", mutability="writeOnly", returned="never",
+         description="On create: true mails the user a link that verifies the primary email address "
+                     "(when the authentication role has mail configured). Never stored or returned."),
 ))
 
 GROUP_SCHEMA = Schema(CORE_GROUP, "Group", "Group", (
