@@ -195,6 +195,9 @@ class ClientConfig(_Strict):
         default="RS256", description=(
             "The JWS algorithm of the client's signed introspection responses (RFC 9701 §6); `EdDSA` and "
             "`Ed25519` (RFC 9864) need an Ed25519 key in the ring (`iam keys rotate` adds one)."))
+    dpop_bound_access_tokens: bool = Field(default=False, description=(
+        "Require a DPoP proof (RFC 9449 §5.2) at the token endpoint: every access token of this client is "
+        "bound to the client's key."))
 
     @field_validator("scope")
     @classmethod
@@ -529,6 +532,20 @@ PEERS_NEEDED = {
 }
 
 
+class DPoP(_Strict):
+    """Proof-of-possession with DPoP (RFC 9449)."""
+
+    proof_max_age: int = Field(default=300, ge=1, le=3600, description=(
+        "Seconds a DPoP proof is accepted after its `iat` (RFC 9449 §11.1); its jti is remembered this long."))
+    require_nonce: bool = Field(default=False, description=(
+        "Require a server nonce in every DPoP proof (RFC 9449 §8, §9: `use_dpop_nonce`, `DPoP-Nonce`)."))
+    nonce_lifetime: int = Field(default=300, ge=10, le=3600, description=(
+        "Seconds a server nonce is current; the previous one is still accepted (nonces rotate)."))
+    original_request_headers: Literal["x-original", "x-forwarded"] = Field(default="x-original", description=(
+        "Where forward-auth reads the API call a proof is for: `x-original` (X-Original-Method, X-Original-URL: "
+        "nginx, ingress-nginx) or `x-forwarded` (X-Forwarded-Method, -Proto, -Host, -Uri: Traefik, Caddy)."))
+
+
 class Settings(_Strict):
     """Every setting carries its description (README "Settings" lists them all; tests/test_config.py checks)."""
 
@@ -580,6 +597,7 @@ class Settings(_Strict):
         "Offer iam's own username/password form (false: connectors only)."))
     mail: Mail | None = Field(default=None, description=(
         "The SMTP relay; unset, no mail is sent and the sign-in page offers no password reset."))
+    dpop: DPoP = Field(default=DPoP(), description="DPoP proofs (RFC 9449).")
 
     @field_validator("issuer")
     @classmethod

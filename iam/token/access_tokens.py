@@ -35,21 +35,43 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def token_type(jkt: str | None) -> str:
+    """`token_type` of a token response and of introspection: DPoP for a key-bound token (RFC 9449 §5, §6.2)."""
+    return "Bearer" if jkt is None else "DPoP"
+
+
+def bound_key(claims: dict[str, Any]) -> str | None:
+    """The DPoP key thumbprint a token's claims bind it to (`cnf.jkt`, RFC 9449 §6.1), or None."""
+    cnf = claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    return jkt if isinstance(jkt, str) else None
+
+
 def introspection_members(jwt: str) -> dict[str, Any]:
-    """The RFC 7662 answer for a live token: the claims of its JWT, plus `active` and `token_type`."""
-    return {"active": True, **jwt_claims(jwt), "token_type": "Bearer"}
+    """The RFC 7662 answer for a live token: the claims of its JWT (`cnf` included), plus `active` and
+    `token_type`."""
+    claims = jwt_claims(jwt)
+    return {"active": True, **claims, "token_type": token_type(bound_key(claims))}
 
 
 class LiveToken:
     """A live token's row, and what the hot path derives from it, each built at most once per cache entry."""
 
-    __slots__ = ("row", "until", "_introspection", "_audiences")
+    __slots__ = ("row", "until", "_introspection", "_audiences", "_jkt")
 
     def __init__(self, row: AccessTokenRow, until: float) -> None:
         self.row = row
         self.until = until  # epoch seconds it may be served from the cache until
         self._introspection: bytes | None = None
         self._audiences: frozenset[str] | None = None
+        self._jkt: str | None | bool = False  # False: not read yet
+
+    @property
+    def jkt(self) -> str | None:
+        """The DPoP key the token is bound to (`cnf.jkt`), or None for a bearer token; read once per entry."""
+        if self._jkt is False:
+            self._jkt = bound_key(jwt_claims(self.row.jwt))
+        return self._jkt  # type: ignore[return-value]
 
     @property
     def jwt(self) -> str:
@@ -78,6 +100,7 @@ class IssuedToken:
     scope: str
     jwt: str
     row: AccessTokenRow
+    token_type: str = "Bearer"
 
 
 class AccessTokens:
@@ -94,9 +117,11 @@ class AccessTokens:
     def mint(
         self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None,
         claims: dict[str, Any] | None = None, audience: list[str] | None = None, ttl: int | None = None,
+        jkt: str | None = None,
     ) -> IssuedToken:
         """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction).
-        `audience` narrows the client's (RFC 8707 resource indicators), `ttl` its token lifetime."""
+        `audience` narrows the client's (RFC 8707 resource indicators), `ttl` its token lifetime; `jkt` binds it
+        to a DPoP key (RFC 9449 §6.1: `cnf.jkt`)."""
         now = int(self.clock())
         ttl = client.access_token_ttl if ttl is None else ttl
         audience = client.audience if audience is None else audience
@@ -113,6 +138,8 @@ class AccessTokens:
         }
         if scope:
             payload["scope"] = scope
+        if jkt is not None:
+            payload["cnf"] = {"jkt": jkt}
         jwt = self.keys.sign(payload, alg=self.alg, typ="at+jwt")
         token = new_token()
         row = AccessTokenRow(
@@ -124,11 +151,11 @@ class AccessTokens:
             jwt=jwt,
             grant_id=grant_id,
         )
-        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row)
+        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row, token_type=token_type(jkt))
 
     async def issue(self, client: ClientConfig, subject: str, scope: str,
-                    audience: list[str] | None = None) -> IssuedToken:
-        issued = self.mint(client, subject, scope, audience=audience)
+                    audience: list[str] | None = None, jkt: str | None = None) -> IssuedToken:
+        issued = self.mint(client, subject, scope, audience=audience, jkt=jkt)
         await self.store.add_access_token(issued.row)
         return issued
 

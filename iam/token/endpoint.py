@@ -11,8 +11,9 @@ from iam.http import PlainRoute, read_form
 from iam.observability import TOKENS_ISSUED, audit, source_of
 from iam.token.clients import authenticate
 from iam.token.device_codes import DEVICE_GRANT
+from iam.token.dpop import InvalidProof
 from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token, token_exchange
-from iam.token.services import token_services
+from iam.token.services import TokenServices, token_services
 
 GRANTS = {
     "authorization_code": authorization_code.grant,
@@ -40,11 +41,28 @@ async def token(request: Request) -> Response:
         raise OAuthError("unsupported_grant_type", "this server does not support that grant_type")
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
-    body, subject = await handler(services, client, form)
+    jkt = await _proof_key(request, services, client.dpop_bound_access_tokens)
+    body, subject = await handler(services, client, form, jkt)
     _issued(grant_type, client.client_id).inc()
     audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
           client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))
     return json_response(body, 200, NO_STORE)
+
+
+async def _proof_key(request: Request, services: TokenServices, required: bool) -> str | None:
+    """The key of the request's DPoP proof (RFC 9449 §5), which the tokens issued are bound to; None without one."""
+    proofs = request.headers.getlist("dpop")
+    if not proofs:
+        if required:
+            raise OAuthError("invalid_dpop_proof", "this client's tokens require a DPoP proof")
+        return None
+    if len(proofs) > 1:  # §4.3 item 1: exactly one
+        raise OAuthError("invalid_dpop_proof", "more than one DPoP header")
+    try:
+        # htu: the token endpoint's public URL, never built from the Host header the caller chooses.
+        return (await services.dpop.verify(proofs[0], "POST", services.token_endpoint)).jkt
+    except InvalidProof as exc:
+        raise services.dpop.error(exc, resource=False) from None
 
 
 # A plain route, mounted on the app itself (iam/app.py): issuance skips FastAPI's per-request machinery.

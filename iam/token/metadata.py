@@ -12,6 +12,7 @@ from iam.http import StaticDocument
 from iam.keys import KeyRing
 from iam.token.claims import CLAIMS_SUPPORTED
 from iam.token.client_assertions import ASSERTION_ALGS
+from iam.token.dpop import DPOP_ALGS
 
 # On the wire a workload_identity client sends a jwt-bearer client assertion too (RFC 7523 §2.2): the methods a
 # client can name are these; workload_identity only says whose keys verify its assertion.
@@ -55,6 +56,7 @@ def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[
         "claims_parameter_supported": False,  # OIDC Core §5.5: the claims parameter is ignored
         "request_parameter_supported": False,
         "request_uri_parameter_supported": False,
+        "dpop_signing_alg_values_supported": list(DPOP_ALGS),  # RFC 9449 §5.1
     }
 
 

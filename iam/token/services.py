@@ -14,6 +14,7 @@ from iam.token.app_access import AppAccess
 from iam.token.client_assertions import ClientAssertions
 from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
+from iam.token.dpop import Nonces, ProofVerifier
 from iam.token.hot_cache import HotCache, RevocationListener
 from iam.token.metadata import Documents
 from iam.token.store import TokenStore
@@ -47,6 +48,9 @@ class TokenServices:
         self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources))
         self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
         self.documents = Documents(settings, grant_types, self.keys)
+        # Nonces keyed by the key ring's data key: the same on every replica that shares the key ring.
+        self.dpop = ProofVerifier(settings.dpop, self.store, Nonces(settings.dpop, self.keys.data_key()))
+        self.token_endpoint = settings.issuer.rstrip("/") + "/oauth/v2/token"
         self.device_approvals = DeviceApprovals(self.store, self.clients)
         self.app_access = AppAccess(self.store, self.clients)
 

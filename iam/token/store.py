@@ -76,6 +76,8 @@ grants = Table(
     Column("created_at", Integer, nullable=False),
     Column("expires_at", Integer, nullable=False, index=True),  # absolute end of the grant
     Column("revoked", Boolean, nullable=False, default=False),
+    # The JWK thumbprint of the DPoP key its code and a public client's refresh tokens are bound to (RFC 9449).
+    Column("dpop_jkt", String(64)),
     Index("ix_grants_subject_client_id", "subject", "client_id"),  # a person's grants to one client
 )
 
@@ -94,6 +96,7 @@ authorization_requests = Table(
     Column("max_age", Integer),
     Column("subject_hint", String(255)),  # the `sub` of a valid id_token_hint
     Column("acr_values", String(64)),  # the known acr_values asked for, in order of preference
+    Column("dpop_jkt", String(64)),  # RFC 9449 §10: the DPoP key the code is bound to
     Column("created_at", Integer, nullable=False),
     Column("expires_at", Integer, nullable=False, index=True),
 )
@@ -202,7 +205,8 @@ _INSERT_SQLITE = (
 )
 
 _GRANT_COLUMNS = [grants.c[name] for name in (
-    "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "connector", "nonce", "offline", "created_at"
+    "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "connector", "nonce", "offline", "created_at",
+    "dpop_jkt",
 )] + [grants.c.expires_at.label("grant_expires_at"), grants.c.revoked.label("grant_revoked")]
 
 
@@ -456,15 +460,17 @@ class TokenStore:
             ).first()
         return None if found is None else _row(found)
 
-    async def redeem_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> bool:
-        """Mark the code used and store what it bought, atomically; False if another request won the race."""
+    async def redeem_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None,
+                          bind: tuple[str, str] | None = None) -> bool:
+        """Mark the code used and store what it bought, atomically; False if another request won the race.
+        `bind` (grant id, DPoP key thumbprint) binds the grant's refresh tokens to that key."""
         async with self.engine.begin() as conn:
             won = await conn.execute(
                 update(codes).where(codes.c.digest == digest, codes.c.consumed.is_(False)).values(consumed=True)
             )
             if won.rowcount != 1:
                 return False
-            await _add_tokens(conn, access, refresh)
+            await _add_tokens(conn, access, refresh, bind)
         return True
 
     async def find_refresh_token(self, digest: bytes) -> dict[str, Any] | None:
@@ -589,7 +595,8 @@ class TokenStore:
             ).first()
         return None if found is None else _row(found)
 
-    async def redeem_device_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> bool:
+    async def redeem_device_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None,
+                                 bind: tuple[str, str] | None = None) -> bool:
         async with self.engine.begin() as conn:
             won = await conn.execute(
                 update(device_codes)
@@ -598,7 +605,7 @@ class TokenStore:
             )
             if won.rowcount != 1:
                 return False
-            await _add_tokens(conn, access, refresh)
+            await _add_tokens(conn, access, refresh, bind)
         return True
 
     # -- housekeeping -------------------------------------------------------------------------------------
@@ -645,8 +652,12 @@ def _access_values(row: AccessTokenRow) -> dict[str, Any]:
     }
 
 
-async def _add_tokens(conn: AsyncConnection, access: AccessTokenRow, refresh: RefreshTokenRow | None) -> None:
+async def _add_tokens(conn: AsyncConnection, access: AccessTokenRow, refresh: RefreshTokenRow | None,
+                      bind: tuple[str, str] | None = None) -> None:
     await conn.execute(insert(access_tokens).values(_access_values(access)))
+    if bind is not None:
+        grant_id, jkt = bind
+        await conn.execute(update(grants).where(grants.c.id == grant_id).values(dpop_jkt=jkt))
     if refresh is not None:
         await conn.execute(
             insert(refresh_tokens).values(

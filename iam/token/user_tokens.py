@@ -29,6 +29,25 @@ async def current_user(services: TokenServices, grant: dict[str, Any], *, refres
     return user
 
 
+def check_bound_key(client: ClientConfig, grant: dict[str, Any], jkt: str | None, *, code: bool) -> None:
+    """A grant bound to a DPoP key (RFC 9449 §10 `dpop_jkt` for its code, §5 a public client's refresh tokens)
+    yields tokens only with a proof of that key."""
+    bound = grant.get("dpop_jkt")
+    if bound is None or not (code or client.is_public):
+        return
+    if jkt is None:
+        raise OAuthError("invalid_dpop_proof", "a DPoP proof of the key the grant is bound to is required")
+    if jkt != bound:
+        raise OAuthError("invalid_grant", "the grant is bound to another DPoP key")
+
+
+def binding(client: ClientConfig, grant: dict[str, Any], jkt: str | None) -> tuple[str, str] | None:
+    """RFC 9449 §5: a public client's refresh tokens are bound to the key of the proof they were issued with."""
+    if jkt is None or not client.is_public or grant.get("dpop_jkt") is not None:
+        return None
+    return grant["grant_id"], jkt
+
+
 def _rechecked_upstream(services: TokenServices, connector_id: str) -> bool:
     """OIDC connectors are re-checked at the person's next upstream sign-in; LDAP ones (and connectors no longer
     configured, which vouch for nobody) at every refresh."""
@@ -37,14 +56,17 @@ def _rechecked_upstream(services: TokenServices, connector_id: str) -> bool:
 
 
 def mint(services: TokenServices, client: ClientConfig, grant: dict[str, Any], user: UserClaims, scope: str,
-         now: int, *, include_nonce: bool) -> tuple[dict[str, Any], IssuedToken, RefreshTokenRow | None]:
-    """Build the token response and the rows to store with it; all signing happens here, before any write."""
+         now: int, *, include_nonce: bool, jkt: str | None
+         ) -> tuple[dict[str, Any], IssuedToken, RefreshTokenRow | None]:
+    """Build the token response and the rows to store with it; all signing happens here, before any write.
+    `jkt`: the DPoP key the access token is bound to (RFC 9449 §5)."""
     scopes = set(scope.split())
     access = services.access_tokens.mint(
         client, user.sub, scope, grant_id=grant["grant_id"],
-        claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)},
+        claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)}, jkt=jkt,
     )
-    body = {"access_token": access.token, "token_type": "Bearer", "expires_in": access.expires_in, "scope": scope}
+    body = {"access_token": access.token, "token_type": access.token_type, "expires_in": access.expires_in,
+            "scope": scope}
     refresh_row = None
     if "refresh_token" in client.grant_types:
         refresh = new_token()

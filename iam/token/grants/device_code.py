@@ -7,10 +7,11 @@ from iam.config import ClientConfig
 from iam.errors import OAuthError
 from iam.token.access_tokens import TOKEN_SHAPE, digest
 from iam.token.services import TokenServices
-from iam.token.user_tokens import current_user, mint
+from iam.token.user_tokens import binding, current_user, mint
 
 
-async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
+                jkt: str | None) -> tuple[dict[str, Any], str]:
     device_code = form.get("device_code")
     if device_code is None:
         raise OAuthError("invalid_request", "device_code is required")
@@ -35,7 +36,9 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     if grant_row is None or grant_row["grant_revoked"]:
         raise OAuthError("invalid_grant", "the grant was revoked")
     user = await current_user(services, grant_row)
-    body, access, refresh = mint(services, client, grant_row, user, grant_row["scope"], now, include_nonce=False)
-    if not await services.store.redeem_device_code(code_digest, access.row, refresh):
+    body, access, refresh = mint(services, client, grant_row, user, grant_row["scope"], now,
+                                 include_nonce=False, jkt=jkt)
+    if not await services.store.redeem_device_code(code_digest, access.row, refresh,
+                                                   binding(client, grant_row, jkt)):
         raise OAuthError("invalid_grant", "the device code was already used")
     return body, user.sub

@@ -40,7 +40,8 @@ class _Token:
         self.client_id = client_id
 
 
-async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str]) -> tuple[dict[str, Any], str]:
+async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
+                jkt: str | None) -> tuple[dict[str, Any], str]:
     policy = client.token_exchange
     assert policy is not None  # the config validator pairs the grant with its policy
     subject = await _token(services, client, form, "subject_token", own_only=False)
@@ -63,10 +64,10 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     if ttl <= 0:
         raise OAuthError("invalid_request", "the subject_token has expired")
     issued = services.access_tokens.mint(client, subject.subject, scope, grant_id=subject.grant_id, claims=claims,
-                                         audience=audience, ttl=ttl)
+                                         audience=audience, ttl=ttl, jkt=jkt)
     await services.store.add_access_token(issued.row)
     body: dict[str, Any] = {"access_token": issued.token, "issued_token_type": ACCESS_TOKEN_TYPE,
-                            "token_type": "Bearer", "expires_in": issued.expires_in}
+                            "token_type": issued.token_type, "expires_in": issued.expires_in}
     if scope:
         body["scope"] = scope
     return body, subject.subject

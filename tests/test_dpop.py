@@ -1,0 +1,219 @@
+"""DPoP (RFC 9449) at the token endpoint: proofs are checked (§4.3), tokens bound (§5, §6), nonces (§8), on
+SQLite and PostgreSQL. Every refused request is checked to have issued nothing: no access-token row."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from iam.config import DPoP
+from iam.formats import jwt_claims
+from iam.token.dpop import Nonces, normalised_htu
+from iam.token.store import access_tokens
+from tests.conftest import ISSUER, SECRETS, basic, client_config, make_settings
+from tests.dpop import DPoPClient, unsigned_proof
+from tests.oauth import code_flow
+
+TOKEN = f"{ISSUER}/oauth/v2/token"
+KUBECTL_CALLBACK = "http://127.0.0.1/callback"
+
+
+def dpop_clients() -> list[dict]:
+    return [*client_config(), {
+        "client_id": "dpop-svc", "client_secret": SECRETS["svc-basic"], "grant_types": ["client_credentials"],
+        "scope": "api:read", "dpop_bound_access_tokens": True, "audience": ["https://api.test"]}]
+
+
+@pytest.fixture
+def settings(tmp_path, store_urls):
+    return make_settings(tmp_path, store_urls, clients=dpop_clients())
+
+
+async def token_rows(app) -> int:
+    async with app.state.iam.token.store.engine.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(access_tokens))).scalar_one()
+
+
+async def client_credentials(http, proof: str | None, client_id: str = "svc-basic"):
+    headers = basic(client_id, SECRETS["svc-basic"])
+    if proof is not None:
+        headers["DPoP"] = proof
+    return await http.post("/oauth/v2/token", data={"grant_type": "client_credentials"}, headers=headers)
+
+
+def assert_refused(response, error: str = "invalid_dpop_proof") -> None:
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == error
+    assert "access_token" not in response.json()
+
+
+# -- the proof -------------------------------------------------------------------------------------------------
+def test_htu_is_compared_after_normalisation():
+    """§4.3 item 9: no query or fragment; RFC 3986 §6.2.2/§6.2.3 syntax- and scheme-based normalisation."""
+    assert normalised_htu("HTTPS://Server.Example:443/a%7eb?x=1#f") == "https://server.example/a~b"
+    assert normalised_htu("http://h:8080") == "http://h:8080/"
+    assert normalised_htu("https://h/%2f") == "https://h/%2F"
+    assert normalised_htu("https://h/a") != normalised_htu("https://h/b")
+
+
+def test_nonces_rotate_and_the_previous_one_is_still_accepted():
+    now = [1_000_000.0]
+    nonces = Nonces(DPoP(nonce_lifetime=60), "k" * 43, clock=lambda: now[0])
+    first = nonces.current()
+    assert nonces.accepts(first)
+    now[0] += 60
+    assert nonces.current() != first and nonces.accepts(first)  # rotated; the previous window still good
+    now[0] += 60
+    assert not nonces.accepts(first)  # expired
+    assert Nonces(DPoP(nonce_lifetime=60), "k" * 43, clock=lambda: now[0]).accepts(nonces.current())  # replicas
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA"])
+async def test_a_valid_proof_binds_the_access_token(client, app, alg):
+    """§5, §6.1: token_type DPoP; cnf.jkt in the JWT and in introspection (§6.2)."""
+    key = DPoPClient(alg)
+    response = await client_credentials(client, key.proof("POST", TOKEN))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "DPoP"
+    live = await app.state.iam.token.access_tokens.live(body["access_token"])
+    assert jwt_claims(live.jwt)["cnf"] == {"jkt": key.jkt}
+    introspected = await client.post("/oauth/v2/introspect", data={"token": body["access_token"]},
+                                     headers=basic("svc-basic"))
+    assert introspected.json()["cnf"] == {"jkt": key.jkt} and introspected.json()["token_type"] == "DPoP"
+
+
+async def test_without_a_proof_the_token_is_a_bearer_token(client, app):
+    body = (await client_credentials(client, None)).json()
+    assert body["token_type"] == "Bearer"
+    assert "cnf" not in jwt_claims((await app.state.iam.token.access_tokens.live(body["access_token"])).jwt)
+
+
+KEY = DPoPClient()
+
+
+@pytest.mark.parametrize("proof", [
+    pytest.param(lambda: KEY.proof("GET", TOKEN), id="wrong-htm"),
+    pytest.param(lambda: KEY.proof("POST", f"{ISSUER}/oauth/v2/introspect"), id="wrong-htu"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, iat=int(time.time()) - 3600), id="old-iat"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, iat=int(time.time()) + 3600), id="future-iat"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, jti=None), id="no-jti"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, header={"typ": "JWT"}), id="wrong-typ"),
+    pytest.param(lambda: unsigned_proof({"typ": "dpop+jwt", "alg": "none", "jwk": KEY.key.as_dict(private=False)},
+                                        {"jti": "x", "htm": "POST", "htu": TOKEN, "iat": int(time.time())}),
+                 id="alg-none"),
+    pytest.param(lambda: _hs256_proof(), id="alg-HS256"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, header={"jwk": KEY.key.as_dict(private=True)}),
+                 id="private-key-in-jwk"),
+    pytest.param(lambda: KEY.proof("POST", TOKEN, header={"jwk": DPoPClient().key.as_dict(private=False)}),
+                 id="signed-by-another-key"),
+    pytest.param(lambda: "not a jwt", id="garbage"),
+])
+async def test_a_bad_proof_is_invalid_dpop_proof_and_issues_nothing(client, app, proof):
+    assert_refused(await client_credentials(client, proof()))
+    assert await token_rows(app) == 0
+
+
+def _hs256_proof() -> str:
+    import json
+
+    from joserfc import jws
+    from joserfc.jwk import OctKey
+    secret = OctKey.generate_key(256)
+    claims = {"jti": "h", "htm": "POST", "htu": TOKEN, "iat": int(time.time())}
+    return jws.serialize_compact({"typ": "dpop+jwt", "alg": "HS256", "jwk": secret.as_dict(private=False)},
+                                 json.dumps(claims).encode(), secret, algorithms=["HS256"])
+
+
+async def test_a_reused_jti_is_refused(client, app):
+    """§11.1: a proof is single use, on every replica (the token store holds its jti)."""
+    proof = KEY.proof("POST", TOKEN)
+    assert (await client_credentials(client, proof)).status_code == 200
+    assert_refused(await client_credentials(client, proof))
+    assert await token_rows(app) == 1
+
+
+async def test_two_dpop_headers_are_refused(client, app):
+    headers = [*basic("svc-basic").items(), ("DPoP", KEY.proof("POST", TOKEN)), ("DPoP", KEY.proof("POST", TOKEN))]
+    response = await client.post("/oauth/v2/token", data={"grant_type": "client_credentials"}, headers=headers)
+    assert_refused(response)
+    assert await token_rows(app) == 0
+
+
+async def test_a_dpop_bound_client_needs_a_proof(client, app):
+    """dpop_bound_access_tokens (RFC 9449 §5.2): no proof, no token."""
+    assert_refused(await client_credentials(client, None, "dpop-svc"))
+    assert await token_rows(app) == 0
+    response = await client_credentials(client, KEY.proof("POST", TOKEN), "dpop-svc")
+    assert response.status_code == 200 and response.json()["token_type"] == "DPoP"
+
+
+async def test_discovery_names_the_proof_algorithms(client):
+    metadata = (await client.get("/.well-known/openid-configuration")).json()
+    assert metadata["dpop_signing_alg_values_supported"] == ["ES256", "RS256", "PS256", "EdDSA"]
+
+
+# -- refresh tokens of public clients (§5) ----------------------------------------------------------------------
+async def kubectl_tokens(http, key: DPoPClient | None) -> dict:
+    params, verifier, _ = await code_flow(http, "kubectl", KUBECTL_CALLBACK, scope="openid offline_access")
+    headers = {"DPoP": key.proof("POST", TOKEN)} if key else {}
+    response = await http.post("/oauth/v2/token", headers=headers, data={
+        "grant_type": "authorization_code", "code": params["code"], "redirect_uri": KUBECTL_CALLBACK,
+        "code_verifier": verifier, "client_id": "kubectl"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def refresh(http, token: str, proof: str | None):
+    headers = {"DPoP": proof} if proof else {}
+    return await http.post("/oauth/v2/token", headers=headers, data={
+        "grant_type": "refresh_token", "refresh_token": token, "client_id": "kubectl"})
+
+
+async def test_a_public_clients_refresh_token_is_bound_to_its_key(client, app, alice):
+    key = DPoPClient()
+    first = await kubectl_tokens(client, key)
+    assert first["token_type"] == "DPoP"
+    rows = await token_rows(app)
+    # With no proof, or a proof of another key: refused, nothing issued, the refresh token unspent.
+    assert_refused(await refresh(client, first["refresh_token"], None))
+    assert_refused(await refresh(client, first["refresh_token"], DPoPClient().proof("POST", TOKEN)), "invalid_grant")
+    assert await token_rows(app) == rows
+    second = await refresh(client, first["refresh_token"], key.proof("POST", TOKEN))
+    assert second.status_code == 200, second.text
+    assert second.json()["token_type"] == "DPoP"
+    claims = jwt_claims((await app.state.iam.token.access_tokens.live(second.json()["access_token"])).jwt)
+    assert claims["cnf"] == {"jkt": key.jkt}
+    # And its successor too.
+    assert_refused(await refresh(client, second.json()["refresh_token"], None))
+
+
+async def test_an_unbound_grant_refreshes_without_a_proof(client, alice):
+    first = await kubectl_tokens(client, None)
+    assert first["token_type"] == "Bearer"
+    response = await refresh(client, first["refresh_token"], None)
+    assert response.status_code == 200 and response.json()["token_type"] == "Bearer"
+
+
+# -- server nonces (§8) -----------------------------------------------------------------------------------------
+@pytest.fixture
+def nonce_settings(tmp_path, store_urls):
+    return make_settings(tmp_path, store_urls, clients=dpop_clients(), dpop={"require_nonce": True})
+
+
+async def test_a_nonce_is_required_when_configured(nonce_settings):
+    import httpx
+
+    from iam.app import create_app
+    application = create_app(nonce_settings)
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
+            first = await client_credentials(http, KEY.proof("POST", TOKEN))
+            assert_refused(first, "use_dpop_nonce")
+            nonce = first.headers["DPoP-Nonce"]
+            assert_refused(await client_credentials(http, KEY.proof("POST", TOKEN, nonce="stale")), "use_dpop_nonce")
+            assert await token_rows(application) == 0
+            second = await client_credentials(http, KEY.proof("POST", TOKEN, nonce=nonce))
+            assert second.status_code == 200 and second.json()["token_type"] == "DPoP"
