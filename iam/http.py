@@ -75,14 +75,21 @@ def parse_params(encoded: str, long_values: frozenset[str] = frozenset()) -> dic
 
 def bearer_token(request: Request) -> str | None:
     """The token of an `Authorization: Bearer` header (RFC 6750 §2.1), or None."""
+    presented = access_token(request)
+    return presented[1] if presented is not None and presented[0] == "bearer" else None
+
+
+def access_token(request: Request) -> tuple[str, str] | None:
+    """The scheme (`bearer`, RFC 6750 §2.1, or `dpop`, RFC 9449 §7.1) and token of the Authorization header."""
     header = request.headers.get("authorization")
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "dpop") or not token:
         return None
-    return token
+    return scheme, token
 
 
 def client_address(request: Request, trusted_proxies: list[str]) -> str:

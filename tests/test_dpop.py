@@ -12,7 +12,7 @@ from iam.config import DPoP
 from iam.formats import jwt_claims
 from iam.token.dpop import Nonces, normalised_htu
 from iam.token.store import access_tokens
-from tests.conftest import ISSUER, SECRETS, basic, client_config, make_settings
+from tests.conftest import ISSUER, SECRETS, WEBAPP_CALLBACK, basic, client_config, make_settings
 from tests.dpop import DPoPClient, unsigned_proof
 from tests.oauth import code_flow
 
@@ -217,3 +217,169 @@ async def test_a_nonce_is_required_when_configured(nonce_settings):
             assert await token_rows(application) == 0
             second = await client_credentials(http, KEY.proof("POST", TOKEN, nonce=nonce))
             assert second.status_code == 200 and second.json()["token_type"] == "DPoP"
+
+
+# -- forward-auth and userinfo (§7) -----------------------------------------------------------------------------
+API = "https://api.test/orders/7"
+USERINFO = f"{ISSUER}/oauth/v2/userinfo"
+
+
+def original(method: str = "GET", url: str = API) -> dict[str, str]:
+    return {"X-Original-Method": method, "X-Original-URL": url}
+
+
+async def bound_token(http, key: DPoPClient) -> str:
+    response = await client_credentials(http, key.proof("POST", TOKEN))
+    assert response.json()["token_type"] == "DPoP"
+    return response.json()["access_token"]
+
+
+async def test_forward_auth_hands_out_the_jwt_for_a_proven_dpop_token(client):
+    key = DPoPClient()
+    token = await bound_token(client, key)
+    proof = key.proof("GET", API + "?q=1", access_token=token)
+    response = await client.get("/oauth/v2/phantom",
+                                headers={"Authorization": f"DPoP {token}", "DPoP": proof, **original(url=API + "?q=1")})
+    assert response.status_code == 200, response.text
+    assert jwt_claims(response.headers["Authorization"].removeprefix("Bearer "))["cnf"] == {"jkt": key.jkt}
+
+
+async def test_forward_auth_refuses_a_dpop_token_without_its_proof(client):
+    key = DPoPClient()
+    token = await bound_token(client, key)
+    used = key.proof("GET", API, access_token=token)
+    assert (await client.get("/oauth/v2/phantom", headers={"Authorization": f"DPoP {token}", "DPoP": used,
+                                                           **original()})).status_code == 200
+    cases = {
+        "as-bearer": ({"Authorization": f"Bearer {token}"}, "invalid_token"),
+        "no-proof": ({"Authorization": f"DPoP {token}", **original()}, "invalid_dpop_proof"),
+        "replayed": ({"Authorization": f"DPoP {token}", "DPoP": used, **original()}, "invalid_dpop_proof"),
+        "wrong-htm": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("POST", API, access_token=token),
+                       **original()}, "invalid_dpop_proof"),
+        "wrong-htu": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API + "/x", access_token=token),
+                       **original()}, "invalid_dpop_proof"),
+        "old-iat": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API, access_token=token,
+                                                                         iat=int(time.time()) - 3600),
+                     **original()}, "invalid_dpop_proof"),
+        "wrong-ath": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API, access_token="y" * 43),
+                       **original()}, "invalid_dpop_proof"),
+        "no-ath": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API), **original()},
+                   "invalid_dpop_proof"),
+        "other-key": ({"Authorization": f"DPoP {token}", "DPoP": DPoPClient().proof("GET", API, access_token=token),
+                       **original()}, "invalid_dpop_proof"),
+        "no-original-request": ({"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API, access_token=token)},
+                                "invalid_dpop_proof"),
+    }
+    for name, (headers, error) in cases.items():
+        response = await client.get("/oauth/v2/phantom", headers=headers)
+        assert response.status_code == 401, name
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith(f'DPoP error="{error}"') and 'algs="ES256' in challenge, (name, challenge)
+        assert "authorization" not in response.headers, name
+
+
+async def test_the_dpop_scheme_with_a_bearer_token_is_refused(client):
+    token = (await client_credentials(client, None)).json()["access_token"]
+    response = await client.get("/oauth/v2/phantom", headers={"Authorization": f"DPoP {token}", **original()})
+    assert response.status_code == 401 and 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    bearer = await client.get("/oauth/v2/phantom", headers={"Authorization": f"Bearer {token}"})
+    assert bearer.status_code == 200  # unchanged for bearer tokens
+
+
+@pytest.fixture
+def forwarded_settings(tmp_path, store_urls):
+    return make_settings(tmp_path, store_urls, clients=dpop_clients(),
+                         dpop={"original_request_headers": "x-forwarded"})
+
+
+async def test_forward_auth_reads_x_forwarded_headers_when_configured(forwarded_settings):
+    import httpx
+
+    from iam.app import create_app
+    application = create_app(forwarded_settings)
+    key = DPoPClient()
+    forwarded = {"X-Forwarded-Method": "PUT", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.test",
+                 "X-Forwarded-Uri": "/orders/7?x=y"}
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
+            token = await bound_token(http, key)
+            ok = await http.get("/oauth/v2/phantom", headers={
+                "Authorization": f"DPoP {token}", "DPoP": key.proof("PUT", API, access_token=token), **forwarded})
+            assert ok.status_code == 200, ok.text
+            # X-Original-* is not read in this mode.
+            refused = await http.get("/oauth/v2/phantom", headers={
+                "Authorization": f"DPoP {token}", "DPoP": key.proof("GET", API, access_token=token), **original()})
+            assert refused.status_code == 401
+
+
+async def test_userinfo_checks_the_proof_of_a_dpop_bound_token(client, alice):
+    key = DPoPClient()
+    tokens = await kubectl_tokens(client, key)
+    token = tokens["access_token"]
+    ok = await client.get("/oauth/v2/userinfo", headers={
+        "Authorization": f"DPoP {token}", "DPoP": key.proof("GET", USERINFO, access_token=token)})
+    assert ok.status_code == 200 and ok.json()["sub"] == alice
+    for headers in (
+        {"Authorization": f"Bearer {token}"},
+        {"Authorization": f"DPoP {token}"},
+        {"Authorization": f"DPoP {token}", "DPoP": key.proof("POST", USERINFO, access_token=token)},
+        {"Authorization": f"DPoP {token}", "DPoP": DPoPClient().proof("GET", USERINFO, access_token=token)},
+    ):
+        response = await client.get("/oauth/v2/userinfo", headers=headers)
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("DPoP error=")
+
+
+# -- dpop_jkt at authorize and PAR (§10) ------------------------------------------------------------------------
+async def redeem_code(http, params: dict, verifier: str, proof: str | None, client_id: str = "kubectl",
+                      redirect_uri: str = KUBECTL_CALLBACK):
+    headers = {"DPoP": proof} if proof else {}
+    data = {"grant_type": "authorization_code", "code": params["code"], "redirect_uri": redirect_uri,
+            "code_verifier": verifier}
+    if client_id in SECRETS:
+        headers.update(basic(client_id))
+    else:
+        data["client_id"] = client_id
+    return await http.post("/oauth/v2/token", headers=headers, data=data)
+
+
+async def test_dpop_jkt_binds_the_code_to_the_key(client, app, alice):
+    key = DPoPClient()
+    params, verifier, _ = await code_flow(client, "kubectl", KUBECTL_CALLBACK, scope="openid", dpop_jkt=key.jkt)
+    assert_refused(await redeem_code(client, params, verifier, None))
+    assert_refused(await redeem_code(client, params, verifier, DPoPClient().proof("POST", TOKEN)), "invalid_grant")
+    assert await token_rows(app) == 0  # and the code is still unspent:
+    response = await redeem_code(client, params, verifier, key.proof("POST", TOKEN))
+    assert response.status_code == 200 and response.json()["token_type"] == "DPoP"
+
+
+async def test_a_malformed_dpop_jkt_is_refused_at_authorize(client, alice):
+    from tests.oauth import authorize, query
+    response = await authorize(client, "kubectl", KUBECTL_CALLBACK, "openid", "x" * 43, dpop_jkt="short")
+    assert response.status_code in (302, 303) and query(response.headers["location"])["error"] == "invalid_request"
+
+
+async def test_a_proof_at_par_binds_the_code_of_a_confidential_client(client, app, alice):
+    """§10.1: the DPoP header at the pushed authorization request."""
+    from tests.oauth import follow, pkce, query, sign_in
+    key = DPoPClient()
+    verifier, challenge = pkce()
+    form = {"response_type": "code", "redirect_uri": WEBAPP_CALLBACK, "scope": "openid", "code_challenge": challenge,
+            "code_challenge_method": "S256"}
+    par = f"{ISSUER}/oauth/v2/par"
+    mismatch = await client.post("/oauth/v2/par", data={**form, "dpop_jkt": DPoPClient().jkt},
+                                 headers={**basic("webapp"), "DPoP": key.proof("POST", par)})
+    assert_refused(mismatch)
+    pushed = await client.post("/oauth/v2/par", data=form, headers={**basic("webapp"), "DPoP": key.proof("POST", par)})
+    assert pushed.status_code == 201, pushed.text
+    start = await client.get("/oauth/v2/authorize", params={"client_id": "webapp",
+                                                            "request_uri": pushed.json()["request_uri"]})
+    page = await follow(client, start, "https://app.test/")
+    params = query((await follow(client, await sign_in(client, page), "https://app.test/")).headers["location"])
+    assert_refused(await redeem_code(client, params, verifier, None, "webapp", WEBAPP_CALLBACK))
+    assert await token_rows(app) == 0
+    response = await redeem_code(client, params, verifier, key.proof("POST", TOKEN), "webapp", WEBAPP_CALLBACK)
+    assert response.status_code == 200 and response.json()["token_type"] == "DPoP"
+    # A confidential client's refresh token is bound by its authentication, not the key (§5).
+    refreshed = await client.post("/oauth/v2/token", headers=basic("webapp"), data={
+        "grant_type": "refresh_token", "refresh_token": response.json()["refresh_token"]})
+    assert refreshed.status_code == 200 and refreshed.json()["token_type"] == "Bearer"

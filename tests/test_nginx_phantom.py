@@ -23,6 +23,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from tests.conftest import ISSUER, WEBAPP_CALLBACK, basic, client_config
+from tests.dpop import DPoPClient
 from tests.oauth import advertised_paths
 from tests.postgres import free_port
 from tests.server import serve, token_role_env
@@ -270,6 +271,52 @@ def test_an_unreachable_token_role_fails_closed(stack):
     ):
         response = httpx.get(f"{base}/orders", headers=bearer(token))
     assert response.status_code == 500 and received == []
+
+
+# -- DPoP (RFC 9449 §7) through the gateway ---------------------------------------------------------------
+def dpop_token(stack, key: DPoPClient) -> str:
+    response = httpx.post(f"{stack.iam}/oauth/v2/token", data={"grant_type": "client_credentials"},
+                          headers={**basic("svc-basic"), "DPoP": key.proof("POST", f"{ISSUER}/oauth/v2/token")})
+    assert response.status_code == 200 and response.json()["token_type"] == "DPoP", response.text
+    return response.json()["access_token"]
+
+
+def test_a_dpop_bound_token_passes_with_a_proof_of_the_api_call(stack):
+    key = DPoPClient()
+    token = dpop_token(stack, key)
+    url = f"{stack.gateway}/orders/42?page=2"  # htu is compared without the query (§4.3)
+    proof = key.proof("DELETE", url, access_token=token)
+    response = httpx.delete(url, headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    assert response.status_code == 200, response.text
+    [request] = stack.received
+    assert request["method"] == "DELETE" and request["headers"]["Authorization"].startswith("Bearer ey")
+    # The same proof again is a replay (§11.1): refused, the API not called.
+    stack.received.clear()
+    replay = httpx.delete(url, headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+    assert replay.status_code == 401 and stack.received == []
+    assert replay.headers["WWW-Authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+
+
+def test_a_dpop_bound_token_without_its_proof_never_reaches_the_api(stack):
+    key = DPoPClient()
+    token = dpop_token(stack, key)
+    url = f"{stack.gateway}/orders"
+    for headers in (
+        {"Authorization": f"Bearer {token}"},  # as a bearer token
+        {"Authorization": f"Bearer {token}", "DPoP": key.proof("GET", url, access_token=token)},
+        {"Authorization": f"DPoP {token}"},  # no proof
+        {"Authorization": f"DPoP {token}", "DPoP": key.proof("POST", url, access_token=token)},  # another method
+        {"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", f"{url}/7", access_token=token)},  # URL
+        {"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", url, access_token="x" * 43)},  # ath
+        {"Authorization": f"DPoP {token}", "DPoP": DPoPClient().proof("GET", url, access_token=token)},  # key
+        # The client's own X-Original-URL is replaced by the gateway's.
+        {"Authorization": f"DPoP {token}", "DPoP": key.proof("GET", "https://elsewhere.test/x", access_token=token),
+         "X-Original-URL": "https://elsewhere.test/x"},
+    ):
+        response = httpx.get(url, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"].startswith("DPoP error="), response.headers
+    assert stack.received == []
 
 
 # -- the compose gateway and the example API ---------------------------------------------------------

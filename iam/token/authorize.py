@@ -27,6 +27,7 @@ from iam.token import pkce
 from iam.token.access_tokens import digest, new_token
 from iam.token.claims import how_signed_in, id_token_hint_claims
 from iam.token.clients import authenticate
+from iam.token.dpop import JKT_SHAPE, InvalidProof
 from iam.token.redirects import redirect_uri_allowed
 from iam.token.scopes import granted_scope
 from iam.token.services import TokenServices, token_services
@@ -121,9 +122,35 @@ async def push_authorization_request(request: Request) -> Response:
         pending = _validate(services, client, redirect_uri, form)
     except AuthorizationError as exc:
         raise OAuthError(exc.error, exc.description) from None
+    proven = await _pushed_proof_key(request, services)
+    if proven is not None:
+        if pending["dpop_jkt"] not in (None, proven):  # RFC 9449 §10.1: both given, they must agree
+            raise OAuthError("invalid_dpop_proof", "dpop_jkt is not the key of the DPoP proof")
+        pending["dpop_jkt"] = proven
     pending.update(id=secrets.token_urlsafe(32), expires_at=pending["created_at"] + PAR_TTL)
     await services.store.add_request(pending)
     return json_response({"request_uri": PAR_URN + pending["id"], "expires_in": PAR_TTL}, 201, NO_STORE)
+
+
+async def _pushed_proof_key(request: Request, services: TokenServices) -> str | None:
+    """RFC 9449 §10.1: a DPoP proof sent with the pushed request binds the code to its key."""
+    proofs = request.headers.getlist("dpop")
+    if not proofs:
+        return None
+    if len(proofs) > 1:
+        raise OAuthError("invalid_dpop_proof", "more than one DPoP header")
+    try:
+        par_endpoint = services.settings.issuer.rstrip("/") + "/oauth/v2/par"
+        return (await services.dpop.verify(proofs[0], "POST", par_endpoint)).jkt
+    except InvalidProof as exc:
+        raise services.dpop.error(exc, resource=False) from None
+
+
+def _dpop_jkt(value: str | None) -> str | None:
+    """RFC 9449 §10: the thumbprint (RFC 7638, SHA-256, base64url) of the key the code is to be bound to."""
+    if value is not None and not JKT_SHAPE.match(value):
+        raise AuthorizationError("invalid_request", "dpop_jkt must be a base64url SHA-256 JWK thumbprint")
+    return value
 
 
 def _validate(services: TokenServices, client: ClientConfig, redirect_uri: str,
@@ -173,6 +200,7 @@ def _validate(services: TokenServices, client: ClientConfig, redirect_uri: str,
         "max_age": int(max_age) if max_age is not None else None,
         "subject_hint": _hinted_subject(services, client, params.get("id_token_hint")),
         "acr_values": known_acr_values(params.get("acr_values")),
+        "dpop_jkt": _dpop_jkt(params.get("dpop_jkt")),
         "created_at": now,
         "expires_at": now + PENDING_TTL,
     }
@@ -261,6 +289,7 @@ async def resume(request: Request) -> Response:
             **how_signed_in(claims),
             "nonce": pending["nonce"],
             "offline": offline,
+            "dpop_jkt": pending.get("dpop_jkt"),  # RFC 9449 §10: the code is bound to that key
             "created_at": now,
             "expires_at": now + (client.offline_grant_ttl if offline else client.grant_ttl),
             "revoked": False,

@@ -45,6 +45,7 @@ PROOF_TYPE = "dpop+jwt"
 CLOCK_SKEW = 30  # seconds a proof's iat may be ahead of this server's clock
 MAX_JTI_CHARS = 256
 MAX_PROOF_CHARS = 8192
+JKT_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # a SHA-256 JWK thumbprint, base64url
 # JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2).
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # joserfc's default header limit (512 bytes) is below an RSA key's jwk header; an RSA-4096 one fits in this.
@@ -164,6 +165,30 @@ class ProofVerifier:
         if resource:
             return resource_error(str(exc), self.nonces, exc.error, isinstance(exc, NonceRequired))
         return token_endpoint_error(exc, self.nonces)
+
+    async def check_presented(self, scheme: str, token: str, bound: str | None, proofs: list[str],
+                              method: str | None, url: str | None) -> None:
+        """At a protected resource (§7.1): a token bound to a key needs the DPoP scheme and a proof of that key
+        for this request (`method`, `url`; None if not known) and this token; the DPoP scheme needs a bound
+        token. OAuthError (401) otherwise."""
+        if bound is None:
+            if scheme == "dpop":
+                raise resource_error("the access token is not bound to a DPoP key", self.nonces, "invalid_token")
+            return
+        if scheme != "dpop":
+            raise resource_error("a DPoP-bound access token must be sent with the DPoP scheme", self.nonces,
+                                 "invalid_token")
+        if len(proofs) != 1:
+            raise resource_error("exactly one DPoP proof is required with a DPoP-bound access token", self.nonces)
+        if not method or not url:
+            raise resource_error("the ingress forwarded no original method and URL to check the DPoP proof against",
+                                 self.nonces)
+        try:
+            proof = await self.verify(proofs[0], method, url, access_token=token)
+        except InvalidProof as exc:
+            raise self.error(exc, resource=True) from None
+        if not hmac.compare_digest(proof.jkt.encode(), bound.encode()):
+            raise resource_error("the DPoP proof is signed by another key than the token is bound to", self.nonces)
 
     async def verify(self, proof: str, method: str, url: str, *, access_token: str | None = None) -> Proof:
         """The proof's key thumbprint if `proof` is a valid, unused proof for `method` `url` (with `access_token`,

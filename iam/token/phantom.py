@@ -9,31 +9,46 @@ Serve it inside the cluster only: it hands the JWT to whoever holds the opaque t
 contains it; ASVS 5 V10.3.1): the ingress names each route's audience in its fixed auth URL. The parameter is
 read on this exact path only; under `/oauth/v2/phantom/...` (Envoy appends the caller's path and query) it
 would be the caller's to choose.
+
+DPoP (RFC 9449 §7): a token bound to a key passes only as `Authorization: DPoP <opaque>` with a `DPoP` proof
+of that key for the API call itself, whose method and URL the ingress forwards (`dpop.original_request_headers`:
+X-Original-Method / X-Original-URL, or X-Forwarded-Method / -Proto / -Host / -Uri); the ingress must set these
+itself, never pass on the caller's. A bearer token is recognised by its cached row: no new work for it.
 """
 
 from urllib.parse import parse_qs
 
 from fastapi import Request, Response
 
-from iam.errors import invalid_token
-from iam.http import PlainRoute, bearer_token
+from iam.errors import OAuthError, invalid_token
+from iam.http import PlainRoute, access_token
 from iam.observability import INTROSPECTIONS
-from iam.token.services import token_services
+from iam.token.services import TokenServices, token_services
 
 ACTIVE = INTROSPECTIONS.labels("phantom", "active")
 INACTIVE = INTROSPECTIONS.labels("phantom", "inactive")
 WRONG_AUDIENCE = INTROSPECTIONS.labels("phantom", "wrong_audience")
+UNPROVEN = INTROSPECTIONS.labels("phantom", "invalid_dpop_proof")
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 async def phantom(request: Request) -> Response:
-    token = bearer_token(request)
-    live = None if token is None else await token_services(request).access_tokens.live(token)
+    presented = access_token(request)
+    if presented is None:
+        INACTIVE.inc()
+        return invalid_token().response()
+    scheme, token = presented
+    services = token_services(request)
+    live = await services.access_tokens.live(token)
     if live is None:
         INACTIVE.inc()
-        if token is None:
-            return invalid_token().response()
         return invalid_token("the access token is invalid, expired or revoked").response()
+    if live.jkt is not None or scheme == "dpop":
+        try:
+            await _check_proof(request, services, scheme, token, live.jkt)
+        except OAuthError as exc:
+            UNPROVEN.inc()
+            return exc.response()
     query = request.scope["query_string"]
     if query and request.scope["path"] == "/oauth/v2/phantom":
         wanted = parse_qs(query.decode("latin-1")).get("audience")
@@ -42,6 +57,17 @@ async def phantom(request: Request) -> Response:
             return invalid_token("the access token is not meant for this API").response()
     ACTIVE.inc()
     return Response(status_code=200, headers={"Authorization": f"Bearer {live.jwt}", "Cache-Control": "no-store"})
+
+
+async def _check_proof(request: Request, services: TokenServices, scheme: str, token: str, bound: str | None) -> None:
+    """RFC 9449 §7.1 for the API call the ingress asks about."""
+    headers = request.headers
+    if services.settings.dpop.original_request_headers == "x-original":
+        method, url = headers.get("x-original-method"), headers.get("x-original-url")
+    else:
+        method, proto, host, uri = (headers.get(f"x-forwarded-{name}") for name in ("method", "proto", "host", "uri"))
+        url = f"{proto}://{host}{uri}" if proto and host and uri else None
+    await services.dpop.check_presented(scheme, token, bound, headers.getlist("dpop"), method and method.upper(), url)
 
 
 # Plain routes, mounted on the app itself (iam/app.py): the hot path skips FastAPI's per-request machinery.

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, insufficient_scope, invalid_token, json_response
 from iam.formats import jwt_claims
-from iam.http import bearer_token
+from iam.http import access_token
 from iam.token.claims import scoped_claims
 from iam.token.services import token_services
 
@@ -14,13 +14,18 @@ router = APIRouter()
 @router.api_route("/oauth/v2/userinfo", methods=["GET", "POST"])
 async def userinfo(request: Request) -> Response:
     services = token_services(request)
-    # RFC 6750 §2.1 header only: tokens in query strings or bodies leak into logs (RFC 9700 §4.3.2).
-    token = bearer_token(request)
-    if token is None:
+    # RFC 6750 §2.1 (or RFC 9449 §7.1) header only: tokens in query strings or bodies leak into logs (RFC 9700 §4.3.2).
+    presented = access_token(request)
+    if presented is None:
         raise invalid_token()
-    row = await services.access_tokens.active(token)
-    if row is None or row.grant_id is None:
+    scheme, token = presented
+    live = await services.access_tokens.live(token)
+    if live is None or live.row.grant_id is None:
         raise invalid_token("the access token is invalid, expired or revoked")
+    # RFC 9449 §7.1: userinfo is a protected resource; its URL is the public one, never the Host header's.
+    await services.dpop.check_presented(scheme, token, live.jkt, request.headers.getlist("dpop"), request.method,
+                                        services.settings.issuer.rstrip("/") + "/oauth/v2/userinfo")
+    row = live.row
     scopes = set(jwt_claims(row.jwt).get("scope", "").split())
     if "openid" not in scopes:
         raise insufficient_scope("openid", "userinfo needs the openid scope")
