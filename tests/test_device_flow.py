@@ -110,3 +110,21 @@ async def test_discovery_tells_kubelogin_what_it_needs(client):
     assert "none" in meta["token_endpoint_auth_methods_supported"]
     assert "RS256" in meta["id_token_signing_alg_values_supported"]
     assert DEVICE in meta["grant_types_supported"]
+
+
+async def test_a_dpop_proof_binds_the_device_grants_tokens(client, app, alice):
+    """RFC 9449 §5: the access token and the public client's refresh token are bound to the proof's key."""
+    from tests.dpop import DPoPClient
+    key = DPoPClient()
+    token_endpoint = f"{ISSUER}/oauth/v2/token"
+    started = await start(client)
+    await approve(client, started["verification_uri_complete"])
+    await allow_polling_now(app)
+    tokens = await client.post("/oauth/v2/token", headers={"DPoP": key.proof("POST", token_endpoint)}, data={
+        "grant_type": DEVICE, "device_code": started["device_code"], "client_id": "kubectl"})
+    assert tokens.status_code == 200 and tokens.json()["token_type"] == "DPoP", tokens.text
+    refresh = {"grant_type": "refresh_token", "refresh_token": tokens.json()["refresh_token"], "client_id": "kubectl"}
+    unproven = await client.post("/oauth/v2/token", data=refresh)
+    assert unproven.status_code == 400 and unproven.json()["error"] == "invalid_dpop_proof"
+    proven = await client.post("/oauth/v2/token", data=refresh, headers={"DPoP": key.proof("POST", token_endpoint)})
+    assert proven.status_code == 200 and proven.json()["token_type"] == "DPoP"

@@ -217,6 +217,24 @@ async def test_a_nonce_is_required_when_configured(nonce_settings):
             assert await token_rows(application) == 0
             second = await client_credentials(http, KEY.proof("POST", TOKEN, nonce=nonce))
             assert second.status_code == 200 and second.json()["token_type"] == "DPoP"
+            assert second.headers["DPoP-Nonce"]  # §8.2: the nonce to use next
+            token = second.json()["access_token"]
+            # At forward-auth the same: use_dpop_nonce with a fresh nonce in DPoP-Nonce (§9), then accepted.
+            auth = {"Authorization": f"DPoP {token}", **original()}
+            first = await http.get("/oauth/v2/phantom", headers={**auth, "DPoP": KEY.proof("GET", API,
+                                                                                          access_token=token)})
+            assert first.status_code == 401 and first.headers["WWW-Authenticate"].startswith(
+                'DPoP error="use_dpop_nonce"')
+            resource_nonce = first.headers["DPoP-Nonce"]
+            # A nonce two windows old has expired.
+            nonces = application.state.iam.token.dpop.nonces
+            expired = nonces.for_window(int(time.time()) // nonces.lifetime - 2)
+            stale = await http.get("/oauth/v2/phantom", headers={**auth, "DPoP": KEY.proof(
+                "GET", API, access_token=token, nonce=expired)})
+            assert stale.status_code == 401 and 'error="use_dpop_nonce"' in stale.headers["WWW-Authenticate"]
+            ok = await http.get("/oauth/v2/phantom", headers={**auth, "DPoP": KEY.proof(
+                "GET", API, access_token=token, nonce=resource_nonce)})
+            assert ok.status_code == 200, ok.text
 
 
 # -- forward-auth and userinfo (§7) -----------------------------------------------------------------------------

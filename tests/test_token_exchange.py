@@ -191,3 +191,15 @@ def test_the_exchange_policy_is_checked_at_load(tmp_path, client, message):
 
     with pytest.raises(ValidationError, match=message):
         make_settings(tmp_path, {}, clients=[{"client_id": "c", **client}])
+
+
+async def test_a_dpop_proof_binds_the_exchanged_token(client, app, alice):
+    """RFC 9449 §5: every grant, token exchange too, binds its access token to the proof's key."""
+    from tests.dpop import DPoPClient
+    key = DPoPClient()
+    subject = (await user_tokens(client, alice))["access_token"]
+    response = await exchange(client, subject, headers={**orders(), "DPoP": key.proof("POST", f"{ISSUER}/oauth/v2/token")},
+                              audience=INVENTORY)
+    assert response.status_code == 200, response.text
+    assert response.json()["token_type"] == "DPoP"
+    assert (await introspect(client, response.json()["access_token"]))["cnf"] == {"jkt": key.jkt}

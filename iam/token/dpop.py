@@ -117,19 +117,19 @@ class Nonces:
         self._key = hmac.new(material, _NONCE_PURPOSE, hashlib.sha256).digest()
         self.clock = clock
 
-    def _for_window(self, window: int) -> str:
+    def for_window(self, window: int) -> str:
         return b64(hmac.new(self._key, window.to_bytes(8, "big"), hashlib.sha256).digest())
 
     def current(self) -> str:
-        return self._for_window(int(self.clock()) // self.lifetime)
+        return self.for_window(int(self.clock()) // self.lifetime)
 
     def accepts(self, nonce: Any) -> bool:
         if not isinstance(nonce, str):
             return False
         window = int(self.clock()) // self.lifetime
         # Both compared, constant time: which window matched says nothing.
-        current = hmac.compare_digest(nonce.encode(), self._for_window(window).encode())
-        previous = hmac.compare_digest(nonce.encode(), self._for_window(window - 1).encode())
+        current = hmac.compare_digest(nonce.encode(), self.for_window(window).encode())
+        previous = hmac.compare_digest(nonce.encode(), self.for_window(window - 1).encode())
         return current or previous
 
 

@@ -46,6 +46,8 @@ async def token(request: Request) -> Response:
     _issued(grant_type, client.client_id).inc()
     audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
           client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))
+    if jkt is not None and services.settings.dpop.require_nonce:
+        return json_response(body, 200, {**NO_STORE, "DPoP-Nonce": services.dpop.nonces.current()})  # §8.2
     return json_response(body, 200, NO_STORE)
 
 
