@@ -43,7 +43,8 @@ SERVICE = {"grant_types": ["client_credentials"], "scope": "api:read", "access_t
 
 
 async def run(url: str, next_request: Callable[[], tuple[dict, dict] | None], connections: int,
-              duration: float) -> dict:
+              duration: float, method: str = "POST", unit: str = "tokens") -> dict:
+    """`connections` clients, each sending `next_request()`'s (form, headers) after the last answer (closed loop)."""
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + duration
@@ -58,7 +59,7 @@ async def run(url: str, next_request: Callable[[], tuple[dict, dict] | None], co
                 data, headers = request
                 started = time.perf_counter()
                 try:
-                    response = await http.post(url, data=data, headers=headers)
+                    response = await http.request(method, url, data=data or None, headers=headers)
                 except httpx.HTTPError:
                     errors += 1
                     continue
@@ -69,7 +70,7 @@ async def run(url: str, next_request: Callable[[], tuple[dict, dict] | None], co
 
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return summary("tokens", latencies, errors, time.monotonic() - started)
+    return summary(unit, latencies, errors, time.monotonic() - started)
 
 
 def parse_args() -> argparse.Namespace:
