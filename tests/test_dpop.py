@@ -70,7 +70,7 @@ def test_nonces_rotate_and_the_previous_one_is_still_accepted():
     assert Nonces(DPoP(nonce_lifetime=60), "k" * 43, clock=lambda: now[0]).accepts(nonces.current())  # replicas
 
 
-@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA"])
+@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA", "Ed25519"])
 async def test_a_valid_proof_binds_the_access_token(client, app, alg):
     """§5, §6.1: token_type DPoP; cnf.jkt in the JWT and in introspection (§6.2)."""
     key = DPoPClient(alg)
@@ -152,7 +152,7 @@ async def test_a_dpop_bound_client_needs_a_proof(client, app):
 
 async def test_discovery_names_the_proof_algorithms(client):
     metadata = (await client.get("/.well-known/openid-configuration")).json()
-    assert metadata["dpop_signing_alg_values_supported"] == ["ES256", "RS256", "PS256", "EdDSA"]
+    assert metadata["dpop_signing_alg_values_supported"] == ["ES256", "RS256", "PS256", "EdDSA", "Ed25519"]
 
 
 # -- refresh tokens of public clients (§5) ----------------------------------------------------------------------

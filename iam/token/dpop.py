@@ -40,7 +40,8 @@ from iam.config import DPoP
 from iam.errors import OAuthError, description_text
 from iam.token.store import TokenStore
 
-DPOP_ALGS = ("ES256", "RS256", "PS256", "EdDSA")  # asymmetric only: never none, never HMAC (§4.2)
+# Asymmetric only: never none, never HMAC (§4.2). Ed25519 is EdDSA by its RFC 9864 name.
+DPOP_ALGS = ("ES256", "RS256", "PS256", "EdDSA", "Ed25519")
 PROOF_TYPE = "dpop+jwt"
 CLOCK_SKEW = 30  # seconds a proof's iat may be ahead of this server's clock
 MAX_JTI_CHARS = 256
