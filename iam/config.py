@@ -50,6 +50,7 @@ GrantType = Literal[
     "urn:ietf:params:oauth:grant-type:device_code",
     "urn:ietf:params:oauth:grant-type:token-exchange",
 ]
+AccessTokenAlg = Literal["ES256", "RS256"]
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "workload_identity", "none"]
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -307,7 +308,7 @@ class Keys(_Strict):
         "Directory of the signing keys and the data key, 0600 files (`IAM_KEYS_DIR`)."))
     activation_delay: int = Field(default=0, ge=0, description=(
         "Seconds a new key is published before it signs, so replicas and JWKS caches see it first."))
-    access_token_alg: Literal["ES256", "RS256"] = Field(default="ES256", description="Access token JWT algorithm.")
+    access_token_alg: AccessTokenAlg = Field(default="ES256", description="Access token JWT algorithm.")
 
 
 class Peers(_Strict):

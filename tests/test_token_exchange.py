@@ -3,7 +3,12 @@ narrowed, never widened; `act` records delegation; revoked with its source grant
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
 from sqlalchemy import func, select, update
 
 from iam.token.store import access_tokens
@@ -74,6 +79,24 @@ async def test_an_api_exchanges_a_users_token_for_the_next_api(client, alice):
     assert claims["client_id"] == "orders-api" and "act" not in claims
 
 
+async def jwt_form(client, token: str) -> str:
+    """The JWT the gateway hands an API for `token` (introspection's RFC 9701-style JWT form)."""
+    return (await client.post("/oauth/v2/introspect", data={"token": token},
+                              headers={**basic("svc-basic"), "Accept": "application/jwt"})).text
+
+
+async def test_the_api_may_exchange_the_jwt_it_received_for_the_token(client, alice):
+    """An API behind the gateway never sees the opaque token: the JWT it got stands for the same live token."""
+    source = await user_tokens(client, alice)
+    response = await exchange(client, await jwt_form(client, source["access_token"]), audience=INVENTORY)
+    assert response.status_code == 200, response.text
+    claims = await introspect(client, response.json()["access_token"])
+    assert claims["active"] and claims["sub"] == alice and claims["aud"] == INVENTORY
+    # revoking the source grant ends what was exchanged from its JWT too
+    await client.post("/oauth/v2/revoke", data={"token": source["refresh_token"]}, headers=basic("webapp"))
+    assert (await introspect(client, response.json()["access_token"])) == {"active": False}
+
+
 async def test_it_is_revoked_with_its_source_grant(client, alice):
     source = await user_tokens(client, alice)
     exchanged = (await exchange(client, source["access_token"], audience=INVENTORY)).json()["access_token"]
@@ -125,7 +148,8 @@ async def test_the_exchanged_token_never_outlives_its_subject(client, app, alice
 
 @pytest.mark.parametrize("case", [
     "revoked-subject", "expired-subject", "other-clients-token", "wider-scope", "audience-outside-policy",
-    "resource-outside-policy", "actor-does-not-verify", "actor-of-another-client", "jwt-of-an-access-token",
+    "resource-outside-policy", "actor-does-not-verify", "actor-of-another-client", "jwt-of-a-revoked-token",
+    "jwt-signed-elsewhere", "jwt-with-a-changed-claim", "jwt-of-an-id-token",
     "untrusted-workload", "workload-wrong-audience", "unsupported-type", "no-subject-type", "other-token-type",
 ])
 async def test_bad_exchanges_issue_nothing(client, app, alice, kube, case):
@@ -133,13 +157,22 @@ async def test_bad_exchanges_issue_nothing(client, app, alice, kube, case):
     subject = source["access_token"]
     other = (await client.post("/oauth/v2/token", data={"grant_type": "client_credentials"},
                                headers=basic("svc-basic"))).json()["access_token"]  # aud https://api.test
+    # While it is live; only for the JWT cases (it fills the hot cache, which the others bypass by editing rows).
+    subject_jwt = await jwt_form(client, subject) if case.startswith("jwt-") else ""
     if case == "revoked-subject":
         await client.post("/oauth/v2/revoke", data={"token": subject}, headers=basic("webapp"))
     if case == "expired-subject":
         async with app.state.iam.token.store.engine.begin() as conn:
             await conn.execute(update(access_tokens).values(expires_at=1))
-    jwt_form = (await client.post("/oauth/v2/introspect", data={"token": subject},
-                                  headers={**basic("svc-basic"), "Accept": "application/jwt"})).text
+    if case == "jwt-of-a-revoked-token":
+        await client.post("/oauth/v2/revoke", data={"token": subject}, headers=basic("webapp"))
+    elsewhere = changed = ""
+    if case.startswith("jwt-"):
+        header, payload, signature = subject_jwt.split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        elsewhere = jwt.encode({"alg": "ES256", "typ": "at+jwt"}, claims, ECKey.generate_key("P-256"))
+        wider = json.dumps({**claims, "scope": "api:read inventory:read"}).encode()
+        changed = ".".join([header, base64.urlsafe_b64encode(wider).decode().rstrip("="), signature])
     before = await rows(app)
     params, expected = {
         "revoked-subject": ({}, "invalid_request"),
@@ -150,7 +183,10 @@ async def test_bad_exchanges_issue_nothing(client, app, alice, kube, case):
         "resource-outside-policy": ({"resource": "https://billing.test"}, "invalid_target"),
         "actor-does-not-verify": ({"actor_token": "x" * 43, "actor_token_type": ACCESS}, "invalid_request"),
         "actor-of-another-client": ({"actor_token": other, "actor_token_type": ACCESS}, "invalid_request"),
-        "jwt-of-an-access-token": ({"subject_token": jwt_form}, "invalid_request"),
+        "jwt-of-a-revoked-token": ({"subject_token": subject_jwt}, "invalid_request"),
+        "jwt-signed-elsewhere": ({"subject_token": elsewhere}, "invalid_request"),
+        "jwt-with-a-changed-claim": ({"subject_token": changed}, "invalid_request"),
+        "jwt-of-an-id-token": ({"subject_token": source["id_token"]}, "invalid_request"),
         "untrusted-workload": ({"subject_token": kube.token("billing", "worker", [ISSUER]),
                                 "subject_token_type": JWT}, "invalid_request"),
         "workload-wrong-audience": ({"subject_token": kube.token("billing", "api", ["https://x.test"]),

@@ -7,19 +7,22 @@ while the token's row is in the hot cache (iam/token/hot_cache.py).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from iam.config import ClientConfig, Settings
+from joserfc import jwt as jose_jwt
+from joserfc.errors import JoseError
+
+from iam.config import AccessTokenAlg, ClientConfig, Settings
 from iam.formats import jwt_claims
-from iam.keys import KeyRing
+from iam.keys import KeyRing, b64url
 from iam.token.hot_cache import HotCache
 from iam.token.store import AccessTokenRow, TokenStore
 
@@ -125,6 +128,8 @@ class AccessTokens:
         now = int(self.clock())
         ttl = client.access_token_ttl if ttl is None else ttl
         audience = client.audience if audience is None else audience
+        token = new_token()
+        key = digest(token)
         payload = {
             "iss": self.issuer,
             "sub": subject,
@@ -133,7 +138,9 @@ class AccessTokens:
             "client_id": client.client_id,
             "iat": now,
             "exp": now + ttl,
-            "jti": uuid.uuid4().hex,
+            # The row's key (a hash: it reveals nothing of the token), so the JWT leads back to its row
+            # and whether it is still live (`live_jwt`: token exchange takes either form).
+            "jti": b64url(key),
             **(claims or {}),
         }
         if scope:
@@ -141,9 +148,8 @@ class AccessTokens:
         if jkt is not None:
             payload["cnf"] = {"jkt": jkt}
         jwt = self.keys.sign(payload, alg=self.alg, typ="at+jwt")
-        token = new_token()
         row = AccessTokenRow(
-            digest=digest(token),
+            digest=key,
             client_id=client.client_id,
             subject=subject,
             expires_at=now + ttl,
@@ -167,7 +173,23 @@ class AccessTokens:
         """
         if not TOKEN_SHAPE.match(token):
             return None  # not one of ours: no store lookup for garbage
-        key = hashlib.sha256(token.encode()).digest()
+        return await self._live(hashlib.sha256(token.encode()).digest())
+
+    async def live_jwt(self, token: str) -> LiveToken | None:
+        """The live token whose JWT this is (signed here, an access token of this issuer); None otherwise."""
+        try:
+            decoded = jose_jwt.decode(token, self.keys.public_set, algorithms=list(get_args(AccessTokenAlg)))
+        except (JoseError, ValueError, TypeError):
+            return None
+        jti = decoded.claims.get("jti")
+        if decoded.header.get("typ") != "at+jwt" or decoded.claims.get("iss") != self.issuer or not (
+                isinstance(jti, str) and TOKEN_SHAPE.match(jti)):
+            return None
+        found = await self._live(base64.urlsafe_b64decode(jti + "="))
+        # The row holds the very JWT: anything else signed with that jti (there is nothing) is not it.
+        return found if found is not None and found.row.jwt == token else None
+
+    async def _live(self, key: bytes) -> LiveToken | None:
         cache = self.cache
         now = self.clock()
         entry = cache.get(key, now)

@@ -1,7 +1,8 @@
 """Token exchange (RFC 8693): a client trades a token it holds for an access token for another audience.
 
-The subject token is an iam access token (opaque: the one the client holds; its row says whether it is still
-live) or a workload's token trusted by the client's policy (`token_exchange.workload_identities`). The result
+The subject token is an iam access token (the opaque one a client holds, or its JWT, which an API behind the
+gateway received; either way its row says whether it is still live) or a workload's token trusted by the
+client's policy (`token_exchange.workload_identities`). The result
 never widens what the subject had: its scope is within the subject token's (and the client's), its audience one
 of the policy's `audiences`, its lifetime within the subject token's; it belongs to the subject token's grant,
 so revoking that grant revokes it too. An `actor_token` makes it a delegation: `act` (RFC 8693 §4.1) names the
@@ -79,8 +80,10 @@ async def _token(services: TokenServices, client: ClientConfig, form: dict[str, 
     if token is None or token_type is None:
         raise OAuthError("invalid_request", f"{name} and {name}_type are required")
     if token_type == ACCESS_TOKEN_TYPE:
-        live = await services.access_tokens.live(token)
-        if live is None:  # unknown, expired or revoked (or the JWT of one: send the token itself)
+        # Either form: the opaque token a client holds, or the JWT an API behind the gateway received for it.
+        tokens = services.access_tokens
+        live = await (tokens.live_jwt(token) if token.count(".") == 2 else tokens.live(token))
+        if live is None:  # unknown, expired or revoked
             raise OAuthError("invalid_request", f"the {name} is not an active access token of this server")
         row = live.row
         if row.client_id != client.client_id and (own_only or not _for_apis_of(live.audiences, client)):
