@@ -11,9 +11,9 @@ from fastapi.responses import RedirectResponse
 from iam.authn.login import known_device
 from iam.authn.services import authn_services
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
-from iam.authn.web import clear_cookie, cookie_name, csrf_ok, current_session, page
+from iam.authn.web import clear_cookie, cookie_name, current_session, page, posted_form
 from iam.errors import OAuthError, PasswordRejected, PeerRejected, PeerUnavailable
-from iam.http import client_address, parse_params, read_form, with_params
+from iam.http import client_address, parse_params, with_params
 from iam.observability import audit, source_of
 from iam.pages import HARDENING, error_page, render
 from iam.peers import LOGOUT_TYP, role_id
@@ -24,14 +24,6 @@ router = APIRouter()
 
 def _to_login() -> Response:
     return RedirectResponse("/authn/login", 303, headers=HARDENING)
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    try:
-        form = await read_form(request)
-    except OAuthError:
-        return None
-    return form if csrf_ok(request, form) else None
 
 
 @router.get("/authn/account")
@@ -63,7 +55,7 @@ async def send_verification(request: Request) -> Response:
     """The signed-in person asks for a link that verifies their address."""
     services = authn_services(request)
     session = await current_session(request)
-    if session is None or await _form(request) is None:
+    if session is None or await posted_form(request) is None:
         return error_page("Session expired", "Sign in again to verify your address.", 403)
     sent = await services.email_verification.send(session.subject)
     return await account(request, notice="A link is on its way to your address." if sent else None)
@@ -83,7 +75,7 @@ async def verify_form(request: Request) -> Response:
 
 @router.post("/authn/email/verify")
 async def verify_submit(request: Request) -> Response:
-    form = await _form(request)
+    form = await posted_form(request)
     if form is None:
         return error_page("Session expired", "Open the link from the message again.", 403)
     if not await authn_services(request).email_verification.confirm(form.get("token", "")):
@@ -104,7 +96,7 @@ async def remove_application(request: Request) -> Response:
     """Remove an application's access: its refresh and access tokens of this person stop working at once."""
     services = authn_services(request)
     session = await current_session(request)
-    form = await _form(request)
+    form = await posted_form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to manage your applications.", 403)
     client_id = form.get("client_id", "")
@@ -142,7 +134,7 @@ async def _setup_page(request: Request, subject: str, secret: str, error: str | 
 async def totp_confirm(request: Request) -> Response:
     services = authn_services(request)
     session = await current_session(request)
-    form = await _form(request)
+    form = await posted_form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to set up two-step verification.", 403)
     secret = await services.totp.pending_secret(session.subject)
@@ -169,7 +161,7 @@ async def recovery_codes_renew(request: Request) -> Response:
     """New recovery codes (the old ones stop working), after the password is asked again as for enrolment."""
     services = authn_services(request)
     session = await current_session(request)
-    form = await _form(request)
+    form = await posted_form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to get new recovery codes.", 403)
     if not await services.totp.enabled(session.subject):
@@ -215,7 +207,7 @@ async def password_change(request: Request) -> Response:
     """Change one's own password: the current one is required (ASVS 5 V6.2.2-3), throttled as sign-in is."""
     services = authn_services(request)
     session = await current_session(request)
-    form = await _form(request)
+    form = await posted_form(request)
     if session is None or form is None:
         return error_page("Session expired", "Sign in again to change your password.", 403)
     subject = session.subject
@@ -260,7 +252,7 @@ async def logout_page(request: Request) -> Response:
 
 @router.post("/authn/logout")
 async def logout_submit(request: Request) -> Response:
-    form = await _form(request)
+    form = await posted_form(request)
     if form is None:
         return error_page("Session expired", "The sign-out form expired. Go back and try again.", 403)
     return await _sign_out(request, await _logout_request(request, form.get("logout")) or {})

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Request, Response
 
 from iam.authn.login import login_form
 from iam.authn.services import authn_services
-from iam.authn.web import Flow, csrf_ok, current_session, page, signed_in_claims
+from iam.authn.web import Flow, current_session, page, posted_form, signed_in_claims
 from iam.errors import OAuthError
 from iam.formats import normalise_user_code
-from iam.http import client_address, parse_params, read_form
+from iam.http import client_address, parse_params
 from iam.observability import audit, source_of
 from iam.pages import error_page
 
@@ -57,12 +57,9 @@ async def device_page(request: Request) -> Response:
 @router.post("/authn/device")
 async def device_decision(request: Request) -> Response:
     services = authn_services(request)
-    try:
-        form = await read_form(request)
-    except OAuthError:
-        form = {}
+    form = await posted_form(request)
     session = await current_session(request)
-    if not form or not csrf_ok(request, form) or session is None:
+    if not form or session is None:
         return error_page("Session expired", "Sign in again and re-enter the code.", 403)
     approve = form.get("decision") == "approve"
     decided = await services.device_approvals.device_decide(

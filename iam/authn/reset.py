@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.authn.credentials import check_policy
 from iam.authn.services import authn_services
-from iam.authn.web import csrf_ok, page
+from iam.authn.web import csrf_ok, page, posted_form
 from iam.errors import OAuthError, PasswordRejected, PeerUnavailable
 from iam.http import client_address, parse_params, read_form
 from iam.observability import audit, source_of
@@ -89,11 +89,8 @@ async def reset_form(request: Request) -> Response:
 @router.post("/authn/password/reset")
 async def reset_submit(request: Request) -> Response:
     services = authn_services(request)
-    try:
-        form = await read_form(request)
-    except OAuthError:
-        form = {}
-    if not csrf_ok(request, form):
+    form = await posted_form(request)
+    if form is None:
         return error_page("Session expired", "The form expired. Open the link from the message again.", 403)
     token = form.get("token", "")[:128]
     subject = await services.password_resets.subject(token)

@@ -81,6 +81,15 @@ async def sign_in_form(request: Request, parse: Callable[[dict[str, str]], Parse
     return form, parsed
 
 
+async def posted_form(request: Request) -> dict[str, str] | None:
+    """The form a page posted, or None when it cannot be read or its CSRF token does not match."""
+    try:
+        form = await read_form(request)
+    except OAuthError:
+        return None
+    return form if csrf_ok(request, form) else None
+
+
 def page(request: Request, template: str, status: int = 200, **context) -> Response:
     """Render a page with a CSRF token for its forms, setting the cookie when it is new."""
     cookies: dict[str, str] = {}
