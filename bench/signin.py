@@ -12,18 +12,24 @@ after sign-in for `--duration` seconds:
 
 A sign-in counts once the browser holds the code (no token redemption: that is the same for all three).
 Prints sign-ins/s and per-sign-in p50/p99 latency, and writes bench/results/signin.json.
+
+- burst: token introspection at a steady `--introspection-rate` (bench/loadgen.py, open loop, a client
+  credentials token), first alone, then beside local sign-ins: its p99 both ways, and the sign-ins per
+  second of the server's CPU time (argon2id at iam's parameters).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import platform
 import re
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +46,8 @@ from tests.oidc_upstream import ALICE, running_upstream  # noqa: E402
 from tests.postgres import free_port  # noqa: E402
 from tests.server import iam, serve, write_config  # noqa: E402
 
+LOADGEN = ROOT / "bench" / "loadgen.py"
+PROBE_SECRET = "bench-probe-secret-0123456789abcdef"
 CALLBACK = "http://127.0.0.1:9/cb"  # the client's redirect URI: never fetched, the browser stops there
 PASSWORD = "bench local password 1234"
 HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)"')
@@ -129,6 +137,41 @@ async def run(scenario, workers: int, duration: float) -> dict:
     return summary("sign_ins", latencies, errors, time.monotonic() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def introspection(base: str, token: str, rate: float, duration: float) -> dict:
+    """Open-loop introspection of one token (bench/loadgen.py in its own process): latencies from due times."""
+    basic = base64.b64encode(f"probe:{PROBE_SECRET}".encode()).decode()
+    env = {**os.environ, "BENCH_METHOD": "POST", "BENCH_BODY": f"token={token}",
+           "BENCH_HEADERS": f"Authorization: Basic {basic}\nContent-Type: application/x-www-form-urlencoded"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(LOADGEN), f"{base}/oauth/v2/introspect", "--rate", str(rate), "--duration",
+        str(duration), "--connections", "8", env=env, stdout=subprocess.PIPE)
+    out, _ = await process.communicate()
+    return json.loads(out)
+
+
+async def burst(sign_ins: SignIns, server_pid: int, rate: float, workers: int, duration: float) -> dict:
+    """Introspection p99 alone, then beside `workers` browsers signing in with a password, in one run."""
+    async with httpx.AsyncClient() as http:
+        issued = await http.post(f"{sign_ins.base}/oauth/v2/token", data={"grant_type": "client_credentials"},
+                                 auth=("probe", PROBE_SECRET))
+    token = issued.raise_for_status().json()["access_token"]
+    quiet = await introspection(sign_ins.base, token, rate, duration)
+    cpu_before = cpu_seconds(server_pid)
+    beside, signed = await asyncio.gather(introspection(sign_ins.base, token, rate, duration),
+                                          run(sign_ins.local, workers, duration))
+    cpu = cpu_seconds(server_pid) - cpu_before
+    return {"introspection_alone": quiet, "introspection_beside_sign_ins": beside, "sign_ins": signed,
+            "server_cpu_seconds": round(cpu, 2),
+            # the introspection's own CPU is in `cpu` too: this is a lower bound on sign-ins per core-second
+            "sign_ins_per_cpu_second": round(signed["sign_ins"] / cpu, 2) if cpu else None}
+
+
 def summary(unit: str, latencies: list[float], errors: int, elapsed: float) -> dict:
     """A closed-loop run's figures: how many `unit`s, errors, per second, p50 and p99 in ms."""
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
@@ -142,7 +185,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=15, help="seconds per scenario (default 15)")
     parser.add_argument("--workers", type=int, default=8, help="concurrent browsers (default 8)")
-    parser.add_argument("--scenarios", default="local,ldap,oidc")
+    parser.add_argument("--scenarios", default="local,ldap,oidc,burst")
+    parser.add_argument("--introspection-rate", type=float, default=500,
+                        help="burst: introspections per second, alone and beside the sign-ins (default 500)")
     return parser.parse_args()
 
 
@@ -159,23 +204,30 @@ def main() -> None:
         ldap_config["bind_password"] = "${LDAP_BIND_PASSWORD}"
         config = write_config(tmp_path, issuer=base, log_level="warning", purge_interval=0, clients=[{
             "client_id": "bench", "token_endpoint_auth_method": "none", "redirect_uris": [CALLBACK],
-            "scope": "openid groups"}], connectors=[
+            "scope": "openid groups"}, {
+            "client_id": "probe", "client_secret": "${PROBE_SECRET}", "grant_types": ["client_credentials"],
+            "scope": "api:read"}], connectors=[
             {"id": "corp", "type": "oidc", "name": "Contoso", "issuer": upstream.issuer, "client_id": "iam-bench",
              "client_secret": "${UPSTREAM_SECRET}", "scopes": ["openid", "email", "profile", "groups"]},
             ldap_config])
         env = {"IAM_CONFIG": str(config), "SERVICE_ROLE": "all", "IAM_KEYS_DIR": str(tmp_path / "keys"),
-               "UPSTREAM_SECRET": "bench-upstream-secret-0123456789", "LDAP_BIND_PASSWORD": ldap.service_password,
+               "UPSTREAM_SECRET": "bench-upstream-secret-0123456789", "PROBE_SECRET": PROBE_SECRET,
+               "LDAP_BIND_PASSWORD": ldap.service_password,
                **{f"IAM_{name.upper()}_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/{name}.db"
                   for name in ("authn", "token", "users")}}
         added = iam("users", "add", "--username", "bench", "--password-stdin", env=env, cwd=tmp_path,
                     input=PASSWORD + "\n")
         if added.returncode != 0:
             raise SystemExit(f"iam users add failed: {added.stderr}")
-        stack.enter_context(serve(env, tmp_path, port=port))
+        _, server = stack.enter_context(serve(env, tmp_path, port=port))
         sign_ins = SignIns(base, upstream, ldap)
         chosen = {"local": sign_ins.local, "ldap": sign_ins.ldap_connector, "oidc": sign_ins.oidc_connector}
-        results = {}
+        results, bursts = {}, None
         for name in args.scenarios.split(","):
+            if name == "burst":
+                bursts = asyncio.run(burst(sign_ins, server.pid, args.introspection_rate, args.workers, args.duration))
+                print(f"burst: {bursts}", file=sys.stderr)
+                continue
             asyncio.run(run(chosen[name], 1, 1))  # warm-up: connections, discovery, JWKS
             results[name] = asyncio.run(run(chosen[name], args.workers, args.duration))
             print(f"{name}: {results[name]}", file=sys.stderr)
@@ -183,11 +235,17 @@ def main() -> None:
     for name, result in results.items():
         print(f"{name:<10}{result['per_second']:>12}{result['p50_ms']!s:>10}{result['p99_ms']!s:>10}"
               f"{result['sign_ins']:>7}{result['errors']:>8}")
+    if bursts is not None:
+        alone, beside = bursts["introspection_alone"], bursts["introspection_beside_sign_ins"]
+        print(f"\nburst: introspection at {args.introspection_rate:g}/s, p50 / p99 ms: alone {alone['p50_ms']} / "
+              f"{alone['p99_ms']}, beside {bursts['sign_ins']['per_second']} sign-ins/s {beside['p50_ms']} / "
+              f"{beside['p99_ms']} (errors {alone['errors']}, {beside['errors']}); "
+              f"{bursts['sign_ins_per_cpu_second']} sign-ins per server CPU second")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "signin.json").write_text(json.dumps({
         "workers": args.workers, "duration": args.duration, "cpus": os.cpu_count(), "python": platform.python_version(),
-        "results": results}, indent=2))
+        "results": results, "burst": bursts}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 
@@ -13,6 +12,7 @@ from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
 from iam.authn.verification_links import EmailVerification
 from iam.errors import PasswordRejected
+from iam.security import slow_hash
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
 MAX_PASSWORD = 256
@@ -44,20 +44,14 @@ def check_policy(password: str) -> None:
 class CredentialService:
     """The credential store as the user-management role sees it (iam.peers.Credentials), in process."""
 
-    def __init__(self, store: AuthnStore, sessions: Sessions, max_concurrent_hashes: int = 2) -> None:
+    def __init__(self, store: AuthnStore, sessions: Sessions) -> None:
         self.store = store
         self.sessions = sessions
         self.verification: EmailVerification | None = None  # set with the role's services
-        # Each argon2 run takes 64 MiB: bound how many run at once so a login storm cannot exhaust memory.
-        self._slots = asyncio.Semaphore(max_concurrent_hashes)
-
-    async def _run(self, fn, *args):
-        async with self._slots:
-            return await asyncio.to_thread(fn, *args)
 
     async def set_password(self, sub: str, password: str) -> None:
         check_policy(password)
-        hashed = await self._run(_hasher.hash, password)
+        hashed = await slow_hash(_hasher.hash, password)
         await self.store.set_password_hash(sub, hashed, int(time.time()))
 
     async def remove(self, sub: str) -> None:
@@ -83,11 +77,11 @@ class CredentialService:
         if len(password) > MAX_PASSWORD:
             return False
         try:
-            await self._run(_hasher.verify, stored or _DUMMY_HASH, password)
+            await slow_hash(_hasher.verify, stored or _DUMMY_HASH, password)
         except (VerificationError, InvalidHashError):
             return False
         if stored is None:
             return False
         if _hasher.check_needs_rehash(stored) and sub is not None:
-            await self.store.upgrade_password_hash(sub, await self._run(_hasher.hash, password))
+            await self.store.upgrade_password_hash(sub, await slow_hash(_hasher.hash, password))
         return True
