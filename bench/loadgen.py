@@ -9,7 +9,8 @@ bench/run.py starts it as a separate process for two jobs:
   next request as soon as the previous answer arrived, like wrk.
 
 The request is described by the same environment variables as bench/wrk.lua: BENCH_METHOD, BENCH_HEADERS
-("Name: value" lines) and BENCH_BODY. Both loops are bounded: by `--duration` and by `--max-requests`.
+("Name: value" lines) and BENCH_BODY, and BENCH_RANDOM_TOKENS=N: each request's `{token}` in the body becomes one
+of N seeded tokens at random (bench/scale.py). Both loops are bounded: by `--duration` and by `--max-requests`.
 The result is one JSON object on stdout.
 
     BENCH_METHOD=GET python bench/loadgen.py http://127.0.0.1:8080/health/live --duration 5 --rate 1000
@@ -21,20 +22,32 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 REQUEST_TIMEOUT = 5  # seconds; a request without its answer by then is an error (and its connection reset)
 DRAIN_SECONDS = 10  # after the last request is due, wait at most this long for outstanding answers
 
 
-def build_request(url: str) -> tuple[str, int, bytes]:
-    """Host, port and the raw request bytes, built once from the URL and the BENCH_* environment."""
+def seeded_token(i: int) -> str:
+    """The i-th token bench/scale.py seeds: 43 characters, the shape of a real one."""
+    return f"scale{i:038d}"
+
+
+def build_request(url: str) -> tuple[str, int, Callable[[], bytes]]:
+    """Host, port and what makes the raw request bytes: built once from the URL and the BENCH_* environment."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     method = os.environ.get("BENCH_METHOD", "GET")
-    body = os.environ.get("BENCH_BODY", "").encode()
+    body = template = os.environ.get("BENCH_BODY", "").encode()
+    tokens = int(os.environ.get("BENCH_RANDOM_TOKENS") or 0)
+    if tokens:
+        if b"{token}" not in template:
+            raise SystemExit("BENCH_RANDOM_TOKENS needs {token} in BENCH_BODY")
+        body = template.replace(b"{token}", seeded_token(0).encode())  # every request's body has this length
     lines = [
         f"{method} {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -42,7 +55,12 @@ def build_request(url: str) -> tuple[str, int, bytes]:
     lines += [line for line in os.environ.get("BENCH_HEADERS", "").split("\n") if line.strip()]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
-    return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    if not tokens:
+        raw = head + body
+        return host, port, lambda: raw
+    before, _, after = template.partition(b"{token}")
+    return host, port, lambda: head + before + seeded_token(random.randint(1, tokens)).encode() + after
 
 
 class Connection:
@@ -111,7 +129,7 @@ async def open_loop(host, port, request, connections, duration, rate, max_reques
     async def one(due: float) -> None:
         conn = await idle.get()  # waiting for a free connection counts as latency: it is measured from `due`
         try:
-            stats.record(conn, await _send(conn, request), due)
+            stats.record(conn, await _send(conn, request()), due)
         finally:
             idle.put_nowait(conn)
 
@@ -144,7 +162,7 @@ async def closed_loop(host, port, request, connections, duration, max_requests, 
         while time.monotonic() < end and budget[0] > 0:
             budget[0] -= 1
             started = time.monotonic()
-            stats.record(conn, await _send(conn, request), started)
+            stats.record(conn, await _send(conn, request()), started)
         conn.close()
 
     await asyncio.gather(*(worker() for _ in range(connections)))

@@ -94,14 +94,16 @@ def as_postgres(*cmd: str | Path) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def start_postgres(tmp: Path, stack: contextlib.ExitStack) -> int:
-    """initdb + pg_ctl start in tmp, create the three databases; return the cluster's port."""
+def start_postgres(tmp: Path, stack: contextlib.ExitStack, settings: str = "") -> int:
+    """initdb + pg_ctl start in tmp, create the three databases; return the cluster's port.
+
+    `settings`: more server options (`-c name=value ...`)."""
     data, pg_log, port = tmp / "pgdata", tmp / "postgres.log", free_port()
     run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
     log(f"initdb in {data}")
     # -N (--no-sync) only skips initdb's own final fsync; the server runs with its default fsync=on.
     run(as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N"))
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={tmp}"
+    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={tmp} {settings}"
     try:
         run(
             as_postgres(PG_BIN / "pg_ctl", "-D", data, "-l", pg_log, "-o", options, "-w", "-t", "60", "start")
@@ -133,8 +135,10 @@ def stop_postgres(data: Path) -> None:
 
 # -- the iam server ------------------------------------------------------------------------------------
 def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5,
-                 token_ttl: int = 3600, extra: str = "", signed_alg: str | None = None) -> str:
-    """Write the bench config, start `iam serve` and wait until it is ready; return its base URL.
+                 token_ttl: int = 3600, extra: str = "", signed_alg: str | None = None,
+                 database: str = "iam_token") -> str:
+    """Write the bench config into `tmp`, start `iam serve` on the token store `database` and wait until it is
+    ready; return its base URL.
 
     The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
     """
@@ -149,7 +153,7 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
     env = {k: v for k, v in os.environ.items() if not k.startswith("IAM_") and k != "SERVICE_ROLE"}
     env |= {
         "SERVICE_ROLE": "token",
-        "IAM_TOKEN_DATABASE_URL": f"{db}/iam_token",
+        "IAM_TOKEN_DATABASE_URL": f"{db}/{database}",
         "IAM_CONFIG": str(config),
         SECRET_ENV: secret,
         # A token role running apart must name its peer roles. The benchmarked endpoints never call them,
@@ -197,11 +201,13 @@ class Scenario:
     path: str
     headers: dict[str, str] = field(default_factory=dict)
     body: str = ""
+    random_tokens: int = 0  # > 0: `{token}` in the body is one of that many seeded tokens (bench/scale.py)
 
     def env(self) -> dict[str, str]:
         """The request, as bench/wrk.lua and bench/loadgen.py read it."""
         headers = "\n".join(f"{k}: {v}" for k, v in self.headers.items())
-        return {**os.environ, "BENCH_METHOD": self.method, "BENCH_HEADERS": headers, "BENCH_BODY": self.body}
+        return {**os.environ, "BENCH_METHOD": self.method, "BENCH_HEADERS": headers, "BENCH_BODY": self.body,
+                "BENCH_RANDOM_TOKENS": str(self.random_tokens)}
 
 
 def scenarios(basic: str, token: str) -> dict[str, Scenario]:

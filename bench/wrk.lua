@@ -13,6 +13,15 @@ if body ~= "" then
   wrk.body = body
 end
 
+-- BENCH_RANDOM_TOKENS=N: each request's {token} in the body is one of N seeded tokens at random (bench/scale.py).
+local tokens = tonumber(os.getenv("BENCH_RANDOM_TOKENS") or "") or 0
+if tokens > 0 then
+  function request()
+    local token = string.format("scale%038d", math.random(1, tokens))
+    return wrk.format(nil, nil, nil, (body:gsub("{token}", token, 1)))
+  end
+end
+
 for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
   local name, value = line:match("^([^:]+):%s*(.*)$")
   if name then
