@@ -28,6 +28,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("iam")
 
@@ -52,6 +53,48 @@ class CloseWhileDraining:
             await send(message)
 
         await self.app(scope, receive, send_closing)
+
+
+class CoalescedWrites:
+    """A connection's transport whose writes in one event-loop turn leave as one.
+
+    uvicorn writes a response's status line and headers, then its body: two sends, and on loopback or a fast
+    network two wake-ups of the client, for what is one small response. Joined, they cost one; the profile of
+    token issuance had 21 % of the process in those two sends. Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()  # what was written goes out before the close
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing through `CoalescedWrites`."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
 
 
 # A classic BPF program of one instruction, "return 0": on a listening socket, every new SYN is dropped.
@@ -136,6 +179,7 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
             proxy_headers=False,
             timeout_graceful_shutdown=grace,  # type: ignore[arg-type]  # uvicorn waits with asyncio: seconds may be fractional
             loop="none",
+            http=HttpProtocol,
             ssl_certfile=ssl_certfile,  # https directly (kube-apiserver accepts only an https issuer)
             ssl_keyfile=ssl_keyfile,
         )
