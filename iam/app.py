@@ -33,6 +33,7 @@ from iam.peers import (
     RemoteTokens,
     RemoteUpstreamChecks,
     ServiceIdentity,
+    SessionEvents,
     Tokens,
     UpstreamAccounts,
     UpstreamChecks,
@@ -117,11 +118,13 @@ class Runtime(Shared):
         if authn is not None:
             app_access: AppAccess
             device_approvals: DeviceApprovals
+            session_events: SessionEvents
             if token is not None:
-                app_access, device_approvals = token.app_access, token.device_approvals
+                app_access, device_approvals, session_events = (token.app_access, token.device_approvals,
+                                                                token.backchannel)
             else:
-                app_access = device_approvals = RemoteTokens(*peer(Role.TOKEN))
-            authn.connect(directory, upstream_accounts, app_access, device_approvals)
+                app_access = device_approvals = session_events = RemoteTokens(*peer(Role.TOKEN))
+            authn.connect(directory, upstream_accounts, app_access, device_approvals, session_events)
 
     def _token(self) -> TokenServices:
         from iam.token.endpoint import GRANTS

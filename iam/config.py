@@ -199,6 +199,12 @@ class ClientConfig(_Strict):
     dpop_bound_access_tokens: bool = Field(default=False, description=(
         "Require a DPoP proof (RFC 9449 §5.2) at the token endpoint: every access token of this client is "
         "bound to the client's key."))
+    backchannel_logout_uri: str | None = Field(default=None, description=(
+        "Where a signed logout token is POSTed when a session the client took part in ends (OpenID Connect "
+        "Back-Channel Logout 1.0 §2.2): https, or http on a loopback host; no fragment."))
+    backchannel_logout_session_required: bool = Field(default=False, description=(
+        "The client needs a `sid` in each logout token (§2.2): when all of a person's sessions end it gets one "
+        "token per session it took part in, not one with `sub` alone."))
 
     @field_validator("scope")
     @classmethod
@@ -228,6 +234,15 @@ class ClientConfig(_Strict):
         for uri in uris:
             check_redirect_uri(uri)
         return uris
+
+    @field_validator("backchannel_logout_uri")
+    @classmethod
+    def _backchannel_logout_uri(cls, uri: str | None) -> str | None:
+        # Back-Channel Logout 1.0 §2.2: an absolute URI, no fragment; a logout token is a bearer credential of
+        # sorts, so it travels over TLS unless the receiver is on this host.
+        if uri is not None and (not secure_url(uri) or "#" in uri):
+            raise ValueError(f"{uri!r}: must be an https URL without fragment (http only on a loopback host)")
+        return uri
 
     @model_validator(mode="after")
     def _consistent(self) -> ClientConfig:
@@ -398,6 +413,18 @@ class Mail(_Strict):
         if self.security == "none" and self.host not in LOOPBACK_HOSTS:
             raise ValueError("security `none` is allowed for a loopback relay only")
         return self
+
+
+class BackChannelLogout(_Strict):
+    """How logout tokens are delivered to clients' `backchannel_logout_uri` (iam/token/backchannel.py)."""
+
+    timeout: float = Field(default=5.0, gt=0, le=60, description="Seconds one delivery attempt takes at most.")
+    attempts: int = Field(default=3, ge=1, le=10, description="Delivery attempts per logout token, at most.")
+    retry_delay: float = Field(default=1.0, ge=0, le=300, description=(
+        "Seconds before the second attempt, doubled before each further one."))
+    concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries under way at once, at most.")
+    queue_size: int = Field(default=1000, ge=1, description=(
+        "Deliveries waiting at most; more are dropped (logged, metered) rather than held in memory."))
 
 
 class Kubernetes(_Strict):
@@ -599,6 +626,8 @@ class Settings(_Strict):
     mail: Mail | None = Field(default=None, description=(
         "The SMTP relay; unset, no mail is sent and the sign-in page offers no password reset."))
     dpop: DPoP = Field(default=DPoP(), description="DPoP proofs (RFC 9449).")
+    backchannel_logout: BackChannelLogout = Field(default=BackChannelLogout(), description=(
+        "Delivery of logout tokens (OpenID Connect Back-Channel Logout 1.0)."))
 
     @field_validator("issuer")
     @classmethod

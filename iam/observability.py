@@ -151,6 +151,10 @@ CLIENT_AUTH_FAILURES = Counter("iam_client_auth_failures_total", "Failed client 
 MAIL_MESSAGES = Counter("iam_mail_messages_total", "Mail messages by template and result (sent, retried: an attempt "
                         "failed and another follows, failed: dropped after the last attempt, dropped: queue full)",
                         ["template", "result"], registry=REGISTRY)
+BACKCHANNEL_LOGOUTS = Counter("iam_backchannel_logouts_total", "Logout tokens POSTed to clients by result "
+                              "(delivered, retried: an attempt failed and another follows, failed: refused or "
+                              "dropped after the last attempt, dropped: queue full)",
+                              ["client_id", "result"], registry=REGISTRY)
 SSO_SESSIONS = Gauge("iam_sso_sessions_active", "Live SSO sessions", registry=REGISTRY)
 STORE_DURATION = Histogram("iam_store_query_duration_seconds", "Store statement latency", ["store"],
                            buckets=_BUCKETS, registry=REGISTRY)

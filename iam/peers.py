@@ -154,6 +154,14 @@ class Tokens(Protocol):
     async def revoke_subject(self, sub: str) -> None: ...
 
 
+class SessionEvents(Protocol):
+    """The token role, told by the authentication role that SSO sessions ended, so that the clients that took
+    part are told in turn (iam.token.backchannel)."""
+
+    async def sessions_ended(self, sub: str, sids: list[str] | None) -> int:
+        """These sessions of `sub` ended, or all of them (`sids` None); how many logout tokens were queued."""
+
+
 class AppAccess(Protocol):
     """The token role's account of a person's applications (iam.token.app_access)."""
 
@@ -385,6 +393,13 @@ class RemoteTokens(_Remote):
         removed: int = response.json()["removed"]
         return removed
 
+    async def sessions_ended(self, sub: str, sids: list[str] | None) -> int:
+        response = await self.call("POST", "/internal/v1/sessions/ended", json={"sub": sub, "sids": sids})
+        if response.status_code != 202:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        queued: int = response.json()["queued"]
+        return queued
+
     async def device_lookup(self, user_code: str) -> dict[str, Any] | None:
         response = await self.call("GET", f"/internal/v1/device/{_segment(user_code)}")
         return response.json() if response.status_code == 200 else None
@@ -403,6 +418,6 @@ def _segment(value: str) -> str:
 
 # The remote implementations, checked against the interfaces (the in-process ones are, where iam/app.py wires them).
 _REMOTE: tuple[type[Directory], type[UpstreamAccounts], type[Credentials], type[Tokens], type[AppAccess],
-               type[DeviceApprovals], type[UpstreamChecks]] = (
-    RemoteDirectory, RemoteDirectory, RemoteCredentials, RemoteTokens, RemoteTokens, RemoteTokens,
+               type[DeviceApprovals], type[SessionEvents], type[UpstreamChecks]] = (
+    RemoteDirectory, RemoteDirectory, RemoteCredentials, RemoteTokens, RemoteTokens, RemoteTokens, RemoteTokens,
     RemoteUpstreamChecks)

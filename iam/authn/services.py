@@ -20,7 +20,7 @@ from iam.authn.verification_links import EmailVerification
 from iam.keys import DATA_KEY, KeyRingError
 from iam.mail import Mailer
 from iam.observability import SSO_SESSIONS
-from iam.peers import AppAccess, DeviceApprovals, Directory, UpstreamAccounts
+from iam.peers import AppAccess, DeviceApprovals, Directory, SessionEvents, UpstreamAccounts
 from iam.runtime import Shared, StartupError
 
 log = logging.getLogger("iam")
@@ -57,8 +57,9 @@ class AuthnServices:
                               if settings.kubernetes.clusters else [])
 
     def connect(self, directory: Directory, upstream_accounts: UpstreamAccounts, app_access: AppAccess,
-                device_approvals: DeviceApprovals) -> None:
+                device_approvals: DeviceApprovals, session_events: SessionEvents) -> None:
         self.directory = self.email_verification.directory = directory
+        self.sessions.events = session_events
         self.upstream_accounts = upstream_accounts
         self.app_access = app_access
         self.device_approvals = device_approvals

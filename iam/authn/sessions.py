@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 from iam.authn.store import AuthnStore
+from iam.peers import SessionEvents
+
+log = logging.getLogger("iam.authn.sessions")
 
 TOUCH_EVERY = 60  # seconds between last_seen writes: an active session is not a write per request
 
@@ -32,6 +36,7 @@ class Sessions:
         self.ttl = ttl
         self.idle_ttl = idle_ttl
         self.clock = clock
+        self.events: SessionEvents | None = None  # the token role, told of every session that ends (set by connect)
 
     async def create(self, subject: str, amr: list[str], *, acr: str | None = None,
                      connector: str | None = None) -> tuple[str, Session]:
@@ -61,7 +66,8 @@ class Sessions:
         return await self.store.count_live_sessions(now, seen_after=now - self.idle_ttl)
 
     async def end(self, value: str | None = None, *, sid: str | None = None) -> None:
-        await self.store.revoke_session(digest=_digest(value) if value else None, sid=sid)
+        for ended in await self.store.revoke_session(digest=_digest(value) if value else None, sid=sid):
+            await self._ended(ended.subject, [ended.sid])
 
     async def purge_ended(self, now: int, batch: int) -> int:
         """Delete at most `batch` sessions that can no longer be used: revoked, expired, or idle too long."""
@@ -69,4 +75,17 @@ class Sessions:
 
     async def end_all(self, subject: str, *, but: str | None = None) -> None:
         """End every session of a subject (but the one with sid `but`, when given)."""
-        await self.store.revoke_sessions_of(subject, but=but)
+        ended = [row.sid for row in await self.store.revoke_sessions_of(subject, but=but)]
+        # Every session ended (sign-out everywhere, a disabled user): the clients are told of all of them, even
+        # of grants whose session had already expired here.
+        await self._ended(subject, None if but is None else ended)
+
+    async def _ended(self, subject: str, sids: list[str] | None) -> None:
+        """Tell the token role (Back-Channel Logout); a failure there never fails the logout itself."""
+        if self.events is None or sids == []:
+            return
+        try:
+            await self.events.sessions_ended(subject, sids)
+        except Exception as exc:
+            log.error("the token role could not be told that sessions ended; no back-channel logout was sent (%s)",
+                      exc)

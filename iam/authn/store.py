@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from iam.audit_store import audit_table
 from iam.store import doomed
@@ -175,19 +176,25 @@ class AuthnStore:
             )).scalar_one()
         return count
 
-    async def revoke_session(self, *, digest: bytes | None = None, sid: str | None = None) -> None:
-        """The session with this cookie digest, else the one with this `sid`."""
-        condition = sessions.c.digest == digest if digest is not None else sessions.c.sid == sid
-        async with self.engine.begin() as conn:
-            await conn.execute(update(sessions).where(condition).values(revoked=True))
+    async def revoke_session(self, *, digest: bytes | None = None, sid: str | None = None) -> list[Row[Any]]:
+        """The session with this cookie digest, else the one with this `sid`; its (sid, subject) if it was not
+        revoked yet."""
+        return await self._revoke_sessions(sessions.c.digest == digest if digest is not None
+                                           else sessions.c.sid == sid)
 
-    async def revoke_sessions_of(self, subject: str, *, but: str | None = None) -> None:
-        """Every session of a subject, but the one with sid `but` when given."""
+    async def revoke_sessions_of(self, subject: str, *, but: str | None = None) -> list[Row[Any]]:
+        """Every session of a subject, but the one with sid `but` when given; (sid, subject) of each that was not
+        revoked yet."""
         condition = sessions.c.subject == subject
         if but is not None:
             condition &= sessions.c.sid != but
+        return await self._revoke_sessions(condition)
+
+    async def _revoke_sessions(self, condition: ColumnElement[bool]) -> list[Row[Any]]:
+        # One UPDATE ... RETURNING: of two concurrent logouts of a session, only one learns that it ended it.
         async with self.engine.begin() as conn:
-            await conn.execute(update(sessions).where(condition).values(revoked=True))
+            return list(await conn.execute(update(sessions).where(condition, sessions.c.revoked.is_(False))
+                                           .values(revoked=True).returning(sessions.c.sid, sessions.c.subject)))
 
     async def purge_sessions(self, now: int, seen_before: int, batch: int) -> int:
         """Delete at most `batch` sessions revoked, expired at `now`, or last seen before `seen_before`."""

@@ -38,6 +38,24 @@ async def revoke_subject(sub: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+@router.post("/internal/v1/sessions/ended")
+async def sessions_ended(request: Request) -> Response:
+    """The authentication role ended SSO sessions of a person (`sids`; null: every one of theirs): the clients
+    that took part are sent logout tokens (iam/token/backchannel.py), off the request path. 202 {"queued": n}."""
+    await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
+    try:
+        body = await request.json()
+        sub, sids = body["sub"], body["sids"]
+        if not isinstance(sub, str) or not sub or len(sub) > 255 or not (sids is None or isinstance(sids, list) and (
+                len(sids) <= 1000 and all(isinstance(sid, str) and 0 < len(sid) <= 64 for sid in sids))):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise OAuthError("invalid_request",
+                         "body must be {\"sub\": string, \"sids\": [string] or null}") from None
+    queued = await token_services(request).backchannel.sessions_ended(sub, sids)
+    return json_response({"queued": queued}, 202)
+
+
 @router.get("/internal/v1/subjects/{sub}/applications")
 async def applications_for_peer(sub: str, request: Request) -> Response:
     await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)

@@ -32,6 +32,8 @@ def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[
         "introspection_endpoint": f"{base}/oauth/v2/introspect",
         "revocation_endpoint": f"{base}/oauth/v2/revoke",
         "end_session_endpoint": f"{base}/oauth/v2/end_session",
+        "backchannel_logout_supported": True,  # Back-Channel Logout 1.0 §2.1
+        "backchannel_logout_session_supported": True,  # every logout token of a session carries its sid
         "device_authorization_endpoint": f"{base}/oauth/v2/device_authorization",
         "pushed_authorization_request_endpoint": f"{base}/oauth/v2/par",  # RFC 9126 §5
         "require_pushed_authorization_requests": False,

@@ -11,6 +11,7 @@ from iam.peers import Directory, UpstreamChecks
 from iam.runtime import Shared, StartupError
 from iam.token.access_tokens import AccessTokens, LiveToken
 from iam.token.app_access import AppAccess
+from iam.token.backchannel import BackChannelLogouts
 from iam.token.client_assertions import ClientAssertions
 from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
@@ -53,6 +54,8 @@ class TokenServices:
         self.token_endpoint = settings.issuer.rstrip("/") + "/oauth/v2/token"
         self.device_approvals = DeviceApprovals(self.store, self.clients)
         self.app_access = AppAccess(self.store, self.clients)
+        self.backchannel = BackChannelLogouts(settings.backchannel_logout, settings.issuer, self.keys, self.store,
+                                              self.clients)
 
     def connect(self, directory: Directory, upstream_checks: UpstreamChecks) -> None:
         self.directory = directory
@@ -69,8 +72,10 @@ class TokenServices:
     def start(self) -> None:
         if self.revocation_listener is not None:
             self.revocation_listener.start()
+        self.backchannel.start()
 
     async def stop(self) -> None:
+        await self.backchannel.stop()
         if self.revocation_listener is not None:
             await self.revocation_listener.stop()
         await self.key_sources.close()

@@ -544,6 +544,17 @@ class TokenStore:
             )
             return [_row(row) for row in rows]
 
+    async def session_clients(self, subject: str, sids: list[str] | None, now: int) -> list[tuple[str, str | None]]:
+        """(client_id, sid) of the subject's unexpired grants in these sessions, or in any (`sids` None): revoked
+        ones too, since the logout that ended a session may have revoked them a moment before."""
+        condition = grants.c.subject == subject
+        if sids is not None:
+            condition &= grants.c.sid.in_(sids)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(grants.c.client_id, grants.c.sid).distinct()
+                                      .where(condition, grants.c.expires_at > now))
+            return [(row.client_id, row.sid) for row in rows]
+
     async def revoke_subject(self, subject: str) -> None:
         """A disabled or deleted user: every grant and token of theirs stops working."""
         async with self._revoking() as (conn, revoked):
