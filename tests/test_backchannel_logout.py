@@ -23,6 +23,7 @@ from tests.postgres import free_port
 
 KUBECTL_CALLBACK = "http://127.0.0.1/callback"
 ATTEMPTS = 3
+PROVISIONER_SECRET = "provisioner-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def settings(tmp_path, store_urls, receiver):
             client.update(backchannel_logout_uri=receiver.uri("kubectl"), backchannel_logout_session_required=True)
         if client["client_id"] == "partner":  # registered, but never in alice's sessions here
             client["backchannel_logout_uri"] = receiver.uri("partner")
-    clients += [public_client("slow", receiver.uri("slow")),
+    clients += [{"client_id": "provisioner", "client_secret": PROVISIONER_SECRET, "grant_types": ["client_credentials"],
+                 "scope": "scim:read scim:write"},
+                public_client("slow", receiver.uri("slow")),
                 public_client("gone", f"http://127.0.0.1:{free_port()}/logout")]  # nothing listens there
     return make_settings(tmp_path, store_urls, clients=clients, backchannel_logout={
         "timeout": 0.5, "attempts": ATTEMPTS, "retry_delay": 0.05, "concurrency": 4})
@@ -150,6 +153,18 @@ async def test_disabling_a_user_tells_their_clients(app, client, alice, receiver
     await app.state.iam.users.directory.set_active(alice, False)  # `iam users disable`, SCIM active=false
     tokens = await delivered(app, client, receiver)
     assert [claims["sub"] for claims in tokens["webapp"]] == [alice]
+
+
+async def test_disabling_a_user_over_scim_tells_their_clients(app, client, alice, receiver):
+    await id_token(client)
+    token = (await client.post("/oauth/v2/token", auth=("provisioner", PROVISIONER_SECRET),
+                               data={"grant_type": "client_credentials"})).json()["access_token"]
+    patched = await client.patch(f"/scim/v2/Users/{alice}", headers={"Authorization": f"Bearer {token}"}, json={
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "replace", "path": "active", "value": False}]})
+    assert patched.status_code == 200, patched.text
+    tokens = await delivered(app, client, receiver)
+    assert [(claims["sub"], "sid" in claims) for claims in tokens["webapp"]] == [(alice, False)]
 
 
 async def test_a_new_sign_in_in_the_same_browser_ends_the_old_session(app, client, alice, receiver):

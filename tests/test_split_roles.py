@@ -1,9 +1,9 @@
 """The three roles as three processes, each with its own PostgreSQL database (docs/architecture.md).
 
 The handoff, the user lookups at sign-in, the claims at code redemption and refresh, the SCIM user and its
-password (stored by the authentication role), and the revocation when `iam users disable` runs all cross
-process boundaries over the internal HTTP API, authenticated with
-service assertions. No role's database holds another role's tables.
+password (stored by the authentication role), the revocation when `iam users disable` runs, and the end of
+sessions that the token role turns into back-channel logout tokens all cross process boundaries over the
+internal HTTP API, authenticated with service assertions. No role's database holds another role's tables.
 """
 
 import asyncio
@@ -16,7 +16,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from iam.app import store_metadata
-from tests import smtp_server
+from tests import logout_receiver, smtp_server
 from tests.conftest import PASSWORD, create_database
 from tests.oauth import authorize, follow, hidden_fields, pkce, query, sign_in
 from tests.postgres import free_port
@@ -34,7 +34,14 @@ def inbox():
 
 
 @pytest.fixture(scope="module")
-def cluster_of_roles(tmp_path_factory, postgres_server, inbox):
+def receiver():
+    """webapp's back-channel logout endpoint."""
+    with logout_receiver.running() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_of_roles(tmp_path_factory, postgres_server, inbox, receiver):
     """Start token, authentication and user-management as three `iam serve` processes."""
     ports = {role: free_port() for role in ROLE_TABLES}
     urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
@@ -45,6 +52,7 @@ def cluster_of_roles(tmp_path_factory, postgres_server, inbox):
     clients = [{
         "client_id": "webapp", "client_secret": "${WEBAPP_SECRET}", "redirect_uris": [CALLBACK],
         "grant_types": ["authorization_code", "refresh_token"], "scope": "openid profile email groups",
+        "backchannel_logout_uri": receiver.uri("webapp"),
     }, {
         "client_id": "provisioner", "client_secret": "${PROVISIONER_SECRET}", "grant_types": ["client_credentials"],
         "scope": "scim:read scim:write",
@@ -80,6 +88,24 @@ def run_cli(envs, role, *args, input=None):
     return iam(*args, env=env, cwd=cwd, input=input)
 
 
+async def logout_tokens(urls, receiver, sub: str, count: int = 1) -> list[dict]:
+    """The logout tokens webapp received for `sub` (they come off the request path), validated as an RP would
+    against the token role's JWKS."""
+    keys, seen = await jwks(urls), set()
+    for _ in range(400):
+        received = [r for r in receiver.for_client("webapp")
+                    if jwt.decode(r.token, KeySet.import_key_set(keys), algorithms=["RS256"]).claims["sub"] == sub]
+        if len(received) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return [logout_receiver.validate(r.token, keys, urls["token"], "webapp", seen) for r in received]
+
+
+async def jwks(urls) -> dict:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"{urls['token']}/oauth/v2/jwks")).json()
+
+
 async def scim_user(urls, user_name: str, group_names: list[str]) -> str:
     """Create a user with a password and groups over SCIM, as a provisioning system would."""
     async with httpx.AsyncClient() as http:
@@ -102,7 +128,7 @@ async def scim_user(urls, user_name: str, group_names: list[str]) -> str:
         return user_id
 
 
-async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
+async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles, receiver):
     urls, envs, _ = cluster_of_roles
     carol = await scim_user(urls, "carol", ["platform", "sre"])
 
@@ -134,6 +160,8 @@ async def test_sign_in_and_tokens_across_three_processes(cluster_of_roles):
         introspected = await http.post("/oauth/v2/introspect", auth=("webapp", "webapp-secret-0123456789abcdef"),
                                        data={"token": body["access_token"]})
         assert introspected.json() == {"active": False}
+        # ... and the authentication role, ending carol's sessions, had the token role tell webapp.
+        assert [claims.get("sid") for claims in await logout_tokens(urls, receiver, carol)] == [None]
 
 
 async def test_the_account_page_lists_and_removes_applications_held_by_the_token_role(cluster_of_roles):
@@ -173,11 +201,11 @@ async def test_an_operator_resets_a_second_factor_through_the_authentication_rol
     assert again.stdout.strip() == "erin: had no two-step verification"
 
 
-async def test_a_password_reset_signs_out_through_the_other_roles(cluster_of_roles, inbox):
+async def test_a_password_reset_signs_out_through_the_other_roles(cluster_of_roles, inbox, receiver):
     """The authentication role finds the person by address at the directory, and has the directory end their
-    sessions (back at the authentication role) and grants (at the token role)."""
+    sessions (back at the authentication role, which tells the token role) and grants (at the token role)."""
     urls, _, _ = cluster_of_roles
-    await scim_user(urls, "fay", [])
+    fay = await scim_user(urls, "fay", [])
     async with httpx.AsyncClient(base_url=urls["token"]) as http:
         verifier, challenge = pkce()
         page = await follow(http, await authorize(http, "webapp", CALLBACK, "openid", challenge), CALLBACK)
@@ -202,12 +230,49 @@ async def test_a_password_reset_signs_out_through_the_other_roles(cluster_of_rol
         refreshed = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
             "grant_type": "refresh_token", "refresh_token": token.json()["refresh_token"]})
         assert refreshed.json()["error"] == "invalid_grant"
+    assert [claims["sub"] for claims in await logout_tokens(urls, receiver, fay)] == [fay]
+
+
+async def signed_in_to_webapp(http, urls, user_name: str) -> dict:
+    """A code flow of webapp for `user_name` in this browser; the token response."""
+    verifier, challenge = pkce()
+    page = await follow(http, await authorize(http, "webapp", CALLBACK, "openid", challenge), CALLBACK)
+    done = await follow(http, await sign_in(http, page, user_name), CALLBACK)
+    token = await http.post("/oauth/v2/token", auth=("webapp", "webapp-secret-0123456789abcdef"), data={
+        "grant_type": "authorization_code", "code": query(done.headers["location"])["code"],
+        "redirect_uri": CALLBACK, "code_verifier": verifier})
+    assert token.status_code == 200, token.text
+    return token.json()
+
+
+async def test_rp_initiated_logout_reaches_the_client_through_the_authentication_role(cluster_of_roles, receiver):
+    urls, _, _ = cluster_of_roles
+    gil = await scim_user(urls, "gil", [])
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        body = await signed_in_to_webapp(http, urls, "gil")
+        sid = jwt.decode(body["id_token"], KeySet.import_key_set(await jwks(urls)), algorithms=["RS256"]).claims["sid"]
+        out = await follow(http, await http.get("/oauth/v2/end_session", params={"id_token_hint": body["id_token"]}),
+                           "https://")
+        assert out.status_code == 200 and "You are signed out" in out.text
+    assert [(claims["sub"], claims["sid"]) for claims in await logout_tokens(urls, receiver, gil)] == [(gil, sid)]
+
+
+async def test_iam_users_sign_out_reaches_the_client(cluster_of_roles, receiver):
+    urls, envs, _ = cluster_of_roles
+    hal = await scim_user(urls, "hal", [])
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        await signed_in_to_webapp(http, urls, "hal")
+    signed_out = await asyncio.to_thread(run_cli, envs, "user-management", "users", "sign-out", "hal")
+    assert signed_out.returncode == 0, signed_out.stderr
+    assert [claims["sub"] for claims in await logout_tokens(urls, receiver, hal)] == [hal]
 
 
 async def test_internal_apis_refuse_callers_without_a_role_assertion(cluster_of_roles):
     urls, _, _ = cluster_of_roles
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{urls['token']}/internal/v1/subjects/x/applications")).status_code == 401
+        assert (await http.post(f"{urls['token']}/internal/v1/sessions/ended", json={"sub": "x", "sids": None})
+                ).status_code == 401
         assert (await http.delete(f"{urls['token']}/internal/v1/subjects/x/applications/webapp")).status_code == 401
         assert (await http.delete(f"{urls['authentication']}/internal/v1/credentials/x/second-factor")
                 ).status_code == 401

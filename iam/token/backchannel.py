@@ -89,14 +89,7 @@ class BackChannelLogouts:
         self._workers: list[asyncio.Task[None]] = []
         self._http: httpx.AsyncClient | None = None
 
-    @property
-    def enabled(self) -> bool:
-        """Whether any client registered a backchannel_logout_uri (else nothing runs)."""
-        return any(client.backchannel_logout_uri for client in self.clients)
-
     def start(self) -> None:
-        if not self.enabled:
-            return
         self._queue = asyncio.Queue(self.settings.queue_size)
         # No redirects: the logout token goes to the registered URI and nowhere else.
         self._http = httpx.AsyncClient(follow_redirects=False, timeout=self.settings.timeout,
