@@ -179,6 +179,38 @@ async def test_a_new_sign_in_in_the_same_browser_ends_the_old_session(app, clien
     assert [claims["sid"] for claims in tokens["webapp"]] == [web["sid"]]
 
 
+async def test_a_password_change_tells_the_clients_of_the_other_sessions(app, client, alice, receiver):
+    mine = await id_token(client)
+    async with browser(app) as other:
+        theirs = await id_token(other)
+        form = await client.get("/authn/password")
+        changed = await client.post("/authn/password", data={"csrf": hidden_fields(form.text)["csrf"],
+                                                              "current": PASSWORD, "new": "a brand new passphrase"})
+        assert changed.status_code == 200
+        tokens = await delivered(app, client, receiver)
+    assert [claims["sid"] for claims in tokens["webapp"]] == [theirs["sid"]] != [mine["sid"]]
+
+
+async def test_deliveries_beyond_the_queue_are_dropped_and_counted(app, client, alice, receiver):
+    from iam.config import BackChannelLogout
+    from iam.token.backchannel import BackChannelLogouts
+
+    await id_token(client)
+    await id_token(client, "kubectl", KUBECTL_CALLBACK)  # two clients to tell, room for one
+    token = app.state.iam.token
+    small = BackChannelLogouts(BackChannelLogout(queue_size=1, concurrency=1, timeout=0.5, attempts=1), ISSUER,
+                               token.keys, token.store, token.clients)
+    receiver.held.update({"webapp", "kubectl"})
+    dropped = metric("webapp", "dropped") + metric("kubectl", "dropped")
+    small.start()
+    try:
+        assert await small.sessions_ended(alice, None) == 1
+        assert metric("webapp", "dropped") + metric("kubectl", "dropped") == dropped + 1
+    finally:
+        receiver.release()
+        await small.stop()
+
+
 async def test_a_receiver_down_or_hanging_never_holds_up_the_logout(app, client, alice, receiver, caplog):
     web = await id_token(client)
     await in_session(client, "slow")
