@@ -76,3 +76,35 @@ def test_add_with_send_verification_mails_the_link_before_the_command_exits(tmp_
         quiet = iam("users", "add", "--username", "ida", "--email", "ida@example.com", "--email-verified",
                     "--send-verification", env=env, cwd=tmp_path)
         assert quiet.returncode == 0 and len(inbox.messages) == 1  # verified already: nothing to send
+
+
+def test_sign_out_in_one_process_tells_the_clients_before_the_command_exits(tmp_path):
+    """With every role in the command's process, it delivers the back-channel logout itself, then exits."""
+    import json
+    import time
+
+    from iam.keys import KeyRing
+    from tests import logout_receiver
+
+    stores = {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in ("authn", "token", "users")}
+    with logout_receiver.running() as receiver:
+        client = {"client_id": "rp", "token_endpoint_auth_method": "none", "redirect_uris": ["https://rp.test/cb"],
+                  "backchannel_logout_uri": receiver.uri("rp")}
+        env = {"IAM_CONFIG": str(write_config(tmp_path, stores=stores, keys={"dir": str(tmp_path / "keys")},
+                                              clients=[client]))}
+        added = iam("users", "add", "--username", "ivy", env=env, cwd=tmp_path)
+        assert added.returncode == 0, added.stderr
+        ivy, now = added.stdout.strip(), int(time.time())
+        with sqlite3.connect(tmp_path / "token.db") as db:  # what a sign-in to rp left: a grant in a session
+            db.execute("INSERT INTO grants (id, client_id, subject, scope, sid, auth_time, amr, offline, created_at, "
+                       "expires_at, revoked) VALUES ('g1', 'rp', ?, 'openid', 's1', ?, 'pwd', 0, ?, ?, 0)",
+                       (ivy, now, now, now + 3600))
+        signed_out = iam("users", "sign-out", "ivy", env=env, cwd=tmp_path)
+        assert signed_out.returncode == 0, signed_out.stderr
+        received = receiver.for_client("rp")  # already there: the command waited for the delivery
+        assert len(received) == 1
+    ring = KeyRing(tmp_path / "keys", 0)  # the issuer's JWKS, as /oauth/v2/jwks would serve it
+    ring.load(generate=False)
+    claims = logout_receiver.validate(received[0].token, json.loads(ring.jwks_json), "http://localhost:8080", "rp",
+                                      set())
+    assert claims["sub"] == ivy and "sid" not in claims  # every session of ivy's at rp
