@@ -32,6 +32,7 @@ ASSERTION_TTL = 60
 SERVICE_TYP = "iam-service+jwt"
 HANDOFF_TYP = "iam-handoff+jwt"  # authentication -> token, through the browser, bound to one pending request
 LOGOUT_TYP = "iam-logout+jwt"  # token -> authentication, through the browser: end this session, return here
+MAX_SIDS = 1000  # sessions named in one call of POST /internal/v1/sessions/ended
 # What the authentication role tells the directory about an upstream sign-in (`UpstreamIdentity`).
 UPSTREAM_FIELDS = ("connector_id", "subject", "username", "email", "email_verified", "name", "groups")
 
@@ -394,10 +395,12 @@ class RemoteTokens(_Remote):
         return removed
 
     async def sessions_ended(self, sub: str, sids: list[str] | None) -> int:
-        response = await self.call("POST", "/internal/v1/sessions/ended", json={"sub": sub, "sids": sids})
-        if response.status_code != 202:
-            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
-        queued: int = response.json()["queued"]
+        queued = 0
+        for batch in [None] if sids is None else [sids[i:i + MAX_SIDS] for i in range(0, len(sids), MAX_SIDS)]:
+            response = await self.call("POST", "/internal/v1/sessions/ended", json={"sub": sub, "sids": batch})
+            if response.status_code != 202:
+                raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+            queued += response.json()["queued"]
         return queued
 
     async def device_lookup(self, user_code: str) -> dict[str, Any] | None:

@@ -256,7 +256,8 @@ async def test_the_internal_api_takes_only_the_authentication_role_and_well_form
     assert refused.status_code == 401
     as_authn = {"Authorization": f"Bearer {identity.sign(Role.TOKEN, SERVICE_TYP, issuer=Role.AUTHENTICATION)}"}
     for body in ({"sub": alice}, {"sids": None}, {"sub": 1, "sids": None}, {"sub": alice, "sids": "x"},
-                 {"sub": alice, "sids": [1]}, {"sub": alice, "sids": ["x" * 65]}, [alice], "x"):
+                 {"sub": alice, "sids": [1]}, {"sub": alice, "sids": ["x" * 65]}, {"sub": alice, "sids": ["x"] * 1001},
+                 [alice], "x"):
         bad = await client.post(url, json=body, headers=as_authn)
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_request", body
     assert (await client.post(url, content=b"{", headers=as_authn)).status_code == 400
@@ -265,6 +266,16 @@ async def test_the_internal_api_takes_only_the_authentication_role_and_well_form
     accepted = await client.post(url, json={"sub": alice, "sids": None}, headers=as_authn)
     assert accepted.status_code == 202 and accepted.json() == {"queued": 1}
     assert [claims["sub"] for claims in (await delivered(app, client, receiver))["webapp"]] == [alice]
+
+
+async def test_the_authentication_role_names_many_sessions_in_batches(app, client, alice, receiver):
+    """RemoteTokens, as a separate authentication role uses it, against the token role's internal API."""
+    from iam.peers import MAX_SIDS, RemoteTokens, ServiceIdentity
+
+    web = await id_token(client)
+    remote = RemoteTokens(client, ISSUER, ServiceIdentity(Role.AUTHENTICATION, app.state.iam.keys), Role.TOKEN)
+    assert await remote.sessions_ended(alice, [f"other-{n}" for n in range(MAX_SIDS)] + [web["sid"]]) == 1
+    assert [claims["sid"] for claims in (await delivered(app, client, receiver))["webapp"]] == [web["sid"]]
 
 
 @pytest.mark.parametrize("uri", ["http://rp.example/logout", "ftp://rp.example/logout", "https://rp.example/l#f",

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.internal import require_peer
+from iam.peers import MAX_SIDS
 from iam.roles import Role
 from iam.token.services import token_services
 
@@ -47,7 +48,7 @@ async def sessions_ended(request: Request) -> Response:
         body = await request.json()
         sub, sids = body["sub"], body["sids"]
         if not isinstance(sub, str) or not sub or len(sub) > 255 or not (sids is None or isinstance(sids, list) and (
-                len(sids) <= 1000 and all(isinstance(sid, str) and 0 < len(sid) <= 64 for sid in sids))):
+                len(sids) <= MAX_SIDS and all(isinstance(sid, str) and 0 < len(sid) <= 64 for sid in sids))):
             raise TypeError
     except (ValueError, KeyError, TypeError):
         raise OAuthError("invalid_request",
