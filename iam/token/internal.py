@@ -2,7 +2,10 @@
 role with a service assertion (iam/internal.py). Never routed by the ingress.
 """
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, ValidationError
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.internal import require_peer
@@ -39,21 +42,22 @@ async def revoke_subject(sub: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+class SessionsEnded(BaseModel):
+    sub: str = Field(min_length=1, max_length=255)
+    sids: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=MAX_SIDS)] | None
+
+
 @router.post("/internal/v1/sessions/ended")
 async def sessions_ended(request: Request) -> Response:
     """The authentication role ended SSO sessions of a person (`sids`; null: every one of theirs): the clients
     that took part are sent logout tokens (iam/token/backchannel.py), off the request path. 202 {"queued": n}."""
     await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
     try:
-        body = await request.json()
-        sub, sids = body["sub"], body["sids"]
-        if not isinstance(sub, str) or not sub or len(sub) > 255 or not (sids is None or isinstance(sids, list) and (
-                len(sids) <= MAX_SIDS and all(isinstance(sid, str) and 0 < len(sid) <= 64 for sid in sids))):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
+        ended = SessionsEnded.model_validate_json(await request.body())
+    except ValidationError:
         raise OAuthError("invalid_request",
                          "body must be {\"sub\": string, \"sids\": [string] or null}") from None
-    queued = await token_services(request).backchannel.sessions_ended(sub, sids)
+    queued = await token_services(request).backchannel.sessions_ended(ended.sub, ended.sids)
     return json_response({"queued": queued}, 202)
 
 
