@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import uuid
@@ -153,19 +154,42 @@ async def create_database(server: str) -> str:
     return name
 
 
+STORES = ("authn", "token", "users")
+
+
+@contextlib.asynccontextmanager
+async def postgres_stores(server: str) -> AsyncIterator[dict[str, str]]:
+    """Three fresh databases on the test cluster, dropped afterwards.
+
+    Each empty database is ~7.5 MB of files in memory (tests/postgres.py): kept until the end of the run, a
+    full run's would fill the machine's memory.
+    """
+    host = server.split("://", 1)[1]
+    names = {store: await create_database(server) for store in STORES}
+    try:
+        yield {store: f"postgresql+asyncpg://{host}/{name}" for store, name in names.items()}
+    finally:
+        conn = await asyncpg.connect(server + "/postgres")
+        try:
+            for name in names.values():  # FORCE (PostgreSQL 13+): a server process of the test may still be connected
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request) -> str:
     return request.param
 
 
 @pytest.fixture
-async def store_urls(backend, tmp_path, request) -> dict[str, str]:
+async def store_urls(backend, tmp_path, request) -> AsyncIterator[dict[str, str]]:
     """Fresh, empty stores for one test: three SQLite files, or three PostgreSQL databases."""
     if backend == "sqlite":
-        return {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in ("authn", "token", "users")}
-    server = request.getfixturevalue("postgres_server")
-    host = server.split("://", 1)[1]
-    return {name: f"postgresql+asyncpg://{host}/{await create_database(server)}" for name in ("authn", "token", "users")}
+        yield {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in STORES}
+        return
+    async with postgres_stores(request.getfixturevalue("postgres_server")) as urls:
+        yield urls
 
 
 def make_settings(tmp_path: Path, store_urls: dict[str, str], **overrides) -> Settings:

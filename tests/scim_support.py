@@ -7,6 +7,7 @@ they use unique names (`unique()`) and never count resources outside their own p
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from iam.app import create_app
-from tests.conftest import ISSUER, basic, client_config, create_database, make_settings
+from tests.conftest import ISSUER, STORES, basic, client_config, make_settings, postgres_stores
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -138,13 +139,13 @@ def scim_backend(request) -> str:
 
 
 @pytest.fixture(scope="module")
-async def scim_stores(scim_backend, tmp_path_factory, request) -> dict[str, str]:
+async def scim_stores(scim_backend, tmp_path_factory, request) -> AsyncIterator[dict[str, str]]:
     if scim_backend == "sqlite":
         directory = tmp_path_factory.mktemp("stores")
-        return {name: f"sqlite+aiosqlite:///{directory}/{name}.db" for name in ("authn", "token", "users")}
-    server = request.getfixturevalue("postgres_server")
-    host = server.split("://", 1)[1]
-    return {name: f"postgresql+asyncpg://{host}/{await create_database(server)}" for name in ("authn", "token", "users")}
+        yield {name: f"sqlite+aiosqlite:///{directory}/{name}.db" for name in STORES}
+        return
+    async with postgres_stores(request.getfixturevalue("postgres_server")) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
