@@ -135,6 +135,14 @@ class TokenExchangePolicy(_Strict):
         "(`subject_token_type` `urn:ietf:params:oauth:token-type:jwt`)."))
 
 
+class IntrospectionRight(_Strict):
+    """A resource server's right to introspect only the tokens meant for it (RFC 7662 §2.2)."""
+
+    audiences: frozenset[str] = Field(min_length=1, description=(
+        "The APIs it serves: it sees a token only if the token's `aud` names one of them; any other token is "
+        "`active: false` to it."))
+
+
 class ClientConfig(_Strict):
     """A client, described with RFC 7591 metadata names plus iam's own keys."""
 
@@ -199,6 +207,9 @@ class ClientConfig(_Strict):
     dpop_bound_access_tokens: bool = Field(default=False, description=(
         "Require a DPoP proof (RFC 9449 §5.2) at the token endpoint: every access token of this client is "
         "bound to the client's key."))
+    introspection: bool | IntrospectionRight = Field(default=False, description=(
+        "May the client call the introspection endpoint (RFC 7662): `true` for every token (a gateway), "
+        "`{audiences: [...]}` for the tokens meant for those APIs only; `false` (default): refused with 403."))
     backchannel_logout_uri: str | None = Field(default=None, description=(
         "Where a signed logout token is POSTed when a session the client took part in ends (OpenID Connect "
         "Back-Channel Logout 1.0 §2.2): https, or http on a loopback host; no fragment."))
@@ -256,6 +267,8 @@ class ClientConfig(_Strict):
                 raise ValueError("a public client (token_endpoint_auth_method: none) has no secret")
             if "client_credentials" in self.grant_types:
                 raise ValueError("client_credentials needs a confidential client (RFC 6749 §4.4)")
+            if self.introspection:
+                raise ValueError("introspection needs a confidential client (RFC 7662 §2.1)")
             if not self.require_pkce:
                 raise ValueError("public clients must use PKCE (RFC 9700 §2.1.1): require_pkce cannot be false")
         if "authorization_code" in self.grant_types and not self.redirect_uris:

@@ -98,7 +98,7 @@ AUDIT_SCHEMA = 1
 AUDIT_EVENTS = {
     "login.succeeded", "login.failed", "login.locked", "mfa.enrolled", "mfa.failed", "session.ended",
     "token.issued", "token.refreshed", "token.revoked", "refresh.reuse_detected", "code.replayed",
-    "client.auth_failed", "user.created", "user.changed", "user.disabled", "user.deleted",
+    "client.auth_failed", "introspection.refused", "user.created", "user.changed", "user.disabled", "user.deleted",
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
     "mfa.recovery_codes_created", "mfa.recovery_code_used", "password.reset_requested", "password.reset",

@@ -43,6 +43,7 @@ def client_config() -> list[dict]:
             "scope": "api:read api:write",
             "access_token_ttl": 600,
             "audience": ["https://api.test"],
+            "introspection": True,
         },
         {
             "client_id": "svc-post",
@@ -50,6 +51,7 @@ def client_config() -> list[dict]:
             "grant_types": ["client_credentials"],
             "token_endpoint_auth_method": "client_secret_post",
             "scope": "api:read",
+            "introspection": True,
         },
         {
             "client_id": "gateway",
@@ -67,6 +69,8 @@ def client_config() -> list[dict]:
             "redirect_uris": [WEBAPP_CALLBACK, "https://app.test/other"],
             "post_logout_redirect_uris": ["https://app.test/bye"],
             "scope": "openid profile email groups offline_access api:read",
+            # also the back end of https://api.test: it may introspect the tokens meant for that API
+            "introspection": {"audiences": ["https://api.test"]},
         },
         {
             # a confidential client that cannot send PKCE (like the OpenID conformance suite's)

@@ -45,7 +45,8 @@ def settings(tmp_path, store_urls, kube, down_kube):
     clients = [
         *client_config(),
         {"client_id": "signer", "token_endpoint_auth_method": "private_key_jwt", "jwks": public_jwks(KEYS),
-         "audience": ["https://api.test", "https://billing.test"], **service},
+         "audience": ["https://api.test", "https://billing.test"], "introspection": {"audiences": ["https://api.test"]},
+         **service},
         {"client_id": "signer-web", "token_endpoint_auth_method": "private_key_jwt", "jwks": public_jwks(KEYS),
          "grant_types": ["authorization_code"], "redirect_uris": [WEB_CALLBACK], "scope": "openid email"},
         {"client_id": "remote-signer", "token_endpoint_auth_method": "private_key_jwt",

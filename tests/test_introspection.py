@@ -7,9 +7,11 @@ import pytest
 from joserfc import jwt
 from joserfc.errors import UnsupportedAlgorithmError
 from joserfc.jwk import KeySet
+from pydantic import ValidationError
 from sqlalchemy import event, update
 
 from iam.app import StartupError, create_app
+from iam.config import ClientConfig
 from iam.token.store import access_tokens
 from tests.conftest import ISSUER, SECRETS, basic, client_config, make_settings
 from tests.test_token_endpoint import get_token
@@ -73,7 +75,8 @@ async def test_signed_introspection_response_rfc9701(client):
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA", "Ed25519"])
 async def test_signed_introspection_uses_the_clients_registered_alg_rfc9701_s6(tmp_path, store_urls, alg):
     resource_server = {"client_id": "rs", "client_secret": "rs-secret-0123456789abcdef",
-                       "grant_types": ["client_credentials"], "introspection_signed_response_alg": alg}
+                       "grant_types": ["client_credentials"], "introspection_signed_response_alg": alg,
+                       "introspection": True}
     settings = make_settings(tmp_path, store_urls, clients=[*client_config(), resource_server])
     app = create_app(settings)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
@@ -303,3 +306,54 @@ async def test_concurrent_revocation_and_introspection_never_fail(client):
     assert all(r.status_code == 200 for r in results)
     for token in tokens:
         assert (await introspect(client, token)).json() == {"active": False}
+
+
+# -- who may introspect (RFC 7662 §2.1, §2.2, §4) ----------------------------------------------------------
+async def test_a_client_without_the_introspection_right_is_refused_and_audited(client, caplog):
+    caplog.set_level("INFO", logger="iam.audit")
+    token = (await get_token(client))["access_token"]
+    for accept in (None, "application/jwt", "application/token-introspection+jwt"):
+        response = await introspect(client, token, caller="gateway", accept=accept)
+        assert response.status_code == 403, accept
+        assert response.json()["error"] == "unauthorized_client"
+        assert token not in response.text and "svc-basic" not in response.text
+    refused = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("event") == "introspection.refused"]
+    assert len(refused) == 3 and {event["client_id"] for event in refused} == {"gateway"}
+    assert all(event["outcome"] == "failure" for event in refused)
+    # The refusal changed nothing: the token is still live for a client that may look.
+    assert (await introspect(client, token)).json()["active"] is True
+
+
+async def test_a_resource_server_sees_only_the_tokens_meant_for_its_apis(client):
+    # webapp may introspect tokens for https://api.test only (tests/conftest.py).
+    for_api = (await get_token(client, "svc-basic"))["access_token"]  # aud https://api.test
+    other = (await client.post("/oauth/v2/token", data={  # svc-post has no audience: the token's aud is the issuer
+        "grant_type": "client_credentials", "client_id": "svc-post", "client_secret": SECRETS["svc-post"]})).json()
+    other = other["access_token"]
+    assert (await introspect(client, other)).json()["active"] is True  # a gateway (svc-post) sees it
+    seen = await introspect(client, for_api, caller="webapp")
+    assert seen.status_code == 200 and seen.json()["active"] is True and seen.json()["aud"] == "https://api.test"
+    hidden = await introspect(client, other, caller="webapp")
+    assert hidden.status_code == 200 and hidden.json() == {"active": False}  # §2.2: nothing about it
+    # the same for the phantom JWT and the RFC 9701 signed response
+    assert (await introspect(client, for_api, caller="webapp", accept="application/jwt")).text.count(".") == 2
+    jwt_form = await introspect(client, other, caller="webapp", accept="application/jwt")
+    assert jwt_form.json() == {"active": False}
+    signed = await introspect(client, other, caller="webapp", accept="application/token-introspection+jwt")
+    claims = jwt.decode(signed.text, await jwks(client), algorithms=["RS256"]).claims
+    assert claims["aud"] == "webapp" and claims["token_introspection"] == {"active": False}
+    signed = await introspect(client, for_api, caller="webapp", accept="application/token-introspection+jwt")
+    assert jwt.decode(signed.text, await jwks(client), algorithms=["RS256"]).claims["token_introspection"]["active"]
+
+
+@pytest.mark.parametrize("client_entry, message", [
+    ({"client_id": "spa", "token_endpoint_auth_method": "none", "redirect_uris": ["https://spa.test/cb"],
+      "introspection": True}, "introspection needs a confidential client"),
+    ({"client_id": "rs", "client_secret": "rs-secret-0123456789abcdef", "grant_types": ["client_credentials"],
+      "introspection": {"audiences": []}}, "audiences"),
+    ({"client_id": "rs", "client_secret": "rs-secret-0123456789abcdef", "grant_types": ["client_credentials"],
+      "introspection": "yes-please"}, "introspection"),
+])
+def test_an_introspection_right_that_makes_no_sense_is_refused_at_start(client_entry, message):
+    with pytest.raises(ValidationError, match=message):
+        ClientConfig.model_validate(client_entry)

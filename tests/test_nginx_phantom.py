@@ -346,7 +346,7 @@ def test_the_example_api_gets_the_claims_and_refuses_anything_else(stack):
         other = httpx.post(
             f"{stack.iam}/oauth/v2/introspect",
             data={"token": token_for(stack.iam, "odd:id &+")},
-            headers={**basic("odd:id &+"), "Accept": "application/jwt"},
+            headers={**basic("svc-basic"), "Accept": "application/jwt"},
         )
         assert other.status_code == 200 and other.text.startswith("ey")
         assert httpx.get(f"{api}/whoami", headers=bearer(other.text.strip())).status_code == 401

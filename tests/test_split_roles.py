@@ -53,6 +53,7 @@ def cluster_of_roles(tmp_path_factory, postgres_server, inbox, receiver):
         "client_id": "webapp", "client_secret": "${WEBAPP_SECRET}", "redirect_uris": [CALLBACK],
         "grant_types": ["authorization_code", "refresh_token"], "scope": "openid profile email groups",
         "backchannel_logout_uri": receiver.uri("webapp"),
+        "introspection": True,  # it checks its own tokens below
     }, {
         "client_id": "provisioner", "client_secret": "${PROVISIONER_SECRET}", "grant_types": ["client_credentials"],
         "scope": "scim:read scim:write",

@@ -5,15 +5,18 @@ stays compatible."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import insert, text, update
 
 from iam.store import Store, StoreError, schema_compatibility
@@ -110,6 +113,19 @@ def _previous_release(directory: Path) -> Path | None:
     return directory
 
 
+def _config_for(code: Path, config: Path, directory: Path) -> Path:
+    """The config an older release runs with during a rollout (each revision has its own ConfigMap): the same,
+    less the client keys that release does not know yet and would refuse (a client's keys are checked)."""
+    known = subprocess.run([sys.executable, "-c", "from iam.config import ClientConfig; print(*ClientConfig.model_fields)"],
+                           env={**os.environ, "PYTHONPATH": str(code)}, cwd=code, capture_output=True, text=True,
+                           check=True)
+    settings = yaml.safe_load(config.read_text())
+    settings["clients"] = [{key: value for key, value in client.items() if key in known.stdout.split()}
+                           for client in settings["clients"]]
+    directory.mkdir()
+    return write_config(directory, **settings)
+
+
 class Replica:
     def __init__(self, code: Path, env: dict[str, str], directory: Path) -> None:
         self.code, self.env, self.directory = code, {**env, "PYTHONPATH": str(code)}, directory
@@ -140,7 +156,8 @@ def test_a_rolling_upgrade_fails_no_request(postgres_server, tmp_path):
     database = asyncio.run(create_database(postgres_server))
     env = {**token_role_env(tmp_path), "IAM_TOKEN_DATABASE_URL": f"postgresql+asyncpg://{host}/{database}",
            "IAM_MIGRATE_ON_START": "false", "IAM_DRAIN_DELAY": "1"}
-    old = [Replica(previous, env, tmp_path / f"old{i}") for i in range(2)]
+    old_env = {**env, "IAM_CONFIG": str(_config_for(previous, Path(env["IAM_CONFIG"]), tmp_path / "old-config"))}
+    old = [Replica(previous, old_env, tmp_path / f"old{i}") for i in range(2)]
     new = [Replica(ROOT, env, tmp_path / f"new{i}") for i in range(2)]
     assert old[0].command("migrate").returncode == 0
     rotation = [replica.start() for replica in old]  # what a Service would send traffic to

@@ -11,7 +11,7 @@ from fastapi import Request, Response
 from iam.config import ClientConfig
 from iam.errors import NO_STORE, OAuthError, invalid_client, json_response
 from iam.http import TOKEN_PARAMETER, PlainRoute, read_form
-from iam.observability import INTROSPECTIONS
+from iam.observability import INTROSPECTIONS, audit, source_of
 from iam.token.access_tokens import introspection_members
 from iam.token.clients import authenticate
 from iam.token.services import TokenServices, token_services
@@ -30,10 +30,16 @@ async def introspect(request: Request) -> Response:
     if caller.is_public:
         # RFC 7662 §2.1 / §4: the endpoint requires authorization, against token scanning.
         raise invalid_client("introspection requires a confidential client")
+    right = caller.introspection
+    if right is False:
+        audit("introspection.refused", "failure", client_id=caller.client_id, source=source_of(request))
+        raise OAuthError("unauthorized_client", "this client may not introspect tokens", 403)
     token = form.get("token")
     if token is None:
         raise OAuthError("invalid_request", "token is required")
     live = await services.access_tokens.live(token)
+    if live is not None and right is not True and right.audiences.isdisjoint(live.audiences):
+        live = None  # §2.2: not meant for this resource server, so it learns nothing of it
     (INTROSPECT_INACTIVE if live is None else INTROSPECT_ACTIVE).inc()
     accept = request.headers.get("accept", "")
     if JWT_RESPONSE in accept:
