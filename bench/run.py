@@ -62,6 +62,7 @@ clients:
     grant_types: [client_credentials]
     token_endpoint_auth_method: client_secret_basic
     scope: "api:read"
+    introspection: true
     access_token_ttl: {token_ttl}   # T must outlive the whole run
 {client_extra}introspection_cache_seconds: {cache_seconds}   # 0 (--no-cache): every check is an indexed lookup
 {extra}"""

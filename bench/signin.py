@@ -206,7 +206,7 @@ def main() -> None:
             "client_id": "bench", "token_endpoint_auth_method": "none", "redirect_uris": [CALLBACK],
             "scope": "openid groups"}, {
             "client_id": "probe", "client_secret": "${PROBE_SECRET}", "grant_types": ["client_credentials"],
-            "scope": "api:read"}], connectors=[
+            "scope": "api:read", "introspection": True}], connectors=[
             {"id": "corp", "type": "oidc", "name": "Contoso", "issuer": upstream.issuer, "client_id": "iam-bench",
              "client_secret": "${UPSTREAM_SECRET}", "scopes": ["openid", "email", "profile", "groups"]},
             ldap_config])
