@@ -12,6 +12,7 @@ import getpass
 import os
 import sys
 import time
+from typing import Any
 
 from iam import __version__
 from iam.config import ConfigError, Settings, load_settings
@@ -38,19 +39,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(create_app(settings), args.host, args.port, args.grace, args.drain_delay, settings.log_level, **tls)
 
 
-def _tls_files(args: argparse.Namespace) -> dict[str, str]:
-    """`--tls-cert` and `--tls-key` (both or neither), checked before the port opens."""
+def _tls_files(args: argparse.Namespace) -> dict[str, Any]:
+    """`--tls-cert` and `--tls-key` (both or neither), and `--tls-client-ca` with `--tls-client-certs` (client
+    certificates, RFC 8705), checked before the port opens."""
     import ssl
 
     if not args.tls_cert and not args.tls_key:
+        if args.tls_client_ca:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: iam asks for client certificates "
+                              "only when it terminates TLS itself")
         return {}
     if not (args.tls_cert and args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together ($IAM_TLS_CERT, $IAM_TLS_KEY)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}") from None
-    return {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+    files: dict[str, Any] = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+    if args.tls_client_ca:
+        try:
+            context.load_verify_locations(args.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--tls-client-ca {args.tls_client_ca}: {exc}") from None
+        files["ssl_ca_certs"] = args.tls_client_ca
+        files["ssl_cert_reqs"] = ssl.CERT_REQUIRED if args.tls_client_certs == "required" else ssl.CERT_OPTIONAL
+    return files
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -429,6 +443,13 @@ def parser() -> argparse.ArgumentParser:
                        help="serve https with this PEM certificate chain ($IAM_TLS_CERT)")
     serve.add_argument("--tls-key", default=os.environ.get("IAM_TLS_KEY"),
                        help="the certificate's PEM private key ($IAM_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", default=os.environ.get("IAM_TLS_CLIENT_CA"),
+                       help="ask TLS clients for a certificate issued by a CA of this PEM file (mutual TLS, "
+                            "RFC 8705; a self-signed client's certificate goes in it too) ($IAM_TLS_CLIENT_CA)")
+    serve.add_argument("--tls-client-certs", choices=["optional", "required"],
+                       default=os.environ.get("IAM_TLS_CLIENT_CERTS", "optional"),
+                       help="with --tls-client-ca: accept connections without a client certificate (optional, "
+                            "the default) or refuse them (required) ($IAM_TLS_CLIENT_CERTS)")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations to the role's store(s)")

@@ -51,8 +51,13 @@ GrantType = Literal[
     "urn:ietf:params:oauth:grant-type:token-exchange",
 ]
 AccessTokenAlg = Literal["ES256", "RS256"]
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "workload_identity", "none"]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "workload_identity",
+                     "tls_client_auth", "self_signed_tls_client_auth", "none"]
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+MTLS_METHODS = ("tls_client_auth", "self_signed_tls_client_auth")  # RFC 8705 §2
+# RFC 8705 §2.1.2: the one certificate attribute a tls_client_auth client is registered by.
+TLS_CLIENT_AUTH_NAMES = ("tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri",
+                         "tls_client_auth_san_ip", "tls_client_auth_san_email")
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 
@@ -64,6 +69,15 @@ def _https_url(value: str) -> str:
 
 
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+
+
+def _cidrs(values: list[str]) -> list[str]:
+    for value in values:
+        ipaddress.ip_network(value, strict=False)
+    return values
+
+
+Cidrs = Annotated[list[str], AfterValidator(_cidrs)]
 
 
 class WorkloadIdentity(_Strict):
@@ -162,10 +176,13 @@ class ClientConfig(_Strict):
     scope: str = Field(default="", description="The scopes the client may be granted, space-separated.")
     token_endpoint_auth_method: AuthMethod = Field(default="client_secret_basic", description=(
         "`client_secret_basic`, `client_secret_post`, `private_key_jwt` (a client assertion signed with a key "
-        "of `jwks` / `jwks_uri`), `workload_identity` (a token of one of `workload_identities`), or `none` for "
-        "a public client."))
+        "of `jwks` / `jwks_uri`), `workload_identity` (a token of one of `workload_identities`), `tls_client_auth` "
+        "(a TLS client certificate from `mtls.ca_file` with the registered subject DN or SAN, RFC 8705 §2.1), "
+        "`self_signed_tls_client_auth` (a certificate whose key is in `jwks`, §2.2), or `none` for a public "
+        "client."))
     jwks: dict[str, Any] | None = Field(default=None, description=(
-        "private_key_jwt: the client's public keys, a JWK Set `{\"keys\": [...]}` (RFC 7591 §2)."))
+        "private_key_jwt, self_signed_tls_client_auth: the client's public keys, a JWK Set `{\"keys\": [...]}` "
+        "(RFC 7591 §2)."))
     jwks_uri: HttpsUrl | None = Field(default=None, description=(
         "private_key_jwt: where the client publishes its JWK Set instead (https)."))
     workload_identities: list[WorkloadIdentity] = Field(default=[], description=(
@@ -210,6 +227,19 @@ class ClientConfig(_Strict):
     introspection: bool | IntrospectionRight = Field(default=False, description=(
         "May the client call the introspection endpoint (RFC 7662): `true` for every token (a gateway), "
         "`{audiences: [...]}` for the tokens meant for those APIs only; `false` (default): refused with 403."))
+    tls_client_auth_subject_dn: str | None = Field(default=None, description=(
+        "tls_client_auth: the certificate's subject DN, RFC 4514 (`CN=svc,O=Example`; RFC 8705 §2.1.2)."))
+    tls_client_auth_san_dns: str | None = Field(default=None, description=(
+        "tls_client_auth: a dNSName the certificate's SAN must contain (instead of the subject DN)."))
+    tls_client_auth_san_uri: str | None = Field(default=None, description=(
+        "tls_client_auth: a uniformResourceIdentifier the SAN must contain (a SPIFFE ID, say)."))
+    tls_client_auth_san_ip: str | None = Field(default=None, description=(
+        "tls_client_auth: an iPAddress the SAN must contain (IPv4 or IPv6)."))
+    tls_client_auth_san_email: str | None = Field(default=None, description=(
+        "tls_client_auth: an rfc822Name the SAN must contain."))
+    tls_client_certificate_bound_access_tokens: bool = Field(default=False, description=(
+        "Bind every access token of this client to its TLS client certificate (RFC 8705 §3: `cnf.x5t#S256`); "
+        "the token endpoint then requires one, and so do forward-auth and userinfo with the token."))
     backchannel_logout_uri: str | None = Field(default=None, description=(
         "Where a signed logout token is POSTed when a session the client took part in ends (OpenID Connect "
         "Back-Channel Logout 1.0 §2.2): https, or http on a loopback host; no fragment."))
@@ -276,8 +306,21 @@ class ClientConfig(_Strict):
         method = self.token_endpoint_auth_method
         if method in ("private_key_jwt", "workload_identity") and has_secret:
             raise ValueError(f"a {method} client has no client secret")
-        if (method == "private_key_jwt") != (self.jwks is not None or self.jwks_uri is not None):
+        if method == "self_signed_tls_client_auth":
+            if self.jwks is None:  # §2.2.2: the certificates' keys are registered as a JWK Set
+                raise ValueError("self_signed_tls_client_auth needs jwks (its certificates' public keys)")
+            if has_secret:
+                raise ValueError("a self_signed_tls_client_auth client has no client secret")
+        elif (method == "private_key_jwt") != (self.jwks is not None or self.jwks_uri is not None):
             raise ValueError("private_key_jwt needs jwks or jwks_uri, and only private_key_jwt uses them")
+        named = [name for name in TLS_CLIENT_AUTH_NAMES if getattr(self, name) is not None]
+        if method == "tls_client_auth" and (len(named) != 1 or has_secret):
+            raise ValueError("tls_client_auth needs exactly one of " + ", ".join(TLS_CLIENT_AUTH_NAMES)
+                             + " (RFC 8705 §2.1.2), and no client secret")
+        if method != "tls_client_auth" and named:
+            raise ValueError(f"{named[0]} is for tls_client_auth clients only")
+        if self.dpop_bound_access_tokens and self.tls_client_certificate_bound_access_tokens:
+            raise ValueError("bind the tokens to a DPoP key or to the TLS client certificate, not both")
         if self.jwks is not None and self.jwks_uri is not None:
             raise ValueError("set jwks or jwks_uri, not both (RFC 7591 §2)")
         if (EXCHANGE_GRANT in self.grant_types) != (self.token_exchange is not None):
@@ -587,6 +630,30 @@ class DPoP(_Strict):
         "nginx, ingress-nginx) or `x-forwarded` (X-Forwarded-Method, -Proto, -Host, -Uri: Traefik, Caddy)."))
 
 
+class MutualTLS(_Strict):
+    """TLS client certificates (RFC 8705): client authentication and certificate-bound access tokens."""
+
+    certificate_header: str = Field(default="ssl-client-cert", description=(
+        "The request header a TLS-terminating proxy puts the client's certificate in: URL-encoded PEM (nginx "
+        "`$ssl_client_escaped_cert`), base64 DER (Caddy, Traefik) or Envoy's `x-forwarded-client-cert`."))
+    trusted_proxies: Cidrs = Field(default=[], description=(
+        "Addresses (CIDRs) whose certificate header is believed; empty: no header is, only iam's own TLS "
+        "(`iam serve --tls-client-ca`)."))
+    ca_file: Path | None = Field(default=None, description=(
+        "PEM file of the CAs a tls_client_auth client's certificate must chain to (checked by iam, whoever "
+        "terminated TLS); required by tls_client_auth clients."))
+    endpoint_base: str | None = Field(default=None, description=(
+        "A base URL (a host that asks for client certificates) advertised as `mtls_endpoint_aliases` (RFC 8705 "
+        "§5) for the token, revocation, introspection, userinfo, PAR and device endpoints."))
+
+    @field_validator("endpoint_base")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        if value is not None and (not secure_url(value) or urlsplit(value).query or "#" in value):
+            raise ValueError("must be an https URL without query or fragment")
+        return value
+
+
 class Settings(_Strict):
     """Every setting carries its description (README "Settings" lists them all; tests/test_config.py checks)."""
 
@@ -603,7 +670,7 @@ class Settings(_Strict):
     peers: Peers = Field(default=Peers(), description="The other roles' internal URLs, when they run apart.")
     stores: Stores = Field(default=Stores(), description="One database URL per role's store.")
     keys: Keys = Field(default=Keys(), description="The key ring.")
-    trusted_proxies: list[str] = Field(default=[], description=(
+    trusted_proxies: Cidrs = Field(default=[], description=(
         "Proxies (CIDRs) whose X-Forwarded-For is believed for the client address (sign-in throttling, audit)."))
     session_ttl: int = Field(default=12 * 3600, ge=60, description=(
         "Seconds after sign-in at which an SSO session ends."))
@@ -639,6 +706,7 @@ class Settings(_Strict):
     mail: Mail | None = Field(default=None, description=(
         "The SMTP relay; unset, no mail is sent and the sign-in page offers no password reset."))
     dpop: DPoP = Field(default=DPoP(), description="DPoP proofs (RFC 9449).")
+    mtls: MutualTLS = Field(default=MutualTLS(), description="TLS client certificates (RFC 8705).")
     backchannel_logout: BackChannelLogout = Field(default=BackChannelLogout(), description=(
         "Delivery of logout tokens (OpenID Connect Back-Channel Logout 1.0)."))
 
@@ -690,6 +758,14 @@ class Settings(_Strict):
                 raise ValueError(f"{where}.client_id: client {cluster.client_id!r} needs the openid scope")
         return self
 
+    @model_validator(mode="after")
+    def _mtls_ca(self) -> Settings:
+        needing = [c.client_id for c in self.clients if c.token_endpoint_auth_method == "tls_client_auth"]
+        if needing and self.mtls.ca_file is None:
+            raise ValueError(f"client {needing[0]}: tls_client_auth needs mtls.ca_file (the CAs its certificate "
+                             "chains to)")
+        return self
+
     @property
     def login_base(self) -> str:
         return (self.authentication_url or self.issuer).rstrip("/")
@@ -698,12 +774,6 @@ class Settings(_Strict):
     def scim_base(self) -> str:
         return (self.scim_url or f"{self.issuer.rstrip('/')}/scim/v2").rstrip("/")
 
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _cidrs(cls, values: list[str]) -> list[str]:
-        for value in values:
-            ipaddress.ip_network(value, strict=False)
-        return values
 
     @field_validator("connectors")
     @classmethod

@@ -22,6 +22,7 @@ import gc
 import logging
 import signal
 import socket
+import ssl
 import struct
 import time
 from types import FrameType
@@ -91,10 +92,24 @@ class CoalescedWrites:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through `CoalescedWrites`."""
+    """uvicorn's httptools protocol, writing through `CoalescedWrites`; on a TLS connection with a client
+    certificate, each request's scope carries it as the ASGI TLS extension's `client_cert_chain` (uvicorn does
+    not fill that extension)."""
+
+    _tls: dict | None = None
 
     def connection_made(self, transport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the handshake is done: the peer's certificate is known, if it sent one
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                self._tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)]}
         super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}
 
 
 # A classic BPF program of one instruction, "return 0": on a listening socket, every new SYN is dropped.
@@ -162,7 +177,8 @@ def freeze_startup_objects() -> None:
 
 
 def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, log_level: str, *,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, ssl_ca_certs: str | None = None,
+          ssl_cert_reqs: int = ssl.CERT_NONE) -> None:
     import uvloop
 
     async def main() -> None:
@@ -182,6 +198,8 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
             http=HttpProtocol,
             ssl_certfile=ssl_certfile,  # https directly (kube-apiserver accepts only an https issuer)
             ssl_keyfile=ssl_keyfile,
+            ssl_ca_certs=ssl_ca_certs,  # client certificates (RFC 8705), in the scope's TLS extension
+            ssl_cert_reqs=ssl_cert_reqs,
         )
         await DrainingServer(config, app, drain_delay).serve()
 

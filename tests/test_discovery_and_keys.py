@@ -26,7 +26,11 @@ async def test_metadata_describes_what_is_implemented(client, path):
         "authorization_code", "refresh_token", "client_credentials", "urn:ietf:params:oauth:grant-type:device_code",
         "urn:ietf:params:oauth:grant-type:token-exchange"}
     assert "password" not in meta["grant_types_supported"] and "implicit" not in meta["grant_types_supported"]
-    assert set(meta["token_endpoint_auth_methods_supported"]) == {"client_secret_basic", "client_secret_post", "private_key_jwt", "none"}
+    assert set(meta["token_endpoint_auth_methods_supported"]) == {
+        "client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth",
+        "self_signed_tls_client_auth", "none"}
+    assert meta["tls_client_certificate_bound_access_tokens"] is True  # RFC 8705 §3.3
+    assert "mtls_endpoint_aliases" not in meta  # only with mtls.endpoint_base
     assert meta["token_endpoint_auth_signing_alg_values_supported"] == ["RS256", "PS256", "ES256", "EdDSA"]
     # OIDC Discovery §3 required members, and what RFC 9700 / RFC 9207 ask to advertise.
     assert meta["response_types_supported"] == ["code"] and meta["subject_types_supported"] == ["public"]

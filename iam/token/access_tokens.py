@@ -23,6 +23,7 @@ from joserfc.errors import JoseError
 from iam.config import AccessTokenAlg, ClientConfig, Settings
 from iam.formats import jwt_claims
 from iam.keys import KeyRing, b64url
+from iam.token.holders import Holder, holder_of, token_type
 from iam.token.hot_cache import HotCache
 from iam.token.store import AccessTokenRow, TokenStore
 
@@ -38,43 +39,32 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def token_type(jkt: str | None) -> str:
-    """`token_type` of a token response and of introspection: DPoP for a key-bound token (RFC 9449 §5, §6.2)."""
-    return "Bearer" if jkt is None else "DPoP"
-
-
-def bound_key(claims: dict[str, Any]) -> str | None:
-    """The DPoP key thumbprint a token's claims bind it to (`cnf.jkt`, RFC 9449 §6.1), or None."""
-    cnf = claims.get("cnf")
-    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
-    return jkt if isinstance(jkt, str) else None
-
-
 def introspection_members(jwt: str) -> dict[str, Any]:
     """The RFC 7662 answer for a live token: the claims of its JWT (`cnf` included), plus `active` and
     `token_type`."""
     claims = jwt_claims(jwt)
-    return {"active": True, **claims, "token_type": token_type(bound_key(claims))}
+    return {"active": True, **claims, "token_type": token_type(holder_of(claims))}
 
 
 class LiveToken:
     """A live token's row, and what the hot path derives from it, each built at most once per cache entry."""
 
-    __slots__ = ("row", "until", "_introspection", "_audiences", "_jkt")
+    __slots__ = ("row", "until", "_introspection", "_audiences", "_holder")
 
     def __init__(self, row: AccessTokenRow, until: float) -> None:
         self.row = row
         self.until = until  # epoch seconds it may be served from the cache until
         self._introspection: bytes | None = None
         self._audiences: frozenset[str] | None = None
-        self._jkt: str | None | bool = False  # False: not read yet
+        self._holder: Holder | None | bool = False  # False: not read yet
 
     @property
-    def jkt(self) -> str | None:
-        """The DPoP key the token is bound to (`cnf.jkt`), or None for a bearer token; read once per entry."""
-        if self._jkt is False:
-            self._jkt = bound_key(jwt_claims(self.row.jwt))
-        return self._jkt  # type: ignore[return-value]
+    def holder(self) -> Holder | None:
+        """The DPoP key or certificate the token is bound to (`cnf`), or None for a bearer token; read once per
+        entry."""
+        if self._holder is False:
+            self._holder = holder_of(jwt_claims(self.row.jwt))
+        return self._holder  # type: ignore[return-value]
 
     @property
     def jwt(self) -> str:
@@ -120,11 +110,11 @@ class AccessTokens:
     def mint(
         self, client: ClientConfig, subject: str, scope: str, *, grant_id: str | None = None,
         claims: dict[str, Any] | None = None, audience: list[str] | None = None, ttl: int | None = None,
-        jkt: str | None = None,
+        holder: Holder | None = None,
     ) -> IssuedToken:
         """A new opaque token and its signed JWT; nothing is stored yet (see `issue`, or a grant's transaction).
-        `audience` narrows the client's (RFC 8707 resource indicators), `ttl` its token lifetime; `jkt` binds it
-        to a DPoP key (RFC 9449 §6.1: `cnf.jkt`)."""
+        `audience` narrows the client's (RFC 8707 resource indicators), `ttl` its token lifetime; `holder` binds it
+        to a DPoP key or a TLS client certificate (RFC 9449 §6.1 `cnf.jkt`, RFC 8705 §3.1 `cnf.x5t#S256`)."""
         now = int(self.clock())
         ttl = client.access_token_ttl if ttl is None else ttl
         audience = client.audience if audience is None else audience
@@ -145,8 +135,8 @@ class AccessTokens:
         }
         if scope:
             payload["scope"] = scope
-        if jkt is not None:
-            payload["cnf"] = {"jkt": jkt}
+        if holder is not None:
+            payload["cnf"] = holder.cnf
         jwt = self.keys.sign(payload, alg=self.alg, typ="at+jwt")
         row = AccessTokenRow(
             digest=key,
@@ -157,11 +147,11 @@ class AccessTokens:
             jwt=jwt,
             grant_id=grant_id,
         )
-        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row, token_type=token_type(jkt))
+        return IssuedToken(token=token, expires_in=ttl, scope=scope, jwt=jwt, row=row, token_type=token_type(holder))
 
     async def issue(self, client: ClientConfig, subject: str, scope: str,
-                    audience: list[str] | None = None, jkt: str | None = None) -> IssuedToken:
-        issued = self.mint(client, subject, scope, audience=audience, jkt=jkt)
+                    audience: list[str] | None = None, holder: Holder | None = None) -> IssuedToken:
+        issued = self.mint(client, subject, scope, audience=audience, holder=holder)
         await self.store.add_access_token(issued.row)
         return issued
 

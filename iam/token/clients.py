@@ -17,12 +17,14 @@ from urllib.parse import unquote
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography import x509
 from fastapi import Request
 
-from iam.config import ClientConfig
+from iam.config import MTLS_METHODS, ClientConfig
 from iam.errors import OAuthError, invalid_client
 from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
 from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
+from iam.token.mtls import ClientCertificates
 
 log = logging.getLogger("iam.clients")
 
@@ -34,8 +36,10 @@ def _digest(secret: str) -> bytes:
 
 
 class ClientRegistry:
-    def __init__(self, clients: list[ClientConfig], assertions: ClientAssertions) -> None:
+    def __init__(self, clients: list[ClientConfig], assertions: ClientAssertions,
+                 certificates: ClientCertificates) -> None:
         self.assertions = assertions
+        self.certificates = certificates
         self._base = assertions.issuer.rstrip("/")  # + an endpoint's path: the URL an assertion's aud may name
         self._clients: dict[str, ClientConfig] = {}
         self._digests: dict[str, bytes] = {}
@@ -58,8 +62,10 @@ class ClientRegistry:
     def __iter__(self) -> Iterator[ClientConfig]:
         return iter(self._clients.values())
 
-    async def authenticate(self, authorization: str | None, form: dict[str, str], path: str) -> ClientConfig:
-        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3), at the endpoint `path`."""
+    async def authenticate(self, authorization: str | None, form: dict[str, str], path: str,
+                           certificate: x509.Certificate | None = None) -> ClientConfig:
+        """Identify and authenticate the caller by exactly one method (RFC 6749 §2.3), at the endpoint `path`;
+        `certificate`: the TLS client certificate presented, if any (RFC 8705 §2)."""
         if "client_assertion" in form or "client_assertion_type" in form:
             return await self._by_assertion(authorization, form, self._base + path)
         if authorization is not None:
@@ -73,6 +79,11 @@ class ClientRegistry:
             client_id, secret, method = form.get("client_id", ""), form["client_secret"], "client_secret_post"
         elif "client_id" in form:
             client_id, secret, method = form["client_id"], None, "none"
+            registered = self._clients.get(client_id)
+            if registered is not None and registered.token_endpoint_auth_method in MTLS_METHODS:
+                # RFC 8705 §2: client_id in the request, the TLS client certificate is the credential.
+                self.certificates.authenticate(registered, certificate)
+                return registered
         else:
             raise invalid_client("client authentication is required")
 
@@ -124,13 +135,22 @@ class ClientRegistry:
 async def authenticate(request: Request, clients: ClientRegistry, form: dict[str, str]) -> ClientConfig:
     """Authenticate the calling client of an endpoint; failures are counted and audited."""
     try:
-        return await clients.authenticate(request.headers.get("authorization"), form, request.scope["path"])
+        return await clients.authenticate(request.headers.get("authorization"), form, request.scope["path"],
+                                          _certificate(request, clients, form))
     except OAuthError as exc:
         if exc.error == "invalid_client":
             CLIENT_AUTH_FAILURES.inc()
             audit("client.auth_failed", "failure", client_id=_claimed(request, clients, form),
                   source=source_of(request), reason=exc.description)
         raise
+
+
+def _certificate(request: Request, clients: ClientRegistry, form: dict[str, str]) -> x509.Certificate | None:
+    """The TLS client certificate, looked for only when the named client authenticates with one."""
+    client = clients.get(form.get("client_id", ""))
+    if client is None or client.token_endpoint_auth_method not in MTLS_METHODS:
+        return None
+    return clients.certificates.presented(request)
 
 
 def _claimed(request: Request, clients: ClientRegistry, form: dict[str, str]) -> str | None:

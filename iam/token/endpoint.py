@@ -5,7 +5,7 @@ import functools
 from fastapi import Request, Response
 from prometheus_client import Counter
 
-from iam.config import EXCHANGE_GRANT
+from iam.config import EXCHANGE_GRANT, ClientConfig
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.http import PlainRoute, read_form
 from iam.observability import TOKENS_ISSUED, audit, source_of
@@ -13,6 +13,7 @@ from iam.token.clients import authenticate
 from iam.token.device_codes import DEVICE_GRANT
 from iam.token.dpop import InvalidProof
 from iam.token.grants import authorization_code, client_credentials, device_code, refresh_token, token_exchange
+from iam.token.holders import Holder, certificate, dpop_key
 from iam.token.services import TokenServices, token_services
 
 GRANTS = {
@@ -41,14 +42,26 @@ async def token(request: Request) -> Response:
         raise OAuthError("unsupported_grant_type", "this server does not support that grant_type")
     if grant_type not in client.grant_types:
         raise OAuthError("unauthorized_client", "the client may not use this grant_type")
-    jkt = await _proof_key(request, services, client.dpop_bound_access_tokens)
-    body, subject = await handler(services, client, form, jkt)
+    holder = await _holder(request, services, client)
+    body, subject = await handler(services, client, form, holder)
     _issued(grant_type, client.client_id).inc()
     audit("token.refreshed" if grant_type == "refresh_token" else "token.issued", actor=subject,
           client_id=client.client_id, source=source_of(request), grant_type=grant_type, scope=body.get("scope"))
-    if jkt is not None and services.settings.dpop.require_nonce:
+    if holder is not None and holder.is_dpop and services.settings.dpop.require_nonce:
         return json_response(body, 200, {**NO_STORE, "DPoP-Nonce": services.dpop.nonces.current()})  # §8.2
     return json_response(body, 200, NO_STORE)
+
+
+async def _holder(request: Request, services: TokenServices, client: ClientConfig) -> Holder | None:
+    """Who the tokens issued are bound to: the client's TLS certificate if it is registered for certificate-bound
+    tokens (RFC 8705 §3.1), else the key of a DPoP proof (RFC 9449 §5), else no one."""
+    if client.tls_client_certificate_bound_access_tokens:
+        if request.headers.get("dpop") is not None:
+            raise OAuthError("invalid_request", "this client's tokens are bound to its TLS client certificate, "
+                                                "not to a DPoP key")
+        return certificate(services.certificates.bound(request))
+    jkt = await _proof_key(request, services, client.dpop_bound_access_tokens)
+    return None if jkt is None else dpop_key(jkt)
 
 
 async def _proof_key(request: Request, services: TokenServices, required: bool) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from iam.config import Settings
+from iam.config import MTLS_METHODS, Settings
 from iam.formats import ACR_VALUES, PROMPTS
 from iam.http import StaticDocument
 from iam.keys import KeyRing
@@ -16,13 +16,27 @@ from iam.token.dpop import DPOP_ALGS
 
 # On the wire a workload_identity client sends a jwt-bearer client assertion too (RFC 7523 §2.2): the methods a
 # client can name are these; workload_identity only says whose keys verify its assertion.
-CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+CONFIDENTIAL_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", *MTLS_METHODS]
+# RFC 8705 §5: the endpoints a client authenticates at or presents a certificate-bound token to.
+MTLS_ALIASED = {"token_endpoint": "/oauth/v2/token", "revocation_endpoint": "/oauth/v2/revoke",
+                "introspection_endpoint": "/oauth/v2/introspect", "userinfo_endpoint": "/oauth/v2/userinfo",
+                "device_authorization_endpoint": "/oauth/v2/device_authorization",
+                "pushed_authorization_request_endpoint": "/oauth/v2/par"}
 CACHE_CONTROL = "public, max-age=300"
 
 
 def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[str, Any]:
     base = settings.issuer.rstrip("/")
     scopes = sorted({scope for client in settings.clients for scope in client.scopes} | {"openid"})
+    document = _document(settings, grant_types, keys, base, scopes)
+    if settings.mtls.endpoint_base is not None:
+        mtls_base = settings.mtls.endpoint_base.rstrip("/")
+        document["mtls_endpoint_aliases"] = {name: mtls_base + path for name, path in MTLS_ALIASED.items()}
+    return document
+
+
+def _document(settings: Settings, grant_types: list[str], keys: KeyRing, base: str,
+              scopes: list[str]) -> dict[str, Any]:
     return {
         "issuer": settings.issuer,
         "authorization_endpoint": f"{base}/oauth/v2/authorize",
@@ -59,6 +73,7 @@ def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[
         "request_parameter_supported": False,
         "request_uri_parameter_supported": False,
         "dpop_signing_alg_values_supported": list(DPOP_ALGS),  # RFC 9449 §5.1
+        "tls_client_certificate_bound_access_tokens": True,  # RFC 8705 §3.3
     }
 
 

@@ -13,7 +13,9 @@ would be the caller's to choose.
 DPoP (RFC 9449 §7): a token bound to a key passes only as `Authorization: DPoP <opaque>` with a `DPoP` proof
 of that key for the API call itself, whose method and URL the ingress forwards (`dpop.original_request_headers`:
 X-Original-Method / X-Original-URL, or X-Forwarded-Method / -Proto / -Host / -Uri); the ingress must set these
-itself, never pass on the caller's. A bearer token is recognised by its cached row: no new work for it.
+itself, never pass on the caller's. mTLS (RFC 8705 §3): a token bound to a certificate passes only with that
+certificate, in the header the ingress sets from its TLS handshake (`mtls.certificate_header`, from
+`mtls.trusted_proxies`). A bearer token is recognised by its cached row: no new work for it.
 """
 
 from urllib.parse import parse_qs
@@ -23,12 +25,14 @@ from fastapi import Request, Response
 from iam.errors import OAuthError, invalid_token
 from iam.http import PlainRoute, access_token
 from iam.observability import INTROSPECTIONS
+from iam.token.holders import Holder
+from iam.token.senders import check_sender
 from iam.token.services import TokenServices, token_services
 
 ACTIVE = INTROSPECTIONS.labels("phantom", "active")
 INACTIVE = INTROSPECTIONS.labels("phantom", "inactive")
 WRONG_AUDIENCE = INTROSPECTIONS.labels("phantom", "wrong_audience")
-UNPROVEN = INTROSPECTIONS.labels("phantom", "invalid_dpop_proof")
+UNPROVEN = INTROSPECTIONS.labels("phantom", "unproven_holder")
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -43,9 +47,10 @@ async def phantom(request: Request) -> Response:
     if live is None:
         INACTIVE.inc()
         return invalid_token("the access token is invalid, expired or revoked").response()
-    if live.jkt is not None or scheme == "dpop":
+    holder = live.holder
+    if holder is not None or scheme == "dpop":
         try:
-            await _check_proof(request, services, scheme, token, live.jkt)
+            await _check_sender(request, services, scheme, token, holder)
         except OAuthError as exc:
             UNPROVEN.inc()
             return exc.response()
@@ -59,15 +64,16 @@ async def phantom(request: Request) -> Response:
     return Response(status_code=200, headers={"Authorization": f"Bearer {live.jwt}", "Cache-Control": "no-store"})
 
 
-async def _check_proof(request: Request, services: TokenServices, scheme: str, token: str, bound: str | None) -> None:
-    """RFC 9449 §7.1 for the API call the ingress asks about."""
+async def _check_sender(request: Request, services: TokenServices, scheme: str, token: str,
+                        holder: Holder | None) -> None:
+    """RFC 9449 §7.1 or RFC 8705 §3 for the API call the ingress asks about."""
     headers = request.headers
     if services.settings.dpop.original_request_headers == "x-original":
         method, url = headers.get("x-original-method"), headers.get("x-original-url")
     else:
         method, proto, host, uri = (headers.get(f"x-forwarded-{name}") for name in ("method", "proto", "host", "uri"))
         url = f"{proto}://{host}{uri}" if proto and host and uri else None
-    await services.dpop.check_presented(scheme, token, bound, headers.getlist("dpop"), method and method.upper(), url)
+    await check_sender(services, request, scheme, token, holder, method and method.upper(), url)
 
 
 # Plain routes, mounted on the app itself (iam/app.py): the hot path skips FastAPI's per-request machinery.

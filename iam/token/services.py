@@ -18,6 +18,7 @@ from iam.token.device_codes import DeviceApprovals
 from iam.token.dpop import Nonces, ProofVerifier
 from iam.token.hot_cache import HotCache, RevocationListener
 from iam.token.metadata import Documents
+from iam.token.mtls import ClientCertificates
 from iam.token.store import TokenStore
 
 
@@ -46,7 +47,9 @@ class TokenServices:
                 self.hot_cache, lambda: store.connect_driver(server_settings=listener_name))
         self.store = TokenStore(store.engine, self.hot_cache)
         self.key_sources = KeySources()  # the keys of private_key_jwt clients and of trusted workload issuers
-        self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources))
+        self.certificates = ClientCertificates(settings.mtls, settings.clients)  # RFC 8705
+        self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources),
+                                      self.certificates)
         self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
         self.documents = Documents(settings, grant_types, self.keys)
         # Nonces keyed by the key ring's data key: the same on every replica that shares the key ring.

@@ -36,6 +36,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
 from iam.store import SqliteDirect, doomed
+from iam.token.holders import Holder
 from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
@@ -78,6 +79,8 @@ grants = Table(
     Column("revoked", Boolean, nullable=False, default=False),
     # The JWK thumbprint of the DPoP key its code and a public client's refresh tokens are bound to (RFC 9449).
     Column("dpop_jkt", String(64)),
+    # The x5t#S256 of the TLS client certificate a public client's refresh tokens are bound to (RFC 8705 §4).
+    Column("cnf_x5t", String(64)),
     Index("ix_grants_subject_client_id", "subject", "client_id"),  # a person's grants to one client
 )
 
@@ -206,7 +209,7 @@ _INSERT_SQLITE = (
 
 _GRANT_COLUMNS = [grants.c[name] for name in (
     "client_id", "subject", "scope", "sid", "auth_time", "amr", "acr", "connector", "nonce", "offline", "created_at",
-    "dpop_jkt",
+    "dpop_jkt", "cnf_x5t",
 )] + [grants.c.expires_at.label("grant_expires_at"), grants.c.revoked.label("grant_revoked")]
 
 
@@ -461,9 +464,9 @@ class TokenStore:
         return None if found is None else _row(found)
 
     async def redeem_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None,
-                          bind: tuple[str, str] | None = None) -> bool:
+                          bind: tuple[str, Holder] | None = None) -> bool:
         """Mark the code used and store what it bought, atomically; False if another request won the race.
-        `bind` (grant id, DPoP key thumbprint) binds the grant's refresh tokens to that key."""
+        `bind` (grant id, holder) binds the grant's refresh tokens to that DPoP key or certificate."""
         async with self.engine.begin() as conn:
             won = await conn.execute(
                 update(codes).where(codes.c.digest == digest, codes.c.consumed.is_(False)).values(consumed=True)
@@ -607,7 +610,7 @@ class TokenStore:
         return None if found is None else _row(found)
 
     async def redeem_device_code(self, digest: bytes, access: AccessTokenRow, refresh: RefreshTokenRow | None,
-                                 bind: tuple[str, str] | None = None) -> bool:
+                                 bind: tuple[str, Holder] | None = None) -> bool:
         async with self.engine.begin() as conn:
             won = await conn.execute(
                 update(device_codes)
@@ -664,11 +667,12 @@ def _access_values(row: AccessTokenRow) -> dict[str, Any]:
 
 
 async def _add_tokens(conn: AsyncConnection, access: AccessTokenRow, refresh: RefreshTokenRow | None,
-                      bind: tuple[str, str] | None = None) -> None:
+                      bind: tuple[str, Holder] | None = None) -> None:
     await conn.execute(insert(access_tokens).values(_access_values(access)))
     if bind is not None:
-        grant_id, jkt = bind
-        await conn.execute(update(grants).where(grants.c.id == grant_id).values(dpop_jkt=jkt))
+        grant_id, holder = bind
+        column = "dpop_jkt" if holder.is_dpop else "cnf_x5t"
+        await conn.execute(update(grants).where(grants.c.id == grant_id).values({column: holder.thumbprint}))
     if refresh is not None:
         await conn.execute(
             insert(refresh_tokens).values(

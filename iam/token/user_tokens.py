@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from iam.config import ClientConfig
@@ -9,6 +10,7 @@ from iam.errors import OAuthError
 from iam.peers import UserClaims
 from iam.token.access_tokens import IssuedToken, digest, new_token
 from iam.token.claims import ID_TOKEN_TYP, id_token_claims, scoped_claims
+from iam.token.holders import Holder, certificate, dpop_key
 from iam.token.services import TokenServices
 from iam.token.store import RefreshTokenRow
 
@@ -29,23 +31,36 @@ async def current_user(services: TokenServices, grant: dict[str, Any], *, refres
     return user
 
 
-def check_bound_key(client: ClientConfig, grant: dict[str, Any], jkt: str | None, *, code: bool) -> None:
-    """A grant bound to a DPoP key (RFC 9449 §10 `dpop_jkt` for its code, §5 a public client's refresh tokens)
-    yields tokens only with a proof of that key."""
-    bound = grant.get("dpop_jkt")
+def grant_holder(grant: dict[str, Any]) -> Holder | None:
+    """The holder a grant is bound to: the DPoP key of its code (RFC 9449 §10 `dpop_jkt`) or of a public client's
+    refresh tokens (§5), or the TLS client certificate of a public client's refresh tokens (RFC 8705 §4)."""
+    if grant.get("dpop_jkt") is not None:
+        return dpop_key(grant["dpop_jkt"])
+    if grant.get("cnf_x5t") is not None:
+        return certificate(grant["cnf_x5t"])
+    return None
+
+
+def check_bound_key(client: ClientConfig, grant: dict[str, Any], holder: Holder | None, *, code: bool) -> None:
+    """A grant bound to a holder yields tokens only to that holder: its code (a DPoP key), or a public client's
+    refresh tokens."""
+    bound = grant_holder(grant)
     if bound is None or not (code or client.is_public):
         return
-    if jkt is None:
-        raise OAuthError("invalid_dpop_proof", "a DPoP proof of the key the grant is bound to is required")
-    if jkt != bound:
-        raise OAuthError("invalid_grant", "the grant is bound to another DPoP key")
+    if holder is None or holder.member != bound.member:
+        if bound.is_dpop:
+            raise OAuthError("invalid_dpop_proof", "a DPoP proof of the key the grant is bound to is required")
+        raise OAuthError("invalid_grant", "the grant is bound to a TLS client certificate: present it")
+    if not hmac.compare_digest(holder.thumbprint.encode(), bound.thumbprint.encode()):
+        raise OAuthError("invalid_grant", "the grant is bound to another DPoP key" if bound.is_dpop
+                         else "the grant is bound to another TLS client certificate")
 
 
-def binding(client: ClientConfig, grant: dict[str, Any], jkt: str | None) -> tuple[str, str] | None:
-    """RFC 9449 §5: a public client's refresh tokens are bound to the key of the proof they were issued with."""
-    if jkt is None or not client.is_public or grant.get("dpop_jkt") is not None:
+def binding(client: ClientConfig, grant: dict[str, Any], holder: Holder | None) -> tuple[str, Holder] | None:
+    """A public client's refresh tokens are bound to the holder they were issued to (RFC 9449 §5, RFC 8705 §4)."""
+    if holder is None or not client.is_public or grant_holder(grant) is not None:
         return None
-    return grant["grant_id"], jkt
+    return grant["grant_id"], holder
 
 
 def _rechecked_upstream(services: TokenServices, connector_id: str) -> bool:
@@ -56,14 +71,14 @@ def _rechecked_upstream(services: TokenServices, connector_id: str) -> bool:
 
 
 def mint(services: TokenServices, client: ClientConfig, grant: dict[str, Any], user: UserClaims, scope: str,
-         now: int, *, include_nonce: bool, jkt: str | None
+         now: int, *, include_nonce: bool, holder: Holder | None
          ) -> tuple[dict[str, Any], IssuedToken, RefreshTokenRow | None]:
     """Build the token response and the rows to store with it; all signing happens here, before any write.
-    `jkt`: the DPoP key the access token is bound to (RFC 9449 §5)."""
+    `holder`: the DPoP key or certificate the access token is bound to (RFC 9449 §5, RFC 8705 §3)."""
     scopes = set(scope.split())
     access = services.access_tokens.mint(
         client, user.sub, scope, grant_id=grant["grant_id"],
-        claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)}, jkt=jkt,
+        claims={"auth_time": grant["auth_time"], **scoped_claims(user, scopes)}, holder=holder,
     )
     body = {"access_token": access.token, "token_type": access.token_type, "expires_in": access.expires_in,
             "scope": scope}

@@ -6,6 +6,7 @@ from iam.errors import NO_STORE, insufficient_scope, invalid_token, json_respons
 from iam.formats import jwt_claims
 from iam.http import access_token
 from iam.token.claims import scoped_claims
+from iam.token.senders import check_sender
 from iam.token.services import token_services
 
 router = APIRouter()
@@ -22,9 +23,10 @@ async def userinfo(request: Request) -> Response:
     live = await services.access_tokens.live(token)
     if live is None or live.row.grant_id is None:
         raise invalid_token("the access token is invalid, expired or revoked")
-    # RFC 9449 §7.1: userinfo is a protected resource; its URL is the public one, never the Host header's.
-    await services.dpop.check_presented(scheme, token, live.jkt, request.headers.getlist("dpop"), request.method,
-                                        services.settings.issuer.rstrip("/") + "/oauth/v2/userinfo")
+    # RFC 9449 §7.1, RFC 8705 §3: userinfo is a protected resource; its URL is the public one, never the Host
+    # header's.
+    await check_sender(services, request, scheme, token, live.holder, request.method,
+                       services.settings.issuer.rstrip("/") + "/oauth/v2/userinfo")
     row = live.row
     scopes = set(jwt_claims(row.jwt).get("scope", "").split())
     if "openid" not in scopes:

@@ -13,12 +13,13 @@ from iam.errors import OAuthError, invalid_grant
 from iam.observability import audit
 from iam.token import pkce
 from iam.token.access_tokens import TOKEN_SHAPE, digest
+from iam.token.holders import Holder
 from iam.token.services import TokenServices
 from iam.token.user_tokens import binding, check_bound_key, current_user, mint
 
 
 async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
-                jkt: str | None) -> tuple[dict[str, Any], str]:
+                holder: Holder | None) -> tuple[dict[str, Any], str]:
     code = form.get("code")
     if code is None:
         raise OAuthError("invalid_request", "code is required")
@@ -45,11 +46,11 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     elif not pkce.verifier_matches(verifier, found["code_challenge"]):
         raise invalid_grant("code_verifier does not match code_challenge")
 
-    check_bound_key(client, found, jkt, code=True)
+    check_bound_key(client, found, holder, code=True)
 
     user = await current_user(services, found)
-    body, access, refresh = mint(services, client, found, user, found["scope"], now, include_nonce=True, jkt=jkt)
-    if not await services.store.redeem_code(code_digest, access.row, refresh, binding(client, found, jkt)):
+    body, access, refresh = mint(services, client, found, user, found["scope"], now, include_nonce=True, holder=holder)
+    if not await services.store.redeem_code(code_digest, access.row, refresh, binding(client, found, holder)):
         await _replayed(services, found)  # lost a race with another use: that is a replay
         raise invalid_grant("the code was already used")
     return body, user.sub

@@ -6,12 +6,13 @@ from typing import Any
 from iam.config import ClientConfig
 from iam.errors import OAuthError
 from iam.token.access_tokens import TOKEN_SHAPE, digest
+from iam.token.holders import Holder
 from iam.token.services import TokenServices
 from iam.token.user_tokens import binding, current_user, mint
 
 
 async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
-                jkt: str | None) -> tuple[dict[str, Any], str]:
+                holder: Holder | None) -> tuple[dict[str, Any], str]:
     device_code = form.get("device_code")
     if device_code is None:
         raise OAuthError("invalid_request", "device_code is required")
@@ -37,8 +38,8 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
         raise OAuthError("invalid_grant", "the grant was revoked")
     user = await current_user(services, grant_row)
     body, access, refresh = mint(services, client, grant_row, user, grant_row["scope"], now,
-                                 include_nonce=False, jkt=jkt)
+                                 include_nonce=False, holder=holder)
     if not await services.store.redeem_device_code(code_digest, access.row, refresh,
-                                                   binding(client, grant_row, jkt)):
+                                                   binding(client, grant_row, holder)):
         raise OAuthError("invalid_grant", "the device code was already used")
     return body, user.sub

@@ -17,6 +17,7 @@ from iam.errors import OAuthError, invalid_grant
 from iam.observability import REFRESH_REUSE, audit
 from iam.security import seal, unseal
 from iam.token.access_tokens import TOKEN_SHAPE, digest
+from iam.token.holders import Holder
 from iam.token.scopes import granted_scope
 from iam.token.services import TokenServices
 from iam.token.user_tokens import check_bound_key, current_user, mint
@@ -25,7 +26,7 @@ SUCCESSOR = b"iam refresh successor v1"
 
 
 async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
-                jkt: str | None) -> tuple[dict[str, Any], str]:
+                holder: Holder | None) -> tuple[dict[str, Any], str]:
     token = form.get("refresh_token")
     if token is None:
         raise OAuthError("invalid_request", "refresh_token is required")
@@ -38,7 +39,7 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
         raise invalid_grant("unknown refresh token")  # RFC 9700 §4.14.1: bound to its client
     if found["revoked"] or found["grant_revoked"]:
         raise invalid_grant("the refresh token was revoked")
-    check_bound_key(client, found, jkt, code=False)  # RFC 9449 §5: before a reuse can revoke anything
+    check_bound_key(client, found, holder, code=False)  # RFC 9449 §5: before a reuse can revoke anything
     if found["used_at"] is not None:
         return await _retry_or_revoke(services, client, found, token, now), found["subject"]
     if found["expires_at"] < now or found["grant_expires_at"] < now:
@@ -47,7 +48,7 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     scope = granted_scope(form.get("scope"), frozenset(granted)) if "scope" in form else found["scope"]
 
     user = await current_user(services, found, refreshing=True)
-    body, access, refresh = mint(services, client, found, user, scope, now, include_nonce=False, jkt=jkt)
+    body, access, refresh = mint(services, client, found, user, scope, now, include_nonce=False, holder=holder)
     sealed = seal(token, SUCCESSOR, json.dumps(body).encode()) if client.refresh_reuse_window else None
     if not await services.store.rotate_refresh_token(token_digest, now, access.row, refresh, sealed):
         # Spent concurrently: the winner may have left its successor for us.

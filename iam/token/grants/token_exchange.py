@@ -20,6 +20,7 @@ from iam.config import ClientConfig
 from iam.errors import OAuthError
 from iam.formats import jwt_claims
 from iam.token.client_assertions import AssertionRejected
+from iam.token.holders import Holder
 from iam.token.resources import check_resource
 from iam.token.scopes import granted_scope
 from iam.token.services import TokenServices
@@ -42,7 +43,7 @@ class _Token:
 
 
 async def grant(services: TokenServices, client: ClientConfig, form: dict[str, str],
-                jkt: str | None) -> tuple[dict[str, Any], str]:
+                holder: Holder | None) -> tuple[dict[str, Any], str]:
     policy = client.token_exchange
     assert policy is not None  # the config validator pairs the grant with its policy
     subject = await _token(services, client, form, "subject_token", own_only=False)
@@ -65,7 +66,7 @@ async def grant(services: TokenServices, client: ClientConfig, form: dict[str, s
     if ttl <= 0:
         raise OAuthError("invalid_request", "the subject_token has expired")
     issued = services.access_tokens.mint(client, subject.subject, scope, grant_id=subject.grant_id, claims=claims,
-                                         audience=audience, ttl=ttl, jkt=jkt)
+                                         audience=audience, ttl=ttl, holder=holder)
     await services.store.add_access_token(issued.row)
     body: dict[str, Any] = {"access_token": issued.token, "issued_token_type": ACCESS_TOKEN_TYPE,
                             "token_type": issued.token_type, "expires_in": issued.expires_in}
