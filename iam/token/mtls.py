@@ -163,7 +163,7 @@ class ClientCertificates:
     def authenticate(self, client: ClientConfig, certificate: x509.Certificate | None) -> None:
         """RFC 8705 §2: the client's certificate authenticates it, or invalid_client."""
         if certificate is None:
-            raise invalid_client("a TLS client certificate is required (RFC 8705 §2)")
+            raise invalid_client("a TLS client certificate is required")
         if client.token_endpoint_auth_method == "tls_client_auth":
             if self._verifier is None or not self._chains(certificate):
                 raise invalid_client("the TLS client certificate is not issued by a trusted CA")
@@ -195,7 +195,7 @@ class ClientCertificates:
         certificate = self.presented(request)
         if certificate is None:
             raise OAuthError("invalid_request", "this client's tokens are bound to its TLS client certificate: "
-                                                "present one (RFC 8705 §3)")
+                                                "present one")
         return x5t_s256(certificate)
 
 
