@@ -1,6 +1,8 @@
-"""Benchmark forward-auth (`GET /oauth/v2/phantom`) with DPoP proofs (RFC 9449 §7) beside a bearer token, in one
-run: `bearer` (the hot path), `dpop_es256` and `dpop_eddsa` (a DPoP-bound token, a new proof per request: its
-signature verified, its jti recorded in the token store, as every proof must be).
+"""Benchmark forward-auth (`GET /oauth/v2/phantom`) with DPoP proofs (RFC 9449 §7) and TLS client certificates
+(RFC 8705 §3) beside a bearer token, in one run: `bearer` (the hot path), `dpop_es256` and `dpop_eddsa` (a
+DPoP-bound token, a new proof per request: its signature verified, its jti recorded in the token store, as every
+proof must be), `mtls` (a certificate-bound token with the client's certificate in the `ssl-client-cert` header,
+URL-encoded PEM as nginx forwards it: parsed and hashed per request).
 
 `python bench/dpop.py` (from the repository root; `--help`). It starts, in a temp dir, a throw-away PostgreSQL
 (tests/postgres.py) and one `iam serve` (role token), gets one token per scenario, and signs the proofs before
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.client_auth import _create_database, run  # noqa: E402
 from tests.dpop import DPoPClient  # noqa: E402
+from tests.pki import TestCA  # noqa: E402
 from tests.postgres import cluster, free_port  # noqa: E402
 from tests.server import serve, write_config  # noqa: E402
 
@@ -43,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10, help="seconds per scenario (default 10)")
     parser.add_argument("--connections", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--proofs", type=int, default=20000, help="proofs signed before each DPoP run (default 20000)")
-    parser.add_argument("--scenarios", default="bearer,dpop_es256,dpop_eddsa")
+    parser.add_argument("--scenarios", default="bearer,dpop_es256,dpop_eddsa,mtls")
     return parser.parse_args()
 
 
@@ -54,9 +57,15 @@ def main() -> None:
         postgres = stack.enter_context(cluster())
         port = free_port()
         base = f"http://127.0.0.1:{port}"
+        pki = TestCA(tmp_path / "pki")
+        certificate = pki.client("bench-mtls", "CN=bench-mtls,O=Bench")
         config = write_config(tmp_path, issuer=base, log_level="warning", purge_interval=0, clients=[
             {"client_id": "bench", "client_secret": "${BENCH_SECRET}", "grant_types": ["client_credentials"],
-             "scope": "api:read", "access_token_ttl": 3600}])
+             "scope": "api:read", "access_token_ttl": 3600},
+            {"client_id": "bench-mtls", "token_endpoint_auth_method": "tls_client_auth",
+             "tls_client_auth_subject_dn": "CN=bench-mtls,O=Bench", "grant_types": ["client_credentials"],
+             "scope": "api:read", "access_token_ttl": 3600, "tls_client_certificate_bound_access_tokens": True}],
+            mtls={"trusted_proxies": ["127.0.0.1/32"], "ca_file": str(pki.path)})
         database = asyncio.run(_create_database(postgres))
         env = {"IAM_CONFIG": str(config), "SERVICE_ROLE": "token", "IAM_KEYS_DIR": str(tmp_path / "keys"),
                "BENCH_SECRET": SECRET, "IAM_TOKEN_DATABASE_URL": f"postgresql+asyncpg://{database}",
@@ -80,11 +89,20 @@ def main() -> None:
             auth = {"Authorization": f"DPoP {bound}", **original}
             return lambda: (lambda p: None if p is None else ({}, {**auth, "DPoP": p}))(next(proofs, None))
 
+        def certificate_bound() -> Callable[[], tuple[dict, dict] | None]:
+            presented = {"ssl-client-cert": certificate.escaped_pem}  # as the gateway forwards it
+            response = httpx.post(f"{base}/oauth/v2/token", headers=presented,
+                                  data={"grant_type": "client_credentials", "client_id": "bench-mtls"})
+            response.raise_for_status()
+            headers = {"Authorization": f"Bearer {response.json()['access_token']}", **presented}
+            return lambda: ({}, headers)
+
         bearer = {"Authorization": f"Bearer {token(None)}"}
         makers: dict[str, Callable[[], Callable[[], tuple[dict, dict] | None]]] = {
             "bearer": lambda: lambda: ({}, bearer),
             "dpop_es256": lambda: proven("ES256"),
             "dpop_eddsa": lambda: proven("EdDSA"),
+            "mtls": certificate_bound,
         }
         phantom = f"{base}/oauth/v2/phantom"
         results = {}
