@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography import x509
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -267,6 +268,23 @@ class ClientConfig(_Strict):
     def _key_set(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             check_key_set(value)
+        return value
+
+    @field_validator("tls_client_auth_subject_dn")
+    @classmethod
+    def _distinguished_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                x509.Name.from_rfc4514_string(value)
+            except ValueError as exc:
+                raise ValueError(f"not an RFC 4514 distinguished name: {exc}") from None
+        return value
+
+    @field_validator("tls_client_auth_san_ip")
+    @classmethod
+    def _ip_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
         return value
 
     @field_validator("redirect_uris", "post_logout_redirect_uris")

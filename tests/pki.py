@@ -94,8 +94,9 @@ class TestCA:
                                                         x509.DNSName("localhost")], ExtendedKeyUsageOID.SERVER_AUTH)
 
     def client(self, name: str, dn: str, sans: list[x509.GeneralName] | None = None) -> Credential:
-        """A client certificate with the subject `dn` and these SAN entries."""
-        return self._issue(name, dn, sans or [x509.DNSName(f"{name}.clients.test")], ExtendedKeyUsageOID.CLIENT_AUTH)
+        """A client certificate with the subject `dn` and these SAN entries (none: no SAN extension)."""
+        sans = [x509.DNSName(f"{name}.clients.test")] if sans is None else sans
+        return self._issue(name, dn, sans, ExtendedKeyUsageOID.CLIENT_AUTH)
 
     def _issue(self, name: str, dn: str, sans: list[x509.GeneralName], usage) -> Credential:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -104,11 +105,12 @@ class TestCA:
             x509.CertificateBuilder().subject_name(_name(dn)).issuer_name(self.name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
         )
+        if sans:
+            certificate = certificate.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        certificate = certificate.sign(self.key, hashes.SHA256())
         return _written(self.directory, name, certificate, key)
 
 

@@ -25,6 +25,7 @@ from iam.formats import jwt_claims
 from iam.token.mtls import from_header
 from iam.token.store import access_tokens
 from tests.conftest import ISSUER, client_config, make_settings
+from tests.dpop import DPoPClient
 from tests.oauth import code_flow
 from tests.pki import Credential, TestCA, self_signed
 from tests.postgres import free_port
@@ -38,6 +39,7 @@ class Pki:
     def __init__(self, directory: Path) -> None:
         self.ca = TestCA(directory / "ca")
         self.dn = self.ca.client("svc-dn", "CN=svc-dn,O=Example")
+        self.dn_only = self.ca.client("svc-dn-only", "CN=svc-dn,O=Example", [])  # no SAN: the DN is enough
         self.wrong_dn = self.ca.client("other-dn", "CN=intruder,O=Example")
         self.san = self.ca.client("svc-san", "CN=anything", [x509.DNSName("svc.clients.test")])
         self.wrong_san = self.ca.client("other-san", "CN=anything", [x509.DNSName("other.clients.test")])
@@ -136,6 +138,11 @@ async def test_tls_client_auth_by_subject_dn_binds_the_token_to_the_certificate(
     assert introspected.json()["token_type"] == "Bearer"
 
 
+async def test_tls_client_auth_by_subject_dn_needs_no_san(client, pki):
+    response = await mtls_token(client, "svc-dn", pki.dn_only)
+    assert response.status_code == 200, response.text
+
+
 async def test_tls_client_auth_by_san_dns(client, app, pki):
     response = await mtls_token(client, "svc-san", pki.san)
     assert response.status_code == 200, response.text
@@ -173,6 +180,15 @@ async def test_the_certificate_header_from_an_untrusted_address_is_ignored(untru
     counts for nothing, so the client is unauthenticated."""
     rows = await token_rows(app)
     assert_invalid_client(await mtls_token(untrusted, "svc-dn", pki.dn))
+    assert await token_rows(app) == rows
+
+
+async def test_a_certificate_bound_client_gets_no_dpop_bound_token_instead(client, app, pki):
+    rows = await token_rows(app)
+    proof = DPoPClient().proof("POST", f"{ISSUER}/oauth/v2/token")
+    response = await client.post("/oauth/v2/token", data={"grant_type": "client_credentials", "client_id": "svc-dn"},
+                                 headers={**presenting(pki.dn), "DPoP": proof})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request", response.text
     assert await token_rows(app) == rows
 
 
@@ -278,6 +294,10 @@ def test_the_configuration_refuses_an_ambiguous_or_unanchored_mtls_client(tmp_pa
         ClientConfig.model_validate(base)
     with pytest.raises(ValidationError, match="exactly one of"):
         ClientConfig.model_validate({**base, "tls_client_auth_subject_dn": "CN=c", "tls_client_auth_san_dns": "c"})
+    with pytest.raises(ValidationError, match="RFC 4514"):
+        ClientConfig.model_validate({**base, "tls_client_auth_subject_dn": "not a DN"})
+    with pytest.raises(ValidationError):
+        ClientConfig.model_validate({**base, "tls_client_auth_san_ip": "999.1.1.1"})
     with pytest.raises(ValidationError, match="for tls_client_auth clients only"):
         ClientConfig.model_validate({"client_id": "c", "client_secret": "s" * 20, "tls_client_auth_san_dns": "c",
                                      "grant_types": ["client_credentials"]})

@@ -23,24 +23,35 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from starlette.requests import Request
 
 from iam.config import ClientConfig, MutualTLS
 from iam.errors import OAuthError, invalid_client, invalid_token
 from iam.jwks import check_key_set
+from iam.runtime import StartupError
 
 log = logging.getLogger("iam.mtls")
 
 MAX_HEADER_CHARS = 16384  # a certificate header longer than this is not one certificate
 _SCOPE_KEY = "iam.client_certificate"  # the request's certificate, parsed once per request
 _NONE = object()
+# The Web PKI's rules for a client certificate, less two that private CAs often do not follow: a client registered
+# by its subject DN may have no SAN, and a certificate may lack the authority key identifier. The signature, the
+# validity period, the CA's basic constraints and key usage, and extendedKeyUsage clientAuth if it is there are
+# still checked.
+_CLIENT = (ExtensionPolicy.webpki_defaults_ee()
+           .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+           .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None))
+# An Envoy x-forwarded-client-cert element starts with one of its keys.
+_XFCC = re.compile(r"^\s*(by|hash|cert|chain|subject|uri|dns)=", re.IGNORECASE)
 
 
 def x5t_s256(certificate: x509.Certificate) -> str:
@@ -54,7 +65,7 @@ def from_header(value: str) -> x509.Certificate | None:
     value = value.strip()
     if not value or len(value) > MAX_HEADER_CHARS:
         return None
-    if "cert=" in value.lower():  # Envoy: By=...;Hash=...;Cert="<URL-encoded PEM>";Subject=...
+    if _XFCC.match(value):  # Envoy: By=...;Hash=...;Cert="<URL-encoded PEM>";Subject=...
         if "," in value:
             return None  # more than one element: not the one client's certificate Envoy set (SANITIZE_SET)
         parts = dict(part.split("=", 1) for part in value.split(";") if "=" in part)
@@ -118,9 +129,12 @@ class ClientCertificates:
     def __init__(self, settings: MutualTLS, clients: list[ClientConfig]) -> None:
         self.header = settings.certificate_header
         self.proxies = [ipaddress.ip_network(net, strict=False) for net in settings.trusted_proxies]
+        self._warned = False
         self._verifier = None
         if settings.ca_file is not None:
-            self._verifier = PolicyBuilder().store(Store(_certificates(settings.ca_file))).build_client_verifier()
+            self._verifier = (PolicyBuilder().store(Store(_certificates(settings.ca_file)))
+                              .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_CLIENT)
+                              .build_client_verifier())
         # self_signed_tls_client_auth (§2.2): the public keys of each client's registered certificates.
         self._keys: dict[str, list[bytes]] = {
             client.client_id: [key.as_pem(private=False) for key in check_key_set(client.jwks)]
@@ -140,8 +154,10 @@ class ClientCertificates:
         if value is not None:
             if self._from_proxy(request):
                 return from_header(value)
-            log.warning("ignored the %s header of a request from %s, not one of mtls.trusted_proxies", self.header,
-                        request.client.host if request.client else "unknown")
+            if not self._warned:  # once: anyone may send the header, the log is not theirs to fill
+                self._warned = True
+                log.warning("ignored the %s header of a request from %s, not one of mtls.trusted_proxies (logged "
+                            "once)", self.header, request.client.host if request.client else "unknown")
         tls = request.scope.get("extensions", {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or ()
         if not chain:
@@ -200,4 +216,7 @@ class ClientCertificates:
 
 
 def _certificates(path: Path) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(path.read_bytes())
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"mtls.ca_file {path}: {exc}") from None
