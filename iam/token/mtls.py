@@ -19,7 +19,7 @@ resource answers 401 invalid_token to such a token presented without that very c
 from __future__ import annotations
 
 import base64
-import hashlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from starlette.requests import Request
@@ -56,10 +57,10 @@ _XFCC = re.compile(r"^\s*(by|hash|cert|chain|subject|uri|dns)=", re.IGNORECASE)
 
 def x5t_s256(certificate: x509.Certificate) -> str:
     """`x5t#S256` (RFC 8705 §3.1): base64url of the SHA-256 of the certificate's DER."""
-    digest = hashlib.sha256(certificate.public_bytes(Encoding.DER)).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(certificate.fingerprint(hashes.SHA256())).rstrip(b"=").decode()
 
 
+@functools.lru_cache(maxsize=1024)  # the same few clients call again and again: parse each certificate once
 def from_header(value: str) -> x509.Certificate | None:
     """The client certificate in a proxy's header; None if it is empty or not one."""
     value = value.strip()
