@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -271,8 +272,10 @@ async def test_userinfo_answers_a_bound_token_only_with_its_certificate(client, 
 # -- the header's forms, discovery, configuration ----------------------------------------------------------------
 def test_the_certificate_header_forms_of_nginx_caddy_traefik_and_envoy(tmp_path):
     credential = TestCA(tmp_path).client("c", "CN=c")
-    envoy = f'By=spiffe://cluster.local/ns/a/sa/b;Hash=abc;Cert="{credential.escaped_pem}";Subject="CN=c"'
-    for value in (credential.escaped_pem, credential.der_base64, envoy):
+    envoy = (f'By=spiffe://cluster.local/ns/a/sa/b;Hash=abc;Cert="{credential.escaped_pem}";'
+             'Subject="CN=c,O=Example";URI=spiffe://cluster.local/ns/c/sa/d')
+    traefik = quote(credential.der_base64, safe="") + "," + quote(credential.der_base64, safe="")  # the chain
+    for value in (credential.escaped_pem, credential.der_base64, traefik, envoy):
         assert from_header(value) == credential.certificate
     for junk in ("", "   ", "not a certificate", "%%%", envoy + "," + envoy, "A" * 20000):
         assert from_header(junk) is None

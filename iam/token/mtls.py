@@ -53,6 +53,8 @@ _CLIENT = (ExtensionPolicy.webpki_defaults_ee()
            .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None))
 # An Envoy x-forwarded-client-cert element starts with one of its keys.
 _XFCC = re.compile(r"^\s*(by|hash|cert|chain|subject|uri|dns)=", re.IGNORECASE)
+_XFCC_ELEMENT = re.compile(r'(?:[^,"]|"[^"]*")+')  # elements are comma-separated, quoted values may hold commas
+_XFCC_PAIR = re.compile(r'([^;=]+)=((?:[^;"]|"[^"]*")*)')
 
 
 def x5t_s256(certificate: x509.Certificate) -> str:
@@ -66,11 +68,12 @@ def from_header(value: str) -> x509.Certificate | None:
     value = value.strip()
     if not value or len(value) > MAX_HEADER_CHARS:
         return None
-    if _XFCC.match(value):  # Envoy: By=...;Hash=...;Cert="<URL-encoded PEM>";Subject=...
-        if "," in value:
+    if _XFCC.match(value):  # Envoy: By=...;Hash=...;Cert="<URL-encoded PEM>";Subject="CN=a,O=b"
+        elements = _XFCC_ELEMENT.findall(value)
+        if len(elements) != 1:
             return None  # more than one element: not the one client's certificate Envoy set (SANITIZE_SET)
-        parts = dict(part.split("=", 1) for part in value.split(";") if "=" in part)
-        value = next((v.strip('"') for k, v in parts.items() if k.strip().lower() == "cert"), "")
+        pairs = {key.strip().lower(): item.strip('"') for key, item in _XFCC_PAIR.findall(elements[0])}
+        value = pairs.get("cert", "")
     text = unquote(value)
     try:
         if "-----BEGIN CERTIFICATE-----" in text:
