@@ -55,7 +55,7 @@ def mtls_clients(pki: Pki) -> list[dict]:
     return [
         {"client_id": "svc-dn", "token_endpoint_auth_method": "tls_client_auth", "grant_types": ["client_credentials"],
          "tls_client_auth_subject_dn": "CN=svc-dn,O=Example", "tls_client_certificate_bound_access_tokens": True,
-         "scope": "api:read", "audience": ["https://api.test"]},
+         "scope": "api:read", "audience": ["https://api.test"], "introspection": {"audiences": ["https://api.test"]}},
         {"client_id": "svc-san", "token_endpoint_auth_method": "tls_client_auth", "grant_types": ["client_credentials"],
          "tls_client_auth_san_dns": "SVC.clients.test"},  # DNS names compare without regard to case
         {"client_id": "svc-self", "token_endpoint_auth_method": "self_signed_tls_client_auth",
