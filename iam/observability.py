@@ -102,7 +102,7 @@ AUDIT_EVENTS = {
     "device.approved", "device.denied", "key.rotated", "key.removed", "password.changed", "reauthentication.failed",
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
     "mfa.recovery_codes_created", "mfa.recovery_code_used", "password.reset_requested", "password.reset",
-    "email.verification_sent", "email.verified",
+    "email.verification_sent", "email.verified", "mfa.removed",
 }
 
 

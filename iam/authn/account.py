@@ -1,5 +1,5 @@
-"""The signed-in person's own pages: account, password change, TOTP enrolment, and signing out (OIDC RP-Initiated
-Logout)."""
+"""The signed-in person's own pages: account, password change, TOTP enrolment, passkeys, and signing out (OIDC
+RP-Initiated Logout)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.login import known_device
+from iam.authn.passkeys import PasskeyRejected
 from iam.authn.services import authn_services
+from iam.authn.sessions import Session
 from iam.authn.totp import TotpAlreadyEnabled, provisioning
-from iam.authn.web import clear_cookie, cookie_name, current_session, page, posted_form
+from iam.authn.web import (
+    clear_cookie,
+    cookie_name,
+    current_session,
+    json_error,
+    json_options,
+    page,
+    posted_form,
+)
 from iam.errors import OAuthError, PasswordRejected, PeerRejected, PeerUnavailable
 from iam.http import client_address, parse_params, with_params
 from iam.observability import audit, source_of
@@ -45,6 +55,7 @@ async def account(request: Request, notice: str | None = None, status: int = 200
     totp_enabled = await services.totp.enabled(session.subject)
     can_verify = bool(user and user.email and not user.email_verified and services.mailer.configured)
     return page(request, "account.html", status, user=user, totp_enabled=totp_enabled,
+                passkeys=await services.passkeys.of(session.subject),
                 recovery_codes_left=await services.totp.recovery_codes_left(session.subject) if totp_enabled else 0,
                 can_verify=can_verify, notice=notice, links=services.account_links, applications=applications,
                 date=_date)
@@ -186,6 +197,86 @@ async def _reauthenticate(request: Request, subject: str, password: str, purpose
         return 401, "Your current password is not correct."
     await services.throttle.succeeded(account, address)
     return None
+
+
+# -- passkeys (iam/authn/passkeys.py) -----------------------------------------------------------------------------
+@router.post("/authn/passkeys/registration/options")
+async def passkey_registration_options(request: Request) -> Response:
+    """navigator.credentials.create()'s options, after the password is asked again as for TOTP (ASVS 5 V7.5.1):
+    the challenge, bound to this session and spent by its first use, is what lets a passkey be added."""
+    services = authn_services(request)
+    session = await current_session(request)
+    form = await posted_form(request)
+    if session is None or form is None:
+        return json_error(403, "Your session expired. Reload the page and sign in again.")
+    if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "passkey registration"):
+        return json_error(*refused)
+    user = await services.directory.claims(session.subject)
+    name = user.preferred_username if user and user.preferred_username else session.subject
+    try:
+        options = await services.passkeys.registration_options(session.subject, name, user.name if user and
+                                                               user.name else name, session.sid)
+    except PasskeyRejected:
+        return json_error(409, "You have as many passkeys as an account may have. Remove one first.")
+    return json_options(options)
+
+
+async def _passkey_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
+    """The signed-in person's session and the passkey form they posted, or the page saying the session expired."""
+    session = await current_session(request)
+    form = await posted_form(request)
+    if session is None or form is None:
+        return error_page("Session expired", "Sign in again to manage your passkeys.", 403)
+    return session, form
+
+
+@router.post("/authn/passkeys")
+async def passkey_register(request: Request) -> Response:
+    """The browser's answer to those options: the new passkey, named as the person chose."""
+    services = authn_services(request)
+    posted = await _passkey_form(request)
+    if isinstance(posted, Response):
+        return posted
+    session, form = posted
+    try:
+        added = await services.passkeys.register(session.subject, session.sid, form.get("credential", ""),
+                                                 form.get("name", ""))
+    except PasskeyRejected as exc:
+        audit("mfa.enrolled", "failure", actor=session.subject, source=source_of(request), factor="passkey",
+              reason=exc.reason[:200])
+        message = ("That passkey is already registered." if exc.reason == "already_registered"
+                   else "The passkey could not be added. Start again from this page.")
+        return await account(request, notice=message, status=400)
+    audit("mfa.enrolled", actor=session.subject, source=source_of(request), factor="passkey", passkey=added.id)
+    return await account(request, notice=f"Passkey \u201c{added.name}\u201d added.")
+
+
+@router.post("/authn/passkeys/rename")
+async def passkey_rename(request: Request) -> Response:
+    services = authn_services(request)
+    posted = await _passkey_form(request)
+    if isinstance(posted, Response):
+        return posted
+    session, form = posted
+    renamed = await services.passkeys.rename(session.subject, form.get("id", ""), form.get("name", ""))
+    return await account(request, notice="Passkey renamed." if renamed else None)
+
+
+@router.post("/authn/passkeys/remove")
+async def passkey_remove(request: Request) -> Response:
+    """Remove a passkey, after the password is asked again: it changes how the account signs in (ASVS 5 V7.5.1)."""
+    services = authn_services(request)
+    posted = await _passkey_form(request)
+    if isinstance(posted, Response):
+        return posted
+    session, form = posted
+    if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "passkey removal"):
+        return await account(request, notice=refused[1], status=refused[0])
+    removed = await services.passkeys.remove(session.subject, form.get("id", ""))
+    if removed:
+        audit("mfa.removed", actor=session.subject, source=source_of(request), factor="passkey",
+              passkey=form.get("id", ""))
+    return await account(request, notice="Passkey removed." if removed else None)
 
 
 @router.get("/authn/password")

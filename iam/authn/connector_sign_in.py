@@ -22,7 +22,7 @@ from fastapi.responses import RedirectResponse
 from iam.authn.connectors import ConnectorError, InvalidCredentials, UpstreamIdentity
 from iam.authn.connectors.pending import TTL
 from iam.authn.connectors.registry import callback_uri
-from iam.authn.login import _start_session, known_device, login_form, second_factor
+from iam.authn.login import _start_session, known_device, login_form, second_factor, second_factor_needed
 from iam.authn.services import authn_services
 from iam.authn.web import Flow, client_of, cookie_name, set_cookie, sign_in_form
 from iam.errors import OAuthError, PeerUnavailable, UserDisabled
@@ -206,8 +206,8 @@ async def _upstream_signed_in(request: Request, flow: Flow, config, identity: Up
         return _failed(request, flow, config, "unavailable", username=username)
     CONNECTOR_SIGN_INS.labels(config.id, "success").inc()
     acr = identity.acr[:255] if identity.acr else None
-    if config.require_mfa and await services.totp.enabled(user.sub):
-        return second_factor(request, flow, user.sub, amr=_amr(config, identity), acr=acr, connector=config.id,
+    if config.require_mfa and await second_factor_needed(request, user.sub):
+        return await second_factor(request, flow, user.sub, amr=_amr(config, identity), acr=acr, connector=config.id,
                              **({"acct": account} if account else {}))
     return await _start_session(request, flow, user.sub, _amr(config, identity), account, acr=acr,
                                 connector=config.id)

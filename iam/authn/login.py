@@ -1,8 +1,8 @@
-"""The sign-in pages: password, optional TOTP, and the start of an SSO session (iam/authn/web.py holds the
-cookies, the sign-in request and the signed handoff back to the token role).
+"""The sign-in pages: password, a passkey alone, the second step (TOTP or a passkey), and the start of an SSO
+session (iam/authn/web.py holds the cookies, the sign-in request and the signed handoff back to the token role).
 
-Forms work without JavaScript and carry a CSRF token (double-submit cookie). Failures say only
-"incorrect username or password", and are throttled as iam/authn/throttle.py describes.
+Forms work without JavaScript (but for passkeys: iam/assets/passkeys.js) and carry a CSRF token (double-submit
+cookie). Failures say only "incorrect username or password", and are throttled as iam/authn/throttle.py describes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from iam.authn.consent import hand_off_or_ask
+from iam.authn.passkeys import PasskeyRejected
 from iam.authn.services import authn_services
 from iam.authn.throttle import DEVICE_COOKIE, DEVICE_TTL
 from iam.authn.totp import RECOVERY_CODE
@@ -23,7 +24,10 @@ from iam.authn.web import (
     cookie_name,
     current_session,
     handoff,
+    json_error,
+    json_options,
     page,
+    posted_form,
     set_cookie,
     sign_in_form,
 )
@@ -68,6 +72,7 @@ def login_form(request: Request, flow: Flow, status: int = 200, error: str | Non
         return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
                     error=error, username=username or flow.login_hint or "", account=account, connectors=links,
                     action="/authn/login", password_form=services.settings.password_login,
+                    passkeys=services.settings.password_login,  # iam's own accounts: passkeys are theirs
                     forgot_password=services.settings.password_login and services.mailer.configured)
     others = services.settings.password_login or len(offered) > 1
     return page(request, "login.html", status, flow=flow.fields(), client_name=client_name(request, flow),
@@ -83,9 +88,10 @@ async def _reusable(request: Request, flow: Flow, session) -> bool:
         return False
     if flow.max_age is not None and services.sessions.clock() - session.auth_time > flow.max_age:
         return False
-    # acr_values preferring the second factor: a session of one factor signs in again when the user has TOTP
-    # (else the ID token says the acr it has: acr is a voluntary claim).
-    return not (flow.wants_mfa and acr_of(session.amr) != ACR_MFA and await services.totp.enabled(session.subject))
+    # acr_values preferring the second factor: a session of one factor signs in again when the user has a second
+    # factor (else the ID token says the acr it has: acr is a voluntary claim).
+    return not (flow.wants_mfa and acr_of(session.amr) != ACR_MFA
+                and await second_factor_needed(request, session.subject))
 
 
 @router.get("/authn/login")
@@ -137,9 +143,9 @@ async def login_submit(request: Request) -> Response:
         audit("login.failed", "failure", actor=subject, source=source, username=username, client_id=flow.client_id)
         return login_form(request, flow, 401, "Incorrect username or password.", username)
     await services.throttle.succeeded(account, address)
-    if await services.totp.enabled(subject):
+    if await second_factor_needed(request, subject):
         # The second factor is guessed under the same account as the password was (acct).
-        return second_factor(request, flow, subject, acct=account)
+        return await second_factor(request, flow, subject, acct=account)
     return await _start_session(request, flow, subject, ["pwd"], account)
 
 
@@ -161,13 +167,37 @@ def known_device(request: Request) -> str | None:
     return request.cookies.get(cookie_name(request, DEVICE_COOKIE))
 
 
-def second_factor(request: Request, flow: Flow, subject: str, **signed_in) -> Response:
-    """The TOTP step after a first factor; `signed_in` is how the person got this far (the throttle's account
+async def second_factor_needed(request: Request, subject: str) -> bool:
+    """Whether a first factor is followed by a second step: the person has TOTP on, or a passkey."""
+    services = authn_services(request)
+    return await services.totp.enabled(subject) or await services.passkeys.registered(subject)
+
+
+async def second_factor(request: Request, flow: Flow, subject: str, **signed_in) -> Response:
+    """The second step after a first factor; `signed_in` is how the person got this far (the throttle's account
     `acct`; a connector's amr, acr and id)."""
     pending = authn_services(request).identity.sign(
         Role.AUTHENTICATION, MFA_TYP, {"sub": subject, "flow": flow.fields(), **signed_in},
         issuer=Role.AUTHENTICATION, ttl=MFA_TTL)
-    return page(request, "totp.html", mfa=pending)
+    return await _second_step(request, pending, subject)
+
+
+async def _second_step(request: Request, mfa: str, subject: str, status: int = 200, error: str | None = None
+                       ) -> Response:
+    """The second step's page: a TOTP or recovery code, and a passkey, whichever the person has."""
+    services = authn_services(request)
+    return page(request, "totp.html", status, mfa=mfa, error=error, totp=await services.totp.enabled(subject),
+                passkey=await services.passkeys.registered(subject))
+
+
+async def _pending(request: Request, token: str) -> tuple[dict, Flow] | None:
+    """The signed state of a sign-in waiting for its second step, and its flow; None when expired or forged."""
+    try:
+        pending = await authn_services(request).peer_keys.verify(
+            token, issuer=Role.AUTHENTICATION, audience=role_id(Role.AUTHENTICATION), typ=MFA_TYP, max_ttl=MFA_TTL)
+        return pending, Flow.parse(pending["flow"])
+    except (PeerRejected, ValueError, KeyError, TypeError):
+        return None
 
 
 async def _start_session(request: Request, flow: Flow, subject: str, amr: list[str], account: str | None = None,
@@ -195,17 +225,15 @@ async def totp_submit(request: Request) -> Response:
     if isinstance(posted, Response):
         return posted
     form, _ = posted
-    try:
-        pending = await services.peer_keys.verify(form.get("mfa", ""), issuer=Role.AUTHENTICATION,
-                                             audience=role_id(Role.AUTHENTICATION), typ=MFA_TYP, max_ttl=MFA_TTL)
-        flow = Flow.parse(pending["flow"])
-    except (PeerRejected, ValueError, KeyError, TypeError):
-        return error_page("Sign-in expired", "The sign-in took too long. Please start again.")
+    waiting = await _pending(request, form.get("mfa", ""))
+    if waiting is None:
+        return error_page(*_EXPIRED)
+    pending, flow = waiting
     subject = pending["sub"]
     account = pending.get("acct", subject)
     address = client_address(request, services.settings.trusted_proxies)
     if await services.throttle.check(account, address, known_device(request)):
-        return page(request, "totp.html", 429, mfa=form["mfa"], error="Too many attempts. Try again later.")
+        return await _second_step(request, form["mfa"], subject, 429, "Too many attempts. Try again later.")
     # A recovery code stands in for the TOTP code, guessed and throttled the same way.
     used = await services.totp.second_step(subject, form.get("code", ""))
     if used == RECOVERY_CODE:
@@ -215,8 +243,79 @@ async def totp_submit(request: Request) -> Response:
         await services.throttle.fail(account, address)
         LOGINS.labels("mfa_failure").inc()
         audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id)
-        return page(request, "totp.html", 401, mfa=form["mfa"], error="That code is not valid. Try the current one.")
+        return await _second_step(request, form["mfa"], subject, 401, "That code is not valid. Try the current one.")
     await services.throttle.succeeded(account, address)
     first = pending.get("amr", ["pwd"])  # a connector's sign-in carries its own (iam/authn/connector_sign_in.py)
     return await _start_session(request, flow, subject, [*first, "otp"], account, acr=pending.get("acr"),
+                                connector=pending.get("connector"))
+
+
+_EXPIRED = ("Sign-in expired", "The sign-in took too long. Please start again.")
+
+
+# -- passkeys (iam/authn/passkeys.py): alone, or as the second step ----------------------------------------------
+@router.post("/authn/passkeys/sign-in/options")
+async def passkey_options(request: Request) -> Response:
+    """navigator.credentials.get()'s options for this browser (its CSRF cookie): for a passkey alone, or, with the
+    signed `mfa` state of a sign-in waiting for its second step, for one of that person's passkeys."""
+    services = authn_services(request)
+    form = await posted_form(request)
+    if form is None:
+        return json_error(403, "The sign-in form expired. Reload the page and try again.")
+    subject = None
+    if "mfa" in form:
+        waiting = await _pending(request, form["mfa"])
+        if waiting is None:
+            return json_error(400, _EXPIRED[1])
+        subject = waiting[0]["sub"]
+    elif not services.settings.password_login:
+        return json_error(403, "Sign in with one of the offered providers.")
+    options = await services.passkeys.sign_in_options(form["csrf"], subject)
+    return json_options(options)
+
+
+@router.post("/authn/login/passkey")
+async def passkey_submit(request: Request) -> Response:
+    """The browser's answer to those options: a session for a passkey alone (the user verified: amr says the key
+    and "mfa"), or the second step after a first factor."""
+    services = authn_services(request)
+    posted = await sign_in_form(request, lambda form: None if "mfa" in form else Flow.parse(form))
+    if isinstance(posted, Response):
+        return posted
+    form, alone = posted
+    if alone is None:
+        return await _passkey_second_step(request, form)
+    if not services.settings.password_login:
+        return error_page("Sign-in method not offered", "Sign in with one of the offered providers.", 403)
+    try:
+        signed_in = await services.passkeys.authenticate(form.get("credential", ""), form["csrf"])
+        user = await services.directory.claims(signed_in.subject)
+        if user is None or not user.active:
+            raise PasskeyRejected("inactive_user")
+    except PasskeyRejected as exc:
+        LOGINS.labels("failure").inc()
+        audit("login.failed", "failure", source=source_of(request), client_id=alone.client_id, factor="passkey",
+              reason=exc.reason)
+        return login_form(request, alone, 401, "That passkey could not sign you in. Try again, or use your password.")
+    return await _start_session(request, alone, signed_in.subject, signed_in.amr)
+
+
+async def _passkey_second_step(request: Request, form: dict[str, str]) -> Response:
+    services = authn_services(request)
+    waiting = await _pending(request, form["mfa"])
+    if waiting is None:
+        return error_page(*_EXPIRED)
+    pending, flow = waiting
+    subject = pending["sub"]
+    try:
+        signed_in = await services.passkeys.authenticate(form.get("credential", ""), form["csrf"], subject)
+    except PasskeyRejected as exc:
+        LOGINS.labels("mfa_failure").inc()
+        audit("mfa.failed", "failure", actor=subject, source=source_of(request), client_id=flow.client_id,
+              factor="passkey", reason=exc.reason)
+        return await _second_step(request, form["mfa"], subject, 401, "That passkey could not be used. Try again.")
+    first = pending.get("amr", ["pwd"])  # a connector's sign-in carries its own (iam/authn/connector_sign_in.py)
+    # Two factors, whether or not the authenticator verified the user (RFC 8176 §2 "mfa").
+    amr = list(dict.fromkeys([*first, *signed_in.amr, "mfa"]))
+    return await _start_session(request, flow, subject, amr, pending.get("acct", subject), acr=pending.get("acr"),
                                 connector=pending.get("connector"))

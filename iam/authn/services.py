@@ -11,6 +11,7 @@ from iam.authn.connectors.pending import PendingRequests
 from iam.authn.connectors.recheck import UpstreamChecks
 from iam.authn.connectors.registry import Connectors
 from iam.authn.credentials import CredentialService
+from iam.authn.passkeys import Passkeys
 from iam.authn.reset_links import PasswordResets
 from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
@@ -27,8 +28,8 @@ log = logging.getLogger("iam")
 
 
 class AuthnServices:
-    """Credentials, SSO sessions, sign-in throttling, TOTP, consents and the connectors; and the peers the pages
-    need: the user-management role (`directory`) and the token role (`app_access`, `device_approvals`)."""
+    """Credentials, SSO sessions, sign-in throttling, TOTP, passkeys, consents and the connectors; and the peers the
+    pages need: the user-management role (`directory`) and the token role (`app_access`, `device_approvals`)."""
 
     # The peers, set by connect().
     directory: Directory
@@ -46,6 +47,7 @@ class AuthnServices:
         self.credentials = CredentialService(self.store, self.sessions)
         self.throttle = Throttle(self.store, shared.identity, shared.peer_keys)
         self.totp = Totp(self.store)
+        self.passkeys = Passkeys(self.store, settings.issuer, settings.login_base)
         self.mailer = Mailer(settings.mail)
         self.password_resets = PasswordResets(self.store, self.mailer, settings.login_base)
         self.email_verification = self.credentials.verification = EmailVerification(
@@ -85,7 +87,8 @@ class AuthnServices:
     async def purge(self, now: int, batch: int) -> int:
         return (await self.sessions.purge_ended(now, batch) + await self.throttle.purge_stale(now, batch)
                 + await self.pending_upstream.purge_expired(now, batch)
-                + await self.password_resets.purge_expired(now, batch))
+                + await self.password_resets.purge_expired(now, batch)
+                + await self.passkeys.purge_expired(now, batch))
 
     async def stop(self) -> None:
         await self.connectors.close()

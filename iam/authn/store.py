@@ -1,5 +1,5 @@
-"""The credential store: password hashes, TOTP secrets and recovery codes, SSO sessions, login throttling,
-consents and sign-ins waiting at an upstream provider.
+"""The credential store: password hashes, TOTP secrets and recovery codes, passkeys, SSO sessions, login
+throttling, consents and sign-ins waiting at an upstream provider.
 
 Owned by the authentication role alone. `AuthnStore` holds all of the role's SQL; the rules (argon2, session
 expiry, the throttle's arithmetic, TOTP windows, sealing) live in the modules above it.
@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Integer,
@@ -88,6 +89,35 @@ password_resets = Table(
     Column("expires_at", Integer, nullable=False, index=True),
 )
 
+# A passkey (iam/authn/passkeys.py): a WebAuthn credential public key, as py_webauthn verified it at registration.
+passkeys = Table(
+    "passkeys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # random: what the account page's forms name
+    Column("subject", String(64), nullable=False, index=True),
+    Column("credential_id", LargeBinary(1023), nullable=False, unique=True),  # WebAuthn §5.8.3: at most 1023 bytes
+    Column("public_key", LargeBinary, nullable=False),  # COSE_Key, as the authenticator gave it
+    Column("sign_count", BigInteger, nullable=False),  # a 32-bit unsigned counter (WebAuthn §6.1.1)
+    Column("backup_eligible", Boolean, nullable=False),  # BE: fixed for the credential's life (WebAuthn L3 §6.1)
+    Column("backup_state", Boolean, nullable=False),  # BS: as of its last use
+    Column("transports", String(255), nullable=False),  # space-separated hints for allowCredentials
+    Column("name", String(64), nullable=False),
+    Column("created_at", Integer, nullable=False),
+    Column("last_used_at", Integer),
+)
+
+# A WebAuthn challenge handed to one browser (iam/authn/passkeys.py): the SHA-256 of its 32 random bytes, for one
+# purpose, bound to the session or sign-in that asked (`binding`), deleted by its first use, short-lived.
+passkey_challenges = Table(
+    "passkey_challenges",
+    metadata,
+    Column("digest", LargeBinary(32), primary_key=True),
+    Column("purpose", String(16), nullable=False),
+    Column("subject", String(64)),  # the user it is for; None for a sign-in with a passkey alone
+    Column("binding", LargeBinary(32), nullable=False),
+    Column("expires_at", Integer, nullable=False, index=True),
+)
+
 login_failures = Table(
     "login_failures",
     metadata,
@@ -149,7 +179,7 @@ class AuthnStore:
     async def remove_credentials(self, subject: str) -> None:
         """Every credential of a subject (the password, any second factor), and their consents."""
         async with self.engine.begin() as conn:
-            for table in (credentials, totp, recovery_codes, password_resets, consents):
+            for table in (credentials, totp, recovery_codes, passkeys, password_resets, consents):
                 await conn.execute(delete(table).where(table.c.subject == subject))
 
     # -- SSO sessions (iam/authn/sessions.py) -------------------------------------------------------------------
@@ -285,6 +315,72 @@ class AuthnStore:
             count: int = (await conn.execute(select(func.count()).select_from(recovery_codes)
                                              .where(recovery_codes.c.subject == subject))).scalar_one()
         return count
+
+    # -- passkeys (iam/authn/passkeys.py) -------------------------------------------------------------------------
+    async def add_passkey(self, **values: Any) -> bool:
+        """A new passkey; False when its credential id is registered already (to anyone): nothing is written."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(passkeys).values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    async def passkeys_of(self, subject: str) -> list[Row[Any]]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(passkeys).where(passkeys.c.subject == subject)
+                                            .order_by(passkeys.c.created_at, passkeys.c.id))).all())
+
+    async def count_passkeys(self, subject: str) -> int:
+        async with self.engine.connect() as conn:
+            count: int = (await conn.execute(select(func.count()).select_from(passkeys)
+                                             .where(passkeys.c.subject == subject))).scalar_one()
+        return count
+
+    async def passkey_by_credential_id(self, credential_id: bytes) -> Row[Any] | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(passkeys).where(passkeys.c.credential_id == credential_id))).first()
+
+    async def use_passkey(self, passkey_id: str, *, sign_count: int, new_sign_count: int, backup_state: bool,
+                          now: int) -> bool:
+        """Record a use (the authenticator's new counter and backup state), only if the counter is still
+        `sign_count`: of two assertions racing with the same counter, one wins."""
+        async with self.engine.begin() as conn:
+            won = await conn.execute(
+                update(passkeys).where(passkeys.c.id == passkey_id, passkeys.c.sign_count == sign_count)
+                .values(sign_count=new_sign_count, backup_state=backup_state, last_used_at=now))
+        return bool(won.rowcount == 1)
+
+    async def rename_passkey(self, subject: str, passkey_id: str, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            done = await conn.execute(update(passkeys).where(passkeys.c.subject == subject,
+                                                             passkeys.c.id == passkey_id).values(name=name))
+        return bool(done.rowcount == 1)
+
+    async def remove_passkey(self, subject: str, passkey_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            done = await conn.execute(delete(passkeys).where(passkeys.c.subject == subject,
+                                                             passkeys.c.id == passkey_id))
+        return bool(done.rowcount == 1)
+
+    async def add_passkey_challenge(self, digest: bytes, *, purpose: str, subject: str | None, binding: bytes,
+                                    expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(passkey_challenges).values(digest=digest, purpose=purpose, subject=subject,
+                                                                 binding=binding, expires_at=expires_at))
+
+    async def take_passkey_challenge(self, digest: bytes) -> Row[Any] | None:
+        """Remove the challenge and return it, to the one caller that removed it (single use); else None."""
+        async with self.engine.begin() as conn:
+            return (await conn.execute(delete(passkey_challenges).where(passkey_challenges.c.digest == digest)
+                                       .returning(passkey_challenges))).first()
+
+    async def purge_passkey_challenges(self, now: int, batch: int) -> int:
+        expired = select(passkey_challenges.c.digest).where(passkey_challenges.c.expires_at <= now).limit(batch)
+        async with self.engine.begin() as conn:
+            deleted: int = (await conn.execute(
+                delete(passkey_challenges).where(passkey_challenges.c.digest.in_(expired)))).rowcount
+        return deleted
 
     # -- password reset links (iam/authn/reset.py) ---------------------------------------------------------------
     async def add_password_reset(self, digest: bytes, subject: str, expires_at: int) -> None:

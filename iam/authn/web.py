@@ -13,7 +13,7 @@ from typing import TypeVar
 from urllib.parse import urlencode
 
 from fastapi import Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from iam.authn.services import authn_services
 from iam.config import SCOPE_TOKEN
@@ -67,12 +67,16 @@ def csrf_ok(request: Request, form: dict[str, str]) -> bool:
 Parsed = TypeVar("Parsed")
 
 
+# A passkey's JSON (iam/authn/passkeys.py) may be longer than a form value usually is: bounded by the body limit.
+LONG_VALUES = frozenset({"credential"})
+
+
 async def sign_in_form(request: Request, parse: Callable[[dict[str, str]], Parsed]
                        ) -> tuple[dict[str, str], Parsed] | Response:
     """The form a sign-in page posted and what `parse` reads from it (raising ValueError to refuse), or the
     error page to answer instead: an unreadable form (400), then an expired or cross-site one (403)."""
     try:
-        form = await read_form(request)
+        form = await read_form(request, LONG_VALUES)
         parsed = parse(form)
     except (OAuthError, ValueError):
         return error_page("Invalid sign-in request", "The form could not be read. Please start again.")
@@ -84,7 +88,7 @@ async def sign_in_form(request: Request, parse: Callable[[dict[str, str]], Parse
 async def posted_form(request: Request) -> dict[str, str] | None:
     """The form a page posted, or None when it cannot be read or its CSRF token does not match."""
     try:
-        form = await read_form(request)
+        form = await read_form(request, LONG_VALUES)
     except OAuthError:
         return None
     return form if csrf_ok(request, form) else None
@@ -98,6 +102,16 @@ def page(request: Request, template: str, status: int = 200, **context) -> Respo
     for name, value in cookies.items():
         set_cookie(request, response, name, value)
     return response
+
+
+def json_options(options: str) -> Response:
+    """WebAuthn options (iam/authn/passkeys.py) for the pages' script (iam/assets/passkeys.js)."""
+    return Response(options, media_type="application/json", headers=HARDENING)
+
+
+def json_error(status: int, message: str) -> Response:
+    """What the pages' script shows the person instead of asking for a passkey."""
+    return JSONResponse({"error": message}, status, headers=HARDENING)
 
 
 # -- the sign-in request --------------------------------------------------------------------------------
