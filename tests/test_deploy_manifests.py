@@ -51,6 +51,7 @@ PUBLIC = [
     "/.well-known/openid-configuration",
     "/authn/login",
     "/assets/iam.css",
+    "/assets/passkeys.js",
 ]
 
 
