@@ -496,7 +496,8 @@ def parser() -> argparse.ArgumentParser:
     sign_out = users.add_parser("sign-out", help="end a user's sessions and revoke their grants; they stay active")
     sign_out.add_argument("username")
     sign_out.set_defaults(func=cmd_users_sign_out)
-    reset_mfa = users.add_parser("reset-mfa", help="remove a user's TOTP second factor (a lost authenticator)")
+    reset_mfa = users.add_parser("reset-mfa", help=(
+        "remove a user's second factors, TOTP and passkeys (lost authenticators)"))
     reset_mfa.add_argument("username")
     reset_mfa.set_defaults(func=cmd_users_reset_mfa)
 

@@ -409,3 +409,14 @@ async def test_a_users_passkeys_go_with_their_credentials(client, app, alice, au
     await registered(client, app, authenticator)
     await app.state.iam.authn.store.remove_credentials(alice)
     assert (await stored(app))["passkeys"] == []
+
+
+async def test_a_passkey_asks_for_it_after_the_password_until_an_operator_resets_the_second_factors(
+        client, app, alice, authenticator):
+    """A lost passkey: `iam users reset-mfa` removes it (with any TOTP), and the password alone signs in again."""
+    await registered(client, app, authenticator)
+    assert 'name="mfa"' in (await sign_in(client, await client.get("/authn/login"))).text
+    assert await app.state.iam.users.directory.reset_second_factor(alice)
+    assert (await stored(app))["passkeys"] == []
+    client.cookies.clear()
+    await signed_in_with_password(client)

@@ -67,9 +67,9 @@ class CredentialService:
         return self.verification is not None and await self.verification.send(sub)
 
     async def reset_second_factor(self, sub: str) -> bool:
-        """Remove a user's TOTP factor (lost authenticator): the next sign-in needs only the password. Returns
-        whether there was one."""
-        return await self.store.remove_totp(sub)
+        """Remove a user's second factors, TOTP and passkeys (lost authenticators): the next sign-in needs only the
+        password. Returns whether there was one."""
+        return await self.store.remove_second_factors(sub)
 
     async def verify(self, sub: str | None, password: str) -> bool:
         """Check a password in constant work whether or not the subject has one; upgrade old hashes."""

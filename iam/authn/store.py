@@ -296,6 +296,14 @@ class AuthnStore:
             await conn.execute(delete(recovery_codes).where(recovery_codes.c.subject == subject))
             return bool((await conn.execute(delete(totp).where(totp.c.subject == subject))).rowcount > 0)
 
+    async def remove_second_factors(self, subject: str) -> bool:
+        """TOTP (with its recovery codes) and every passkey of a subject, in one transaction; whether there was any."""
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(recovery_codes).where(recovery_codes.c.subject == subject))
+            removed = [(await conn.execute(delete(table).where(table.c.subject == subject))).rowcount
+                       for table in (totp, passkeys)]
+        return sum(removed) > 0
+
     async def replace_recovery_codes(self, subject: str, digests: list[bytes], now: int) -> None:
         """The subject's recovery codes are these, and only these, from now on."""
         async with self.engine.begin() as conn:
