@@ -156,10 +156,11 @@ def live(tmp_path_factory) -> Iterator[Live]:
 
 
 @contextlib.contextmanager
-def running(directory: Path, **settings: object) -> Iterator[Live]:
-    """`iam serve` in `directory` with the test clients and users, and `settings` in its config file."""
+def running(directory: Path, host: str = "127.0.0.1", **settings: object) -> Iterator[Live]:
+    """`iam serve` in `directory` with the test clients and users, and `settings` in its config file. `host`: the
+    issuer's ("localhost" where the browser needs a domain: a WebAuthn RP ID cannot be an IP address)."""
     port = free_port()
-    issuer = f"http://127.0.0.1:{port}"  # http is allowed for a loopback issuer
+    issuer = f"http://{host}:{port}"  # http is allowed for a loopback issuer
     with Callbacks() as callbacks:
         config = write_config(directory, issuer=issuer, clients=clients(callbacks), purge_interval=0, **settings)
         env = {
@@ -176,7 +177,7 @@ def running(directory: Path, **settings: object) -> Iterator[Live]:
             assert added.returncode == 0, added.stderr
             subjects[username] = added.stdout.strip().splitlines()[-1]
         with serve(env, directory, port=port) as (base, _process):
-            assert base == issuer
+            assert base == f"http://127.0.0.1:{port}"
             yield Live(issuer, callbacks, env, directory, subjects)
 
 

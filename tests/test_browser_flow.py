@@ -101,7 +101,7 @@ def type_credentials(page: Page, username: str = "alice", password: str = PASSWO
     field.fill("")
     field.press_sequentially(username, delay=5)  # real key presses, not a value assignment
     page.get_by_label("Password").press_sequentially(password, delay=5)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
 
 
 def sign_in(page: Page, live: Live, client_id: str = "cli", username: str = "alice",
@@ -157,8 +157,8 @@ def test_code_flow_with_pkce_works_without_javascript(browser: Browser, live: Li
         request = authorization_request(live, "cli")
         page.goto(request.url)
         expect_login_page(page)
-        expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-        assert page.locator("script").count() == 0
+        expect(page.get_by_role("button", name="Sign in", exact=True)).to_be_visible()
+        assert page.locator("script").count() == page.locator("script[src='/assets/passkeys.js']").count() == 1
         assert_screenshot(page, tmp_path / "login.png")
 
         type_credentials(page)
@@ -207,7 +207,7 @@ def test_wrong_password_shows_the_generic_error_then_the_right_one_works(page: P
     expect(page.get_by_label("Username")).to_have_attribute("aria-describedby", "form-error")
 
     page.get_by_label("Password").press_sequentially(PASSWORD, delay=5)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     params = at_callback(page, request)
     assert tokens(live, request, params)["claims"]["sub"] == live.subjects["alice"]
 

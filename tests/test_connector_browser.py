@@ -92,7 +92,7 @@ def upstream_login(page: Page, federated: Federated, username: str, password: st
     page.wait_for_url(lambda url: url.startswith(federated.provider))
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
 
 
 def test_sign_in_with_the_upstream_provider_in_a_browser(page: Page, federated: Federated):
@@ -119,7 +119,7 @@ def test_a_second_iam_is_the_upstream_of_the_first(page: Page, federated: Federa
     expect(page.get_by_text("to continue to Downstream iam")).to_be_visible()  # the upstream iam's own page
     page.get_by_label("Username").fill("uma")
     page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     params = at_callback(page, request)
     body = redeem(live, request, params["code"]).json()
     claims = verify_id_token(live, body["id_token"], "cli", request.nonce)
@@ -135,7 +135,7 @@ def test_ldap_sign_in_through_the_form_in_a_browser(page: Page, federated: Feder
     expect(page.get_by_role("heading", name="Sign in with Example Directory")).to_be_visible()
     page.get_by_label("Username").fill("alice")
     page.get_by_label("Password").fill(ldap_server.password_of("alice"))
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     params = at_callback(page, request)
     claims = verify_id_token(live, redeem(live, request, params["code"]).json()["id_token"], "cli", request.nonce)
     assert "engineering" in claims["groups"]
