@@ -59,11 +59,13 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 @pytest.fixture
 def page(context: BrowserContext) -> Iterator[Page]:
-    """A tab whose pages must not trip their own Content-Security-Policy (no inline styles or scripts)."""
+    """A tab whose pages must not trip their own Content-Security-Policy (no inline styles or scripts), nor fail in
+    their one script (passkeys)."""
     tab = context.new_page()
     violations: list[str] = []
     tab.on("console", lambda message: violations.append(message.text)
            if "Content Security Policy" in message.text else None)
+    tab.on("pageerror", lambda error: violations.append(str(error)))
     yield tab
     assert violations == [], violations
 

@@ -14,21 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, CDPSession, Page, expect, sync_playwright
+from playwright.sync_api import CDPSession, Page, expect
 
 from tests.live import PASSWORD, Live, running
 from tests.test_browser_flow import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    TIMEOUT_MS,
     assert_screenshot,
     at_callback,
     authorization_request,
+    browser,
+    context,
     expect_login_page,
+    page,
     tokens,
     type_credentials,
 )
 
+# Fixtures: the module's browser, a fresh profile per test, a tab that must not trip its CSP nor fail in its script.
+__all__ = ["browser", "context", "page"]
 MFA = "urn:iam:acr:mfa"
 
 
@@ -36,30 +38,6 @@ MFA = "urn:iam:acr:mfa"
 def live(tmp_path_factory) -> Iterator[Live]:
     with running(tmp_path_factory.mktemp("live-passkeys"), host="localhost") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh profile's tab that must not trip its pages' Content-Security-Policy, nor fail in their script."""
-    context = browser.new_context()
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("console", lambda message: problems.append(message.text)
-           if "Content Security Policy" in message.text else None)
-    tab.on("pageerror", lambda error: problems.append(str(error)))  # the passkey script never throws
-    yield tab
-    context.close()
-    assert problems == [], problems
 
 
 def virtual_authenticator(page: Page) -> tuple[CDPSession, str]:
