@@ -11,6 +11,7 @@ WebAuthn L3 §6.1.3), and what a sign-in proved (RFC 8176 amr values).
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from webauthn.helpers.structs import (
 
 from iam.authn.store import AuthnStore
 from iam.security import constant_time_equal
+
+log = logging.getLogger("iam.authn.passkeys")
 
 RP_NAME = "iam"
 REGISTER, SIGN_IN, SECOND_FACTOR = "register", "sign-in", "second-factor"  # what a challenge is for
@@ -121,6 +124,10 @@ class Passkeys:
         # the origins are where the ceremonies may run: the issuer's, and the sign-in pages' when they differ.
         self.rp_id = urlsplit(issuer).hostname or ""
         self.origins = sorted({origin_of(issuer), origin_of(login_base)})
+        pages = urlsplit(login_base).hostname or ""
+        if pages != self.rp_id and not pages.endswith("." + self.rp_id):
+            log.warning("passkeys cannot work: the sign-in pages' host %s is neither the issuer's host %s (the RP ID) "
+                        "nor a subdomain of it (WebAuthn §5.1.4.1)", pages, self.rp_id)
 
     async def registered(self, subject: str) -> bool:
         return await self.store.count_passkeys(subject) > 0
