@@ -81,7 +81,8 @@ class SoftAuthenticator:
                              "transports": ["internal", "hybrid"]}}
 
     def get(self, options: dict, *, credential: Credential | None = None, origin: str | None = None,
-            rp_id: str | None = None, challenge: str | None = None, sign_count: int | None = None) -> dict:
+            rp_id: str | None = None, challenge: str | None = None, sign_count: int | None = None,
+            user_handle: bytes | None = None) -> dict:
         """navigator.credentials.get({publicKey: options}), as JSON: with the newest credential (or one of those
         allowed, or `credential`); the keyword arguments forge its parts."""
         allowed = [unb64url(c["id"]) for c in options.get("allowCredentials") or []]
@@ -97,4 +98,4 @@ class SoftAuthenticator:
         return {"id": b64url(chosen.id), "rawId": b64url(chosen.id), "type": "public-key",
                 "authenticatorAttachment": "platform", "clientExtensionResults": {},
                 "response": {"clientDataJSON": b64url(client_data), "authenticatorData": b64url(auth_data),
-                             "signature": b64url(signature), "userHandle": b64url(chosen.user_handle)}}
+                             "signature": b64url(signature), "userHandle": b64url(user_handle or chosen.user_handle)}}

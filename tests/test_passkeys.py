@@ -268,6 +268,11 @@ async def forge(client, app, authenticator: SoftAuthenticator, forgery: str) -> 
         return await passkey_sign_in(client, page, authenticator, challenge="bm90IGEgY2hhbGxlbmdlIG9mIGlhbQ")
     if forgery == "counter":  # the authenticator (or a clone of it) went back
         return await passkey_sign_in(client, page, authenticator, sign_count=2)
+    if forgery == "user_handle":  # the answer names another account than the credential's (WebAuthn §7.2 step 6)
+        return await passkey_sign_in(client, page, authenticator, user_handle=b"someone else")
+    if forgery == "backup_eligibility":  # BE is fixed at creation (WebAuthn L3 §6.1.3): another authenticator
+        authenticator.backup_eligible = True
+        return await passkey_sign_in(client, page, authenticator)
     if forgery == "removed":  # signed in with it, the person removes it
         assert (await passkey_sign_in(client, page, authenticator)).status_code == 303
         [(passkey_id, *_)] = (await stored(app))["passkeys"]
@@ -279,7 +284,8 @@ async def forge(client, app, authenticator: SoftAuthenticator, forgery: str) -> 
     raise AssertionError(forgery)
 
 
-@pytest.mark.parametrize("forgery", ["origin", "rp_id", "challenge", "counter", "removed"])
+@pytest.mark.parametrize("forgery", ["origin", "rp_id", "challenge", "counter", "removed", "user_handle",
+                                     "backup_eligibility"])
 async def test_a_forged_assertion_signs_no_one_in_and_changes_nothing(client, app, alice, authenticator, forgery):
     await registered(client, app, authenticator)
     authenticator.credentials[0].sign_count = 4
