@@ -426,3 +426,17 @@ async def test_a_passkey_asks_for_it_after_the_password_until_an_operator_resets
     assert (await stored(app))["passkeys"] == []
     client.cookies.clear()
     await signed_in_with_password(client)
+
+
+async def test_a_second_step_without_a_passkey_offers_none(client, app, alice):
+    """A person with TOTP only: the second step has no passkey button, and its options are refused (an empty
+    allowCredentials would let the browser offer any passkey)."""
+    from tests.test_acr import enrol
+
+    await enrol(app, alice)
+    step = await sign_in(client, await client.get("/authn/login"))
+    assert 'name="code"' in step.text and "Use a passkey" not in step.text
+    fields = hidden_fields(step.text)
+    refused = await client.post("/authn/passkeys/sign-in/options", data={"csrf": fields["csrf"], "mfa": fields["mfa"]})
+    assert refused.status_code == 400 and refused.json() == {"error": "You have no passkey. Use your code instead."}
+    assert await challenges(app) == 0

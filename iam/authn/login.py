@@ -270,8 +270,10 @@ async def passkey_options(request: Request) -> Response:
         subject = waiting[0]["sub"]
     elif not services.settings.password_login:
         return json_error(403, "Sign in with one of the offered providers.")
-    options = await services.passkeys.sign_in_options(form["csrf"], subject)
-    return json_options(options)
+    try:
+        return json_options(await services.passkeys.sign_in_options(form["csrf"], subject))
+    except PasskeyRejected:
+        return json_error(400, "You have no passkey. Use your code instead.")
 
 
 @router.post("/authn/login/passkey")

@@ -214,12 +214,14 @@ class Passkeys:
     async def sign_in_options(self, browser: str, subject: str | None = None) -> str:
         """The options for navigator.credentials.get() (JSON), bound to this browser (`browser`: its CSRF cookie).
         Without `subject`: a passkey alone, any discoverable credential, the user verified. With it: the second
-        step after a password, one of that person's passkeys."""
+        step after a password, one of that person's passkeys (PasskeyRejected if they have none)."""
         if subject is None:
             purpose, allowed, verification = SIGN_IN, [], UserVerificationRequirement.REQUIRED
         else:
             purpose, verification = SECOND_FACTOR, UserVerificationRequirement.PREFERRED
             allowed = [_descriptor(row) for row in await self.store.passkeys_of(subject)]
+            if not allowed:  # an empty list would let the browser offer any passkey (a discoverable sign-in)
+                raise PasskeyRejected("no_passkey")
         options = generate_authentication_options(
             rp_id=self.rp_id, challenge=await self._challenge(purpose, browser, subject),
             timeout=CHALLENGE_TTL * 1000, allow_credentials=allowed, user_verification=verification)
