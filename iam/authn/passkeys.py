@@ -77,10 +77,9 @@ class Passkey:
 
 @dataclass(frozen=True)
 class Assertion:
-    """A verified passkey assertion: whose it is, which passkey, and the RFC 8176 values it proved."""
+    """A verified passkey assertion: whose it is, and the RFC 8176 values it proved."""
 
     subject: str
-    passkey: Passkey
     amr: list[str]
 
 
@@ -260,8 +259,7 @@ class Passkeys:
         if not await self.store.use_passkey(row.id, sign_count=row.sign_count, new_sign_count=verified.new_sign_count,
                                             backup_state=verified.credential_backed_up, now=int(self.clock())):
             raise PasskeyRejected("counter_raced")
-        return Assertion(subject=row.subject, passkey=_passkey(row),
-                         amr=amr_of(row.backup_eligible, verified.user_verified))
+        return Assertion(subject=row.subject, amr=amr_of(row.backup_eligible, verified.user_verified))
 
     async def purge_expired(self, now: int, batch: int) -> int:
         return await self.store.purge_passkey_challenges(now, batch)
