@@ -23,6 +23,7 @@ from fastapi import Request
 from iam.config import MTLS_METHODS, ClientConfig
 from iam.errors import OAuthError, invalid_client
 from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
+from iam.security import slow_hash
 from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
 from iam.token.mtls import ClientCertificates
 
@@ -125,7 +126,7 @@ class ClientRegistry:
             return False
         async with self._argon2_slots:
             try:
-                await asyncio.to_thread(self._hasher.verify, encoded, secret)
+                await slow_hash(self._hasher.verify, encoded, secret)  # beside sign-ins, below the hot path
             except (VerificationError, InvalidHashError):
                 return False
         self._digests[client_id] = presented
