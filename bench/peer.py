@@ -1,73 +1,137 @@
-"""Discovery and JWKS side by side with node-oidc-provider: `python bench/peer.py` (options: `--help`).
+"""iam side by side with node-oidc-provider: `python bench/peer.py` (options: `--help`).
 
 In one run, on this machine: the test suite's node-oidc-provider (tests/fixtures/oidc-provider, `npm ci` there
-first) and one `iam serve` (role token, SQLite: these documents never touch a store), each measured with the
-same wrk settings as bench/run.py, scenario after scenario, alternating servers (peer, iam, peer, iam, ...) so
-that a change in the machine's load shows in both. Prints req/s per round and the iam / peer ratio.
+first) in its JWT mode (RFC 8707 resource indicators, ES256 JWT access tokens, its in-memory store) and one
+`iam serve` (role token, PostgreSQL 15 with fsync on, hot cache off), each measured with the same wrk settings as
+bench/run.py, scenario after scenario, alternating servers (peer, iam, peer, iam, ...) so that a change in the
+machine's load shows in both. Each measured run also reads the server process's CPU time, so the rate per core
+used is reported next to the rate. Prints every round and the iam / peer ratios of the means.
+
+Scenarios: client_credentials (the peer signs an ES256 JWT; iam stores an opaque token's row durably and signs
+its JWT), introspect (iam: every call a cache miss, one indexed row read; the peer: an opaque token of its
+in-memory store, as it cannot introspect its JWTs), discovery, jwks.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import os
 import secrets
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from joserfc.jwk import ECKey
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
-import run  # noqa: E402  (bench/run.py: the server, the scenarios, wrk)
+import run  # noqa: E402  (bench/run.py: the cluster, the server, the scenarios, wrk)
 
-from tests.oidc_upstream import running_upstream  # noqa: E402  (the suite's real node-oidc-provider)
+from tests.oidc_upstream import new_signing_key, running_upstream  # noqa: E402  (the suite's real provider)
+
+SCENARIOS = ["client_credentials", "introspect", "discovery", "jwks"]
+RESOURCE = "https://api.bench.example"
+OPAQUE_RESOURCE = "https://opaque.bench.example"
+
+
+def peer_scenarios(secret: str, stack: contextlib.ExitStack, tmp: Path) -> tuple[int, dict]:
+    """The peer in its JWT mode, with the bench client; its pid and its scenarios as (base, Scenario)."""
+    peer = stack.enter_context(running_upstream(tmp))
+    es256 = ECKey.generate_key("P-256", parameters={"kid": "bench-es256", "alg": "ES256", "use": "sig"},
+                               private=True).as_dict(private=True)
+    peer.configure(jwks={"keys": [new_signing_key(), es256]},
+                   resource_servers=[{"url": RESOURCE, "scope": "api:read", "format": "jwt", "alg": "ES256"},
+                                     # its JWT access tokens cannot be introspected: opaque ones for introspect
+                                     {"url": OPAQUE_RESOURCE, "scope": "api:read", "format": "opaque"}])
+    peer.add_client(run.CLIENT_ID, secret, [], grant_types=["client_credentials"], response_types=[])
+    metadata = httpx.get(f"{peer.issuer}/.well-known/openid-configuration").json()
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{run.CLIENT_ID}:{secret}".encode()).decode(),
+             "Content-Type": "application/x-www-form-urlencoded"}
+    grant = "grant_type=client_credentials&scope=api:read"
+    issued = httpx.post(metadata["token_endpoint"], headers=basic, content=grant)
+    if issued.raise_for_status().json()["access_token"].count(".") != 2:
+        raise SystemExit(f"the peer did not issue a JWT access token: {issued.text}")
+    opaque = httpx.post(metadata["token_endpoint"], headers=basic, content=f"{grant}&resource={OPAQUE_RESOURCE}")
+    token = opaque.raise_for_status().json()["access_token"]
+    return peer.pid, {
+        "client_credentials": ("POST", metadata["token_endpoint"], basic, grant),
+        "introspect": ("POST", metadata["introspection_endpoint"], basic, f"token={token}"),
+        "discovery": ("GET", f"{peer.issuer}/.well-known/openid-configuration", {}, ""),
+        "jwks": ("GET", metadata["jwks_uri"], {}, ""),
+    }
+
+
+def iam_scenarios(base: str, secret: str) -> dict:
+    basic = "Basic " + base64.b64encode(f"{run.CLIENT_ID}:{secret}".encode()).decode()
+    by_name = run.scenarios(basic, run.get_token(base, basic))
+    picked = {"client_credentials": by_name["client_credentials"], "introspect": by_name["introspect_json"],
+              "discovery": by_name["discovery"], "jwks": by_name["jwks"]}
+    return {name: (s.method, base + s.path, s.headers, s.body) for name, s in picked.items()}
+
+
+def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Namespace) -> tuple[float, float]:
+    """One warm-up, one measured run: (requests/s, cores the server process used)."""
+    method, url, headers, body = request
+    parts = urlsplit(url)
+    base, path = f"{parts.scheme}://{parts.netloc}", parts.path
+    scenario = run.Scenario(name, method, path, headers, body)
+    run.run_wrk(base, scenario, args, 1)
+    cpu, started = run.cpu_seconds(pid), time.monotonic()
+    result = run.run_wrk(base, scenario, args, args.duration)
+    cores = (run.cpu_seconds(pid) - cpu) / (time.monotonic() - started)
+    if result["non2xx"] or result["errors"]:
+        raise SystemExit(f"{side} {name}: {result}")
+    run.log(f"{name} {side}: {result['rps']:.0f} req/s on {cores:.2f} cores")
+    return result["rps"], cores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
-    parser.add_argument("--rounds", type=int, default=2, help="peer/iam alternations per document (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="peer/iam alternations per scenario (default 2)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {SCENARIOS}")
     args = parser.parse_args()
     args.threads, args.wrk = 1, shutil.which("wrk")
     if not args.wrk:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
+    names = args.scenarios.split(",")
+    secret = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="iam-peer-") as tmp, contextlib.ExitStack() as stack:
         (Path(tmp) / "peer").mkdir()
-        peer = stack.enter_context(running_upstream(Path(tmp) / "peer"))
-        iam = run.start_server(Path(tmp), f"sqlite+aiosqlite:///{tmp}", secrets.token_urlsafe(24), stack)
-        peer_jwks = httpx.get(f"{peer.issuer}/.well-known/openid-configuration").json()["jwks_uri"]
-        targets = {
-            "discovery": (f"{peer.issuer}/.well-known/openid-configuration", f"{iam}/.well-known/openid-configuration"),
-            "jwks": (peer_jwks, f"{iam}/oauth/v2/jwks"),
-        }
+        peer_pid, peer = peer_scenarios(secret, stack, Path(tmp) / "peer")
+        cluster = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iam-peer-pg-")))
+        if os.geteuid() == 0:  # the cluster lives inside and runs as postgres
+            shutil.chown(cluster, "postgres", "postgres")
+        pg_port = run.start_postgres(cluster, stack)
+        base = run.start_server(cluster, f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}", secret, stack,
+                                cache_seconds=0)
+        sides = {"peer": (peer_pid, peer), "iam": (run.SERVERS[base].pid, iam_scenarios(base, secret))}
         rows = []
-        for name, urls in targets.items():
-            rates: dict[str, list[float]] = {"peer": [], "iam": []}
+        for name in names:
+            runs: dict[str, list[tuple[float, float]]] = {"peer": [], "iam": []}
             for _ in range(args.rounds):
-                for side, url in zip(("peer", "iam"), urls, strict=True):
-                    parts = urlsplit(url)
-                    base, path = f"{parts.scheme}://{parts.netloc}", parts.path
-                    scenario = run.Scenario(name, "GET", path)
-                    run.run_wrk(base, scenario, args, 1)  # warm-up
-                    result = run.run_wrk(base, scenario, args, args.duration)
-                    if result["non2xx"] or result["errors"]:
-                        raise SystemExit(f"{side} {name}: {result}")
-                    rates[side].append(result["rps"])
-                    run.log(f"{name} {side}: {result['rps']:.0f} req/s")
-            ratio = statistics.mean(rates["iam"]) / statistics.mean(rates["peer"])
-            rows.append((name, rates["peer"], rates["iam"], ratio))
-    print(f"\n{'document':<10} {'node-oidc-provider req/s':<28} {'iam req/s':<22} iam / peer")
-    for name, peer_rates, iam_rates, ratio in rows:
-        print(f"{name:<10} {', '.join(f'{r:.0f}' for r in peer_rates):<28} "
-              f"{', '.join(f'{r:.0f}' for r in iam_rates):<22} {ratio:.2f}")
+                for side, (pid, requests) in sides.items():
+                    runs[side].append(measure(side, name, requests[name], pid, args))
+            rows.append((name, runs))
+    print(f"\n{'scenario':<19} {'node-oidc-provider req/s (cores)':<34} {'iam req/s (cores)':<28} "
+          "iam/peer  per core")
+    for name, runs in rows:
+        rate = {side: statistics.mean(r for r, _ in results) for side, results in runs.items()}
+        per_core = {side: statistics.mean(r / c for r, c in results if c) for side, results in runs.items()}
+        cells = {side: ", ".join(f"{r:.0f} ({c:.2f})" for r, c in results) for side, results in runs.items()}
+        print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<28} {rate['iam'] / rate['peer']:>7.2f}  "
+              f"{per_core['iam'] / per_core['peer']:>8.2f}")
     print(f"\nwrk, 1 thread, {args.connections} connections, {args.duration} s per run after 1 s warm-up; both "
-          "servers single-process on this machine, alternating.")
+          "servers single-process on this machine, alternating; iam on PostgreSQL 15 (fsync on), hot cache off.")
 
 
 if __name__ == "__main__":

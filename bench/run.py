@@ -68,6 +68,9 @@ clients:
 {extra}"""
 
 
+SERVERS: dict[str, subprocess.Popen] = {}  # the running `iam serve` processes by base URL (CPU accounting)
+
+
 class BenchError(Exception):
     """The benchmark cannot go on; the message says why."""
 
@@ -172,6 +175,7 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
         )  # fmt: skip
     stack.callback(stop_server, process)
     base = f"http://127.0.0.1:{port}"
+    SERVERS[base] = process
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -182,6 +186,12 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
                 return base
         time.sleep(0.2)
     raise BenchError(f"iam serve not ready after 60 s:\n{tail(server_log)}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_server(process: subprocess.Popen) -> None:

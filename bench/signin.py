@@ -39,7 +39,9 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+
+from run import cpu_seconds  # noqa: E402  (bench/run.py)
 
 from tests import ldap_server  # noqa: E402  (the suite's real upstreams)
 from tests.oidc_upstream import ALICE, running_upstream  # noqa: E402
@@ -135,12 +137,6 @@ async def run(scenario, workers: int, duration: float) -> dict:
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(workers)))
     return summary("sign_ins", latencies, errors, time.monotonic() - started)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads included (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def introspection(base: str, token: str, rate: float, duration: float) -> dict:

@@ -103,6 +103,10 @@ class OidcUpstream:
 
     # -- configuration -------------------------------------------------------------------------------------
     @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
     def signing_kid(self) -> str:
         return self._config["jwks"]["keys"][0]["kid"]
 
