@@ -4,6 +4,7 @@ RP-Initiated Logout)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
@@ -34,6 +35,26 @@ router = APIRouter()
 
 def _to_login() -> Response:
     return RedirectResponse("/authn/login", 303, headers=HARDENING)
+
+
+AccountChange = Callable[[Request, Session, dict[str, str]], Awaitable[Response]]
+
+
+def _account_change(what: str) -> Callable[[AccountChange], Callable[[Request], Awaitable[Response]]]:
+    """A form posted from the account pages: `handler` gets the signed-in person's session and the form, whose CSRF
+    token is checked; without both, the person sees that the session expired and is asked to sign in again to
+    `what`."""
+    def decorate(handler: AccountChange) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            session = await current_session(request)
+            form = await posted_form(request)
+            if session is None or form is None:
+                return error_page("Session expired", f"Sign in again to {what}.", 403)
+            return await handler(request, session, form)
+        # not functools.wraps: FastAPI would read the handler's signature through __wrapped__
+        endpoint.__name__, endpoint.__doc__ = handler.__name__, handler.__doc__
+        return endpoint
+    return decorate
 
 
 @router.get("/authn/account")
@@ -103,13 +124,10 @@ def _date(epoch: int) -> str:
 
 
 @router.post("/authn/account/applications")
-async def remove_application(request: Request) -> Response:
+@_account_change("manage your applications")
+async def remove_application(request: Request, session: Session, form: dict[str, str]) -> Response:
     """Remove an application's access: its refresh and access tokens of this person stop working at once."""
     services = authn_services(request)
-    session = await current_session(request)
-    form = await posted_form(request)
-    if session is None or form is None:
-        return error_page("Session expired", "Sign in again to manage your applications.", 403)
     client_id = form.get("client_id", "")
     try:
         removed = await services.app_access.remove(session.subject, client_id)
@@ -142,12 +160,9 @@ async def _setup_page(request: Request, subject: str, secret: str, error: str | 
 
 
 @router.post("/authn/totp/setup")
-async def totp_confirm(request: Request) -> Response:
+@_account_change("set up two-step verification")
+async def totp_confirm(request: Request, session: Session, form: dict[str, str]) -> Response:
     services = authn_services(request)
-    session = await current_session(request)
-    form = await posted_form(request)
-    if session is None or form is None:
-        return error_page("Session expired", "Sign in again to set up two-step verification.", 403)
     secret = await services.totp.pending_secret(session.subject)
     if secret is None:
         return await account(request)
@@ -168,13 +183,10 @@ async def _new_recovery_codes(request: Request, subject: str, notice: str) -> Re
 
 
 @router.post("/authn/totp/recovery-codes")
-async def recovery_codes_renew(request: Request) -> Response:
+@_account_change("get new recovery codes")
+async def recovery_codes_renew(request: Request, session: Session, form: dict[str, str]) -> Response:
     """New recovery codes (the old ones stop working), after the password is asked again as for enrolment."""
     services = authn_services(request)
-    session = await current_session(request)
-    form = await posted_form(request)
-    if session is None or form is None:
-        return error_page("Session expired", "Sign in again to get new recovery codes.", 403)
     if not await services.totp.enabled(session.subject):
         return await account(request)
     if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "recovery codes"):
@@ -221,23 +233,11 @@ async def passkey_registration_options(request: Request) -> Response:
     return json_options(options)
 
 
-async def _passkey_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
-    """The signed-in person's session and the passkey form they posted, or the page saying the session expired."""
-    session = await current_session(request)
-    form = await posted_form(request)
-    if session is None or form is None:
-        return error_page("Session expired", "Sign in again to manage your passkeys.", 403)
-    return session, form
-
-
 @router.post("/authn/passkeys")
-async def passkey_register(request: Request) -> Response:
+@_account_change("manage your passkeys")
+async def passkey_register(request: Request, session: Session, form: dict[str, str]) -> Response:
     """The browser's answer to those options: the new passkey, named as the person chose."""
     services = authn_services(request)
-    posted = await _passkey_form(request)
-    if isinstance(posted, Response):
-        return posted
-    session, form = posted
     try:
         added = await services.passkeys.register(session.subject, session.sid, form.get("credential", ""),
                                                  form.get("name", ""))
@@ -252,24 +252,18 @@ async def passkey_register(request: Request) -> Response:
 
 
 @router.post("/authn/passkeys/rename")
-async def passkey_rename(request: Request) -> Response:
+@_account_change("manage your passkeys")
+async def passkey_rename(request: Request, session: Session, form: dict[str, str]) -> Response:
     services = authn_services(request)
-    posted = await _passkey_form(request)
-    if isinstance(posted, Response):
-        return posted
-    session, form = posted
     renamed = await services.passkeys.rename(session.subject, form.get("id", ""), form.get("name", ""))
     return await account(request, notice="Passkey renamed." if renamed else None)
 
 
 @router.post("/authn/passkeys/remove")
-async def passkey_remove(request: Request) -> Response:
+@_account_change("manage your passkeys")
+async def passkey_remove(request: Request, session: Session, form: dict[str, str]) -> Response:
     """Remove a passkey, after the password is asked again: it changes how the account signs in (ASVS 5 V7.5.1)."""
     services = authn_services(request)
-    posted = await _passkey_form(request)
-    if isinstance(posted, Response):
-        return posted
-    session, form = posted
     if refused := await _reauthenticate(request, session.subject, form.get("password", ""), "passkey removal"):
         return await account(request, notice=refused[1], status=refused[0])
     removed = await services.passkeys.remove(session.subject, form.get("id", ""))
