@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +39,11 @@ WEBAPP_CALLBACK = "https://app.test/cb?dummy1=lorem&dummy2=ipsum"
 PASSWORD = "correct horse battery staple"
 
 
+@functools.cache
+def _gateway_hash() -> str:
+    return PasswordHasher().hash(SECRETS["gateway"])  # an argon2 run per worker, not one per test
+
+
 def client_config() -> list[dict]:
     return [
         {
@@ -56,7 +66,7 @@ def client_config() -> list[dict]:
         {
             "client_id": "gateway",
             # the same secret kept only as an argon2id hash in config
-            "client_secret_hash": PasswordHasher().hash(SECRETS["gateway"]),
+            "client_secret_hash": _gateway_hash(),
             "grant_types": ["client_credentials"],
         },
         {"client_id": "odd:id &+", "client_secret": SECRETS["odd:id &+"], "grant_types": ["client_credentials"]},
@@ -148,11 +158,11 @@ def oidc_upstream(tmp_path_factory):
         yield upstream
 
 
-async def create_database(server: str) -> str:
+async def create_database(server: str, template: str | None = None) -> str:
     name = "iam_" + uuid.uuid4().hex[:12]
     conn = await asyncpg.connect(server + "/postgres")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await conn.close()
     return name
@@ -162,14 +172,14 @@ STORES = ("authn", "token", "users")
 
 
 @contextlib.asynccontextmanager
-async def postgres_stores(server: str) -> AsyncIterator[dict[str, str]]:
-    """Three fresh databases on the test cluster, dropped afterwards.
+async def postgres_stores(server: str, templates: dict[str, str] | None = None) -> AsyncIterator[dict[str, str]]:
+    """Three fresh databases on the test cluster (copies of `templates` when given), dropped afterwards.
 
     Each empty database is ~7.5 MB of files in memory (tests/postgres.py): kept until the end of the run, a
     full run's would fill the machine's memory.
     """
     host = server.split("://", 1)[1]
-    names = {store: await create_database(server) for store in STORES}
+    names = {store: await create_database(server, (templates or {}).get(store)) for store in STORES}
     try:
         yield {store: f"postgresql+asyncpg://{host}/{name}" for store, name in names.items()}
     finally:
@@ -181,16 +191,70 @@ async def postgres_stores(server: str) -> AsyncIterator[dict[str, str]]:
             await conn.close()
 
 
+# What a first start leaves behind (stores migrated to head, a generated key ring) is made once per worker and
+# copied for each test: the same state a fresh instance starts from, without the migrations and the key
+# generation (about half a second) in every test. Migrations and key generation have tests of their own.
+def _first_start(directory: Path, store_urls: dict[str, str]) -> None:
+    async def start_and_stop() -> None:
+        application = create_app(make_settings(directory, store_urls))
+        async with application.router.lifespan_context(application):
+            pass
+
+    # on a thread of its own: these fixtures are first asked for from inside a test's running event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, start_and_stop()).result()
+
+
+@pytest.fixture(scope="session")
+def first_start(tmp_path_factory) -> Path:
+    """A directory with the three SQLite stores and the `keys` of a first start."""
+    directory = tmp_path_factory.mktemp("first-start")
+    _first_start(directory, _sqlite_urls(directory))
+    assert not list(directory.glob("*.db-*")), "a store's journal outlived its engine: the copies would lack it"
+    return directory
+
+
+@pytest.fixture(scope="session")
+def postgres_templates(postgres_server) -> dict[str, str]:
+    """The three PostgreSQL databases of a first start, names by store: templates for CREATE DATABASE."""
+    host = postgres_server.split("://", 1)[1]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        names = {store: thread.submit(asyncio.run, create_database(postgres_server)).result() for store in STORES}
+    with tempfile.TemporaryDirectory() as tmp:
+        _first_start(Path(tmp), {store: f"postgresql+asyncpg://{host}/{name}" for store, name in names.items()})
+    return names
+
+
+def _sqlite_urls(directory: Path) -> dict[str, str]:
+    return {name: f"sqlite+aiosqlite:///{directory}/{name}.db" for name in STORES}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request) -> str:
     return request.param
 
 
 @pytest.fixture
-async def store_urls(backend, tmp_path, request) -> AsyncIterator[dict[str, str]]:
-    """Fresh, empty stores for one test: three SQLite files, or three PostgreSQL databases."""
+async def store_urls(backend, tmp_path, request, first_start) -> AsyncIterator[dict[str, str]]:
+    """Fresh stores for one test, migrated to head, and the key ring in tmp_path/keys, as after a first start:
+    three SQLite files, or three PostgreSQL databases."""
+    shutil.copytree(first_start / "keys", tmp_path / "keys")
     if backend == "sqlite":
-        yield {name: f"sqlite+aiosqlite:///{tmp_path}/{name}.db" for name in STORES}
+        for name in STORES:
+            shutil.copyfile(first_start / f"{name}.db", tmp_path / f"{name}.db")
+        yield _sqlite_urls(tmp_path)
+        return
+    templates = request.getfixturevalue("postgres_templates")
+    async with postgres_stores(request.getfixturevalue("postgres_server"), templates) as urls:
+        yield urls
+
+
+@pytest.fixture
+async def empty_store_urls(backend, tmp_path, request) -> AsyncIterator[dict[str, str]]:
+    """Fresh, empty stores for one test (no schema yet): three SQLite files, or three PostgreSQL databases."""
+    if backend == "sqlite":
+        yield _sqlite_urls(tmp_path)
         return
     async with postgres_stores(request.getfixturevalue("postgres_server")) as urls:
         yield urls

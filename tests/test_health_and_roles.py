@@ -55,8 +55,8 @@ def test_role_stores():
     assert Role.TOKEN.stores == ("token",)
 
 
-async def test_ready_is_503_behind_schema_until_migrated(tmp_path, store_urls):
-    app = create_app(make_settings(tmp_path, store_urls, migrate_on_start=False))
+async def test_ready_is_503_behind_schema_until_migrated(tmp_path, empty_store_urls):
+    app = create_app(make_settings(tmp_path, empty_store_urls, migrate_on_start=False))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER) as http:
             response = await http.get("/health/ready")
