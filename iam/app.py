@@ -172,7 +172,7 @@ class Runtime(Shared):
         if self.settings.purge_interval:
             self._tasks.append(asyncio.create_task(self._purge_regularly()))
         if self.token is not None:
-            self.token.start()
+            await self.token.start()
         self._started = True
 
     async def _maintain(self) -> None:

@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -365,11 +366,19 @@ class ClientConfig(_Strict):
         return frozenset(self.scope.split())
 
 
+# Schemes a browser would run or read locally instead of navigating to a client (RFC 9700 §4.1.3, §4.11).
+_SCRIPT_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
+
+
 def check_redirect_uri(uri: str) -> None:
     """RFC 9700 §2.6 / RFC 6749 §3.1.2: absolute, no fragment, https unless a loopback or a private-use scheme."""
     parts = urlsplit(uri)
     if not parts.scheme or parts.fragment or "#" in uri:
         raise ValueError(f"{uri!r}: a redirect URI must be absolute and have no fragment")
+    if parts.scheme.lower() in _SCRIPT_SCHEMES:
+        raise ValueError(f"{uri!r}: {parts.scheme}: cannot be a redirect URI")
+    if "*" in uri:  # redirect URIs match exactly (RFC 9700 §4.1.3): no patterns
+        raise ValueError(f"{uri!r}: a redirect URI is matched exactly: no wildcards")
     if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
         raise ValueError(f"{uri!r}: http is allowed for loopback redirect URIs only")
     if parts.scheme in ("http", "https") and (not parts.hostname or parts.username or parts.password):
@@ -727,6 +736,20 @@ class Settings(_Strict):
     mtls: MutualTLS = Field(default=MutualTLS(), description="TLS client certificates (RFC 8705).")
     backchannel_logout: BackChannelLogout = Field(default=BackChannelLogout(), description=(
         "Delivery of logout tokens (OpenID Connect Back-Channel Logout 1.0)."))
+    client_secret_grace: int = Field(default=24 * 3600, ge=0, le=30 * 86400, description=(
+        "Seconds a stored client's previous secret keeps working after `rotate-secret` (a call may say otherwise)."))
+    config_reload_interval: float = Field(default=5, ge=0, description=(
+        "Seconds between checks of the config file by the token role: changed YAML clients (a new secret, say) are "
+        "taken without a restart; an invalid file is logged and the running clients kept (0: never)."))
+    client_sync_interval: float = Field(default=2, gt=0, description=(
+        "Seconds between checks for stored-client changes made by other processes on the same SQLite file "
+        "(PostgreSQL replicas are notified at once)."))
+    # Where these settings were read from (load_settings): the file the token role re-reads for its clients.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @field_validator("issuer")
     @classmethod
@@ -891,7 +914,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
                 target = target.setdefault(key, {})
             target[field_path[-1]] = env[var]
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
+        settings._source = file if file.exists() else None
+        return settings
     except ValidationError as exc:
         first = exc.errors()[0]
         location = "".join(f"{part}." for part in first["loc"][:-1]) + (f"{first['loc'][-1]}: " if first["loc"] else "")

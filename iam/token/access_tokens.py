@@ -98,8 +98,11 @@ class IssuedToken:
 
 class AccessTokens:
     def __init__(self, settings: Settings, keys: KeyRing, store: TokenStore,
-                 clock: Callable[[], float] = time.time, cache: HotCache[LiveToken] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, cache: HotCache[LiveToken] | None = None,
+                 client_known: Callable[[str], object | None] | None = None) -> None:
         self.issuer = settings.issuer
+        # The registry's lookup: a token of a client that is no longer known (deleted, disabled) is not live.
+        self.client_known = client_known
         self.alg = settings.keys.access_token_alg
         self.keys = keys
         self.store = store
@@ -184,15 +187,18 @@ class AccessTokens:
         now = self.clock()
         entry = cache.get(key, now)
         if entry is not None:
-            return entry
+            return entry if self._client_live(entry.row.client_id) else None
         generation = cache.generation  # read before the lookup: an eviction meanwhile voids this fill
         row = await self.store.find_access_token(key)
         now = self.clock()
-        if row is None or row.revoked or row.expires_at <= now:
+        if row is None or row.revoked or row.expires_at <= now or not self._client_live(row.client_id):
             return None
         entry = LiveToken(row, cache.until(row.expires_at, now))
         cache.put(key, entry, generation, now)
         return entry
+
+    def _client_live(self, client_id: str) -> bool:
+        return self.client_known is None or self.client_known(client_id) is not None
 
     async def active(self, token: str) -> AccessTokenRow | None:
         """The stored row of a live token; None for unknown, malformed, expired or revoked ones."""

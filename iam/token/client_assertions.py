@@ -96,14 +96,23 @@ class ClientAssertions:
         # The workload tokens each client may present in a token exchange (RFC 8693), by its policy.
         self.exchange_workloads: dict[str, list[TrustedWorkload]] = {}
         for client in settings.clients:
-            if client.jwks is not None:
-                self._client_keys[client.client_id] = StaticKeys(check_key_set(client.jwks))
-            elif client.jwks_uri is not None:
-                self._client_keys[client.client_id] = sources.jwks_uri(client.jwks_uri)
-            if client.workload_identities:
-                self._workloads[client.client_id] = self.trusted(client.workload_identities)
-            if client.token_exchange is not None and client.token_exchange.workload_identities:
-                self.exchange_workloads[client.client_id] = self.trusted(client.token_exchange.workload_identities)
+            self.learn(client)
+
+    def learn(self, client: ClientConfig) -> None:
+        """Resolve the keys and trusted workloads of a client (anew, for a changed stored client)."""
+        self.forget(client.client_id)
+        if client.jwks is not None:
+            self._client_keys[client.client_id] = StaticKeys(check_key_set(client.jwks))
+        elif client.jwks_uri is not None:
+            self._client_keys[client.client_id] = self.sources.jwks_uri(client.jwks_uri)
+        if client.workload_identities:
+            self._workloads[client.client_id] = self.trusted(client.workload_identities)
+        if client.token_exchange is not None and client.token_exchange.workload_identities:
+            self.exchange_workloads[client.client_id] = self.trusted(client.token_exchange.workload_identities)
+
+    def forget(self, client_id: str) -> None:
+        for known in (self._client_keys, self._workloads, self.exchange_workloads):
+            known.pop(client_id, None)
 
     def _workload_keys(self, identity: WorkloadIdentity) -> KeySource:
         if identity.jwks_file is not None:

@@ -12,7 +12,8 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from urllib.parse import unquote
 
 from argon2 import PasswordHasher
@@ -26,6 +27,7 @@ from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
 from iam.security import slow_hash
 from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
 from iam.token.mtls import ClientCertificates
+from iam.token.stored_clients import StoredClient
 
 log = logging.getLogger("iam.clients")
 
@@ -37,25 +39,85 @@ def _digest(secret: str) -> bytes:
 
 
 class ClientRegistry:
+    """Every client an endpoint may meet, by client_id: those of the YAML config first (authoritative: a stored
+    client never shadows one), then the enabled stored clients (iam/token/stored_clients.py), kept in memory and
+    changed as the store tells (`put_stored`), so a lookup stays one dict lookup."""
+
     def __init__(self, clients: list[ClientConfig], assertions: ClientAssertions,
-                 certificates: ClientCertificates) -> None:
+                 certificates: ClientCertificates, clock: Callable[[], float] = time.time) -> None:
         self.assertions = assertions
         self.certificates = certificates
         self._base = assertions.issuer.rstrip("/")  # + an endpoint's path: the URL an assertion's aud may name
+        self._clock = clock
         self._clients: dict[str, ClientConfig] = {}
         self._digests: dict[str, bytes] = {}
+        # A stored client's previous secret during a rotation's grace period: (digest, until epoch seconds).
+        self._previous: dict[str, tuple[bytes, int]] = {}
         self._hashes: dict[str, str] = {}
+        self._yaml_ids: frozenset[str] = frozenset()
+        self._stored: dict[str, StoredClient] = {}
+        self.set_yaml(clients)
+        self._hasher = PasswordHasher()
+        self._argon2_slots = asyncio.Semaphore(2)  # bounds memory and CPU spent on argon2 at once
+
+    @property
+    def yaml_ids(self) -> frozenset[str]:
+        """The client ids of the YAML config, disabled ones included: none of them can be stored."""
+        return self._yaml_ids
+
+    def set_yaml(self, clients: list[ClientConfig]) -> None:
+        """Take the YAML config's clients (at start, and when the config file changed)."""
+        for client_id in self._yaml_ids:
+            self._drop(client_id)
+        self._yaml_ids = frozenset(client.client_id for client in clients)
         for client in clients:
+            self._stored.pop(client.client_id, None)  # the config wins
             if not client.enabled:
                 log.warning("client %s has an empty client_secret: it is disabled", client.client_id)
                 continue
-            self._clients[client.client_id] = client
+            self._add(client)
             if client.client_secret is not None and client.client_secret.get_secret_value():
                 self._digests[client.client_id] = _digest(client.client_secret.get_secret_value())
             elif client.client_secret_hash:
                 self._hashes[client.client_id] = client.client_secret_hash
-        self._hasher = PasswordHasher()
-        self._argon2_slots = asyncio.Semaphore(2)  # bounds memory and CPU spent on argon2 at once
+        for stored in list(self._stored.values()):
+            self.put_stored(stored.client_id, stored)
+
+    def set_stored(self, clients: list[StoredClient]) -> None:
+        """Take every stored client afresh (at start, and whenever change notices may have been missed)."""
+        for client_id in list(self._stored):
+            self.put_stored(client_id, None)
+        for stored in clients:
+            self.put_stored(stored.client_id, stored)
+
+    def put_stored(self, client_id: str, stored: StoredClient | None) -> None:
+        """A stored client as it now is; None: deleted. A disabled one is unknown to every endpoint, and its tokens
+        are inactive (`AccessTokens` asks `get`)."""
+        if client_id in self._yaml_ids:
+            return
+        self._stored.pop(client_id, None)
+        self._drop(client_id)
+        if stored is None:
+            return
+        self._stored[client_id] = stored
+        if not stored.enabled:
+            return
+        self._add(stored.config)
+        if stored.secret_digest is not None:
+            self._digests[client_id] = stored.secret_digest
+        if stored.previous_secret_digest is not None and stored.previous_expires_at is not None:
+            self._previous[client_id] = (stored.previous_secret_digest, stored.previous_expires_at)
+
+    def _add(self, client: ClientConfig) -> None:
+        self._clients[client.client_id] = client
+        self.assertions.learn(client)
+        self.certificates.learn(client)
+
+    def _drop(self, client_id: str) -> None:
+        for known in (self._clients, self._digests, self._previous, self._hashes):
+            known.pop(client_id, None)
+        self.assertions.forget(client_id)
+        self.certificates.forget(client_id)
 
     def get(self, client_id: str) -> ClientConfig | None:
         return self._clients.get(client_id)
@@ -119,7 +181,11 @@ class ClientRegistry:
         presented = _digest(secret)
         known = self._digests.get(client_id)
         if known is not None:
-            return hmac.compare_digest(presented, known)
+            current = hmac.compare_digest(presented, known)
+            previous, until = self._previous.get(client_id, (_DUMMY, 0))
+            # Both compared every time: which secret matched (or that there is a previous one) takes no longer.
+            earlier = hmac.compare_digest(presented, previous) and self._clock() < until
+            return current or earlier
         encoded = self._hashes.get(client_id)
         if encoded is None:
             hmac.compare_digest(presented, _DUMMY)  # same work for unknown clients

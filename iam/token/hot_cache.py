@@ -62,6 +62,11 @@ def subject_payload(subject: str) -> str:
     return "s:" + subject
 
 
+def client_payload(client_id: str) -> str:
+    """A stored client was created, changed or deleted (iam/token/stored_clients.py): reload it."""
+    return "c:" + client_id
+
+
 E = TypeVar("E", bound=Entry)
 
 
@@ -219,10 +224,14 @@ class RevocationListener:
     BACKOFF_MAX = 5.0
     APPLICATION_NAME = "iam token revocation listener"
 
-    def __init__(self, cache: HotCache[Any], connect: Callable[[], Awaitable[Any]]) -> None:
-        """`connect` opens a new asyncpg connection to the token store (see `Store.connect_driver`)."""
+    def __init__(self, cache: HotCache[Any], connect: Callable[[], Awaitable[Any]],
+                 clients: Callable[[str | None], None] | None = None) -> None:
+        """`connect` opens a new asyncpg connection to the token store (see `Store.connect_driver`); `clients` is
+        told of a client change notice (its client_id), and with None of every (re)connect: whatever changed while
+        nobody listened must be read again."""
         self.cache = cache
         self._connect = connect
+        self._clients = clients
         self._task: asyncio.Task[None] | None = None
         self._connection = None
         self._was_up = False
@@ -277,6 +286,8 @@ class RevocationListener:
         await connection.add_listener(CHANNEL, self._notified)
         # Listening from here on: whatever was revoked before is in the store, so start empty.
         self.cache.enable()
+        if self._clients is not None:
+            self._clients(None)
         self._was_up = True
         self.connections += 1
         self.connected.set()
@@ -290,6 +301,9 @@ class RevocationListener:
             await asyncio.wait_for(connection.fetchval("SELECT 1"), self.PING_TIMEOUT)
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith("c:") and self._clients is not None:
+            self._clients(payload[2:])
+            return
         self.cache.apply(payload)
 
     def _down(self) -> None:

@@ -140,11 +140,18 @@ class ClientCertificates:
                               .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_CLIENT)
                               .build_client_verifier())
         # self_signed_tls_client_auth (§2.2): the public keys of each client's registered certificates.
-        self._keys: dict[str, list[bytes]] = {
-            client.client_id: [key.as_pem(private=False) for key in check_key_set(client.jwks)]
-            for client in clients
-            if client.token_endpoint_auth_method == "self_signed_tls_client_auth" and client.jwks is not None
-        }
+        self._keys: dict[str, list[bytes]] = {}
+        for client in clients:
+            self.learn(client)
+
+    def learn(self, client: ClientConfig) -> None:
+        """Know a client's registered certificate keys (anew, for a changed stored client)."""
+        self._keys.pop(client.client_id, None)
+        if client.token_endpoint_auth_method == "self_signed_tls_client_auth" and client.jwks is not None:
+            self._keys[client.client_id] = [key.as_pem(private=False) for key in check_key_set(client.jwks)]
+
+    def forget(self, client_id: str) -> None:
+        self._keys.pop(client_id, None)
 
     def presented(self, request: Request) -> x509.Certificate | None:
         """The certificate the client presented: a trusted proxy's header, else iam's own TLS handshake."""

@@ -6,6 +6,7 @@ import time
 
 from fastapi import Request
 
+from iam.config import ClientConfig
 from iam.jwks import KeySources
 from iam.peers import Directory, UpstreamChecks
 from iam.runtime import Shared, StartupError
@@ -13,6 +14,8 @@ from iam.token.access_tokens import AccessTokens, LiveToken
 from iam.token.app_access import AppAccess
 from iam.token.backchannel import BackChannelLogouts
 from iam.token.client_assertions import ClientAssertions
+from iam.token.client_metadata import ClientMetadataError
+from iam.token.client_sync import ClientSync
 from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
 from iam.token.dpop import Nonces, ProofVerifier
@@ -20,6 +23,7 @@ from iam.token.hot_cache import HotCache, RevocationListener
 from iam.token.metadata import Documents
 from iam.token.mtls import ClientCertificates
 from iam.token.store import TokenStore
+from iam.token.stored_clients import StoredClients
 
 
 class TokenServices:
@@ -40,17 +44,24 @@ class TokenServices:
         # revocation listener is connected (other replicas revoke too); on SQLite (one process) always.
         seconds = settings.introspection_cache_seconds
         self.hot_cache: HotCache[LiveToken] = HotCache(seconds, enabled=not store.is_postgresql)
-        self.revocation_listener: RevocationListener | None = None
-        if store.is_postgresql and seconds:
-            listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
-            self.revocation_listener = RevocationListener(
-                self.hot_cache, lambda: store.connect_driver(server_settings=listener_name))
         self.store = TokenStore(store.engine, self.hot_cache)
         self.key_sources = KeySources()  # the keys of private_key_jwt clients and of trusted workload issuers
         self.certificates = ClientCertificates(settings.mtls, settings.clients)  # RFC 8705
         self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources),
                                       self.certificates)
-        self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache)
+        self.stored_clients = StoredClients(store.engine, yaml_ids=lambda: self.clients.yaml_ids,
+                                            check=self._servable, changed=self.clients.put_stored)
+        self.client_sync = ClientSync(settings, self.clients, self.stored_clients)
+        # On PostgreSQL one listening connection hears revocations and client changes. The cache is on only while
+        # it is connected (other replicas revoke too); on SQLite (one process) always.
+        self.revocation_listener: RevocationListener | None = None
+        if store.is_postgresql:
+            listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
+            self.revocation_listener = RevocationListener(
+                self.hot_cache, lambda: store.connect_driver(server_settings=listener_name), self.client_sync.notified)
+        # A token whose client is gone or disabled is inactive everywhere, even while its row is cached.
+        self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache,
+                                          client_known=self.clients.get)
         self.documents = Documents(settings, grant_types, self.keys)
         # Nonces keyed by the key ring's data key: the same on every replica that shares the key ring.
         self.dpop = ProofVerifier(settings.dpop, self.store, Nonces(settings.dpop, self.keys.data_key()))
@@ -72,12 +83,28 @@ class TokenServices:
                 raise StartupError(f"client {client.client_id}: introspection_signed_response_alg {alg} needs a key "
                                    f"the key ring does not hold (`iam keys rotate` adds one of every kind)")
 
-    def start(self) -> None:
+    def _servable(self, client: ClientConfig) -> None:
+        """What the config file's own checks ask of its clients, asked of a stored one (ClientMetadataError)."""
+        known = {connector.id for connector in self.settings.connectors}
+        for connector_id in client.connectors or ():
+            if connector_id not in known:
+                raise ClientMetadataError("invalid_client_metadata", f"connectors: no connector {connector_id!r}")
+        if client.token_endpoint_auth_method == "tls_client_auth" and self.settings.mtls.ca_file is None:
+            raise ClientMetadataError("invalid_client_metadata",
+                                      "token_endpoint_auth_method: tls_client_auth needs mtls.ca_file on the server")
+        alg = client.introspection_signed_response_alg
+        if self.keys.jws_algorithms and alg not in self.keys.jws_algorithms:
+            raise ClientMetadataError("invalid_client_metadata",
+                                      f"introspection_signed_response_alg: the key ring holds no {alg} key")
+
+    async def start(self) -> None:
+        await self.client_sync.start()
         if self.revocation_listener is not None:
             self.revocation_listener.start()
         self.backchannel.start()
 
     async def stop(self) -> None:
+        await self.client_sync.stop()
         await self.backchannel.stop()
         if self.revocation_listener is not None:
             await self.revocation_listener.stop()

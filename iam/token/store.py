@@ -156,6 +156,23 @@ assertion_jtis = Table(
 )
 
 
+# Clients created through the administration API or the CLI (iam/token/stored_clients.py), beside those of the
+# YAML config. Secrets are kept as SHA-256 digests only: the current one, and during a rotation's grace period the
+# previous one until `previous_expires_at`.
+clients = Table(
+    "clients",
+    metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("metadata", Text, nullable=False),  # RFC 7591 client metadata, JSON, without any secret
+    Column("secret_digest", LargeBinary(32)),
+    Column("previous_secret_digest", LargeBinary(32)),
+    Column("previous_expires_at", Integer),  # epoch seconds: the previous secret works until then
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("version", Integer, nullable=False),  # bumped by every change: the ETag
+    Column("created_at", Integer, nullable=False),
+    Column("updated_at", Integer, nullable=False),
+)
+
 @dataclass(frozen=True, slots=True)
 class AccessTokenRow:
     digest: bytes

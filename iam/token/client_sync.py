@@ -1,0 +1,121 @@
+"""Keeping the token role's `ClientRegistry` current without a restart.
+
+- Stored clients: read once at start; then on PostgreSQL each change notice (`c:<client_id>` on the revocation
+  channel, iam/token/hot_cache.py) reloads that client, and every (re)connect of the listener reloads them all
+  (notices may have been missed meanwhile). Reloads run one after the other, in the order the notices came, so an
+  older read never overwrites a newer one. On SQLite (one process by construction, but maybe several on one file)
+  the process applies its own changes at once, and a cheap fingerprint check every `client_sync_interval` seconds
+  catches another process's.
+- YAML clients: the config file is re-read every `config_reload_interval` seconds when its content changed (a new
+  Secret mounted, an edited ConfigMap); its clients replace the running ones. An invalid file is logged and the
+  running clients kept. Other settings still need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+
+from iam.config import ConfigError, Settings, load_settings
+from iam.token.clients import ClientRegistry
+from iam.token.stored_clients import StoredClients
+
+log = logging.getLogger("iam.token.clients")
+
+RETRY = 1.0  # seconds before a failed reload is tried again (as a full one)
+
+
+class ClientSync:
+    def __init__(self, settings: Settings, registry: ClientRegistry, stored: StoredClients) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stored = stored
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fingerprint: tuple[int, int] | None = None
+        self._config_digest: bytes | None = None
+        self.reloads = 0  # full reloads done (tests wait on it)
+
+    async def start(self) -> None:
+        try:
+            await self._reload_all()
+        except Exception as exc:  # noqa: BLE001 - a store not migrated yet, unreachable: ready answers 503
+            log.warning("stored clients not loaded (%s); retrying", exc.__class__.__name__)
+            self._queue.put_nowait(None)
+        self._config_digest = self._read_config_digest()
+        self._tasks.append(asyncio.create_task(self._apply_notices(), name="iam-client-sync"))
+        if self.stored.engine.dialect.name != "postgresql":
+            self._tasks.append(asyncio.create_task(self._check_regularly(), name="iam-client-check"))
+        if self.settings.source is not None and self.settings.config_reload_interval:
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="iam-config-reload"))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def notified(self, client_id: str | None) -> None:
+        """A change notice for `client_id`; None: reload every stored client (the listener (re)connected)."""
+        self._queue.put_nowait(client_id)
+
+    async def _reload_all(self) -> None:
+        self._fingerprint = await self.stored.fingerprint()
+        self.registry.set_stored(await self.stored.all())
+        self.reloads += 1
+
+    async def _apply_notices(self) -> None:
+        while True:
+            client_id = await self._queue.get()
+            try:
+                if client_id is None:
+                    await self._reload_all()
+                else:
+                    self.registry.put_stored(client_id, await self.stored.get(client_id))
+            except Exception as exc:  # noqa: BLE001 - the store is away: read everything again once it is back
+                log.warning("stored clients not reloaded (%s); retrying", exc.__class__.__name__)
+                await asyncio.sleep(RETRY)
+                self._queue.put_nowait(None)
+
+    async def _check_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.client_sync_interval)
+            try:
+                if await self.stored.fingerprint() != self._fingerprint:
+                    self._queue.put_nowait(None)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.debug("stored clients not checked (%s)", exc.__class__.__name__)
+
+    def _read_config_digest(self) -> bytes | None:
+        source = self.settings.source
+        if source is None:
+            return None
+        try:
+            return hashlib.sha256(source.read_bytes()).digest()
+        except OSError:
+            return None
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.config_reload_interval)
+            self.reload_config()
+
+    def reload_config(self) -> bool:
+        """Take the clients of the config file if its content changed; True if they were taken."""
+        found = self._read_config_digest()
+        if found is None or found == self._config_digest:
+            return False
+        self._config_digest = found
+        try:
+            settings = load_settings(self.settings.source)
+        except ConfigError as exc:
+            log.error("the changed config file is invalid; the running clients are kept: %s", exc)
+            return False
+        self.registry.set_yaml(settings.clients)
+        log.info("config file changed: %d clients taken from it (other settings need a restart)",
+                 len(settings.clients))
+        return True

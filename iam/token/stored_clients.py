@@ -1,0 +1,274 @@
+"""Clients kept as data in the token store, beside the read-only clients of the YAML config.
+
+The administration API (iam/token/admin.py) and `iam clients …` both go through `StoredClients`: one code path,
+one set of rules (`ClientConfig`'s, via iam/token/client_metadata.py), one audit trail.
+
+Secrets: the server generates every stored client's secret, `secrets.token_urlsafe(32)` (256 bits), shows it once
+and keeps only its SHA-256 digest. A password needs a slow hash (argon2) because people choose guessable ones; a
+uniformly random 256-bit secret cannot be guessed or looked up in any table, so a fast digest compared in constant
+time is as safe, and keeps client authentication off the argon2 threads. A rotation keeps the previous digest,
+with the instant it stops working (the grace period).
+
+Every change is applied to this process's `ClientRegistry` once committed and, on PostgreSQL, announced with
+`pg_notify` on the revocation channel inside the changing transaction (payload `c:<client_id>`), so every other
+token-role replica reloads that client when, and only if, it commits (iam/token/hot_cache.py listens).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from iam.config import SECRET_METHODS, ClientConfig
+from iam.observability import audit
+from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
+from iam.token.hot_cache import CHANNEL, client_payload
+from iam.token.store import clients
+
+SECRET_BYTES = 32  # 256 bits: see the module's docstring for why a SHA-256 digest is enough
+CLIENT_ID_BYTES = 16
+
+
+def new_client_id() -> str:
+    """An id for a client whose creator named none: random, so it says nothing about how many there are."""
+    return secrets.token_urlsafe(CLIENT_ID_BYTES)
+
+
+def secret_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class StoredClientError(Exception):
+    """A refused change: `kind` is not_found (404), precondition (412, a stale If-Match), read_only (409, a client
+    of the YAML config) or no_secret (400, rotating the secret of a client that has none)."""
+
+    def __init__(self, kind: Literal["not_found", "precondition", "read_only", "no_secret"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class StoredClient:
+    config: ClientConfig
+    enabled: bool
+    version: int
+    created_at: int
+    updated_at: int
+    secret_digest: bytes | None = field(default=None, repr=False)
+    previous_secret_digest: bytes | None = field(default=None, repr=False)
+    previous_expires_at: int | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.config.client_id
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+def _from_row(row: RowMapping) -> StoredClient:
+    return StoredClient(
+        config=ClientConfig.model_validate({**json.loads(row["metadata"]), "client_id": row["client_id"]}),
+        enabled=bool(row["enabled"]), version=row["version"], created_at=row["created_at"],
+        updated_at=row["updated_at"], secret_digest=row["secret_digest"],
+        previous_secret_digest=row["previous_secret_digest"], previous_expires_at=row["previous_expires_at"])
+
+
+def _stored_metadata(config: ClientConfig) -> str:
+    return json.dumps(client_metadata(config), separators=(",", ":"), sort_keys=True)
+
+
+def _matches(if_match: str | None, etag: str) -> bool:
+    """RFC 9110 §13.1.1: `*`, or one of the listed entity tags (weak comparison)."""
+    if if_match is None:
+        return True
+    tags = [tag.strip().removeprefix("W/") for tag in if_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+class StoredClients:
+    """Create, read, list, change, delete and rotate the secret of stored clients.
+
+    `yaml_ids` tells the client ids of the YAML config (authoritative: never shadowed, never changed here);
+    `check` refuses a client the rest of the configuration cannot serve (an unknown connector, say), raising
+    ClientMetadataError; `changed` is told of every committed change (the local `ClientRegistry`).
+    """
+
+    def __init__(self, engine: AsyncEngine, *, yaml_ids: Callable[[], frozenset[str]],
+                 check: Callable[[ClientConfig], None], changed: Callable[[str, StoredClient | None], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._notify = engine.dialect.name == "postgresql"
+        self._yaml_ids = yaml_ids
+        self._check = check
+        self._changed = changed
+        self._clock = clock
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    async def get(self, client_id: str) -> StoredClient | None:
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(select(clients).where(clients.c.client_id == client_id))).mappings().first()
+        return None if row is None else _from_row(row)
+
+    async def list(self, *, after: str | None, limit: int) -> builtins.list[StoredClient]:
+        """Up to `limit` clients in client_id order, those after `after` (keyset pagination: stable and cheap)."""
+        query = select(clients).order_by(clients.c.client_id).limit(limit)
+        if after is not None:
+            query = query.where(clients.c.client_id > after)
+        async with self.reader.connect() as conn:
+            return [_from_row(row) for row in (await conn.execute(query)).mappings()]
+
+    async def all(self) -> builtins.list[StoredClient]:
+        async with self.reader.connect() as conn:
+            return [_from_row(row) for row in (await conn.execute(select(clients))).mappings()]
+
+    async def fingerprint(self) -> tuple[int, int]:
+        """(how many, the sum of their versions): changes with every create, change and delete (a cheap check for
+        processes sharing one SQLite file, which hear no notifications)."""
+        query = select(func.count(), func.coalesce(func.sum(clients.c.version), 0))
+        async with self.reader.connect() as conn:
+            count, versions = (await conn.execute(query)).one()
+        return int(count), int(versions)
+
+    # -- changing --------------------------------------------------------------------------------------------
+    async def create(self, config: ClientConfig, *, actor: str, enabled: bool = True,
+                     ) -> tuple[StoredClient, str | None]:
+        """Store a new client (its id is the config's: `new_client_id()` for a caller who named none); the secret
+        is generated for a client_secret_basic / client_secret_post client and returned here, once."""
+        if config.client_id in self._yaml_ids():
+            raise ClientMetadataError("invalid_client_metadata",
+                                      f"client_id: {config.client_id!r} is a client of the configuration file")
+        config = self._checked(config)
+        secret = secrets.token_urlsafe(SECRET_BYTES) if config.token_endpoint_auth_method in SECRET_METHODS else None
+        now = int(self._clock())
+        stored = StoredClient(config, enabled, 1, now, now, None if secret is None else secret_digest(secret))
+        try:
+            async with self._changing(stored.client_id) as conn:
+                await conn.execute(insert(clients).values(
+                    client_id=stored.client_id, metadata=_stored_metadata(config), secret_digest=stored.secret_digest,
+                    enabled=enabled, version=1, created_at=now, updated_at=now))
+        except IntegrityError:
+            raise ClientMetadataError("invalid_client_metadata",
+                                      f"client_id: {config.client_id!r} is taken") from None
+        self._changed(stored.client_id, stored)
+        audit("client.created", actor=actor, client_id=stored.client_id)
+        return stored, secret
+
+    async def replace(self, client_id: str, config: ClientConfig, *, if_match: str | None, actor: str,
+                      enabled: bool | None = None) -> tuple[StoredClient, str | None]:
+        """Replace a client's metadata (and `enabled`, if given). A client that becomes a secret-authenticated
+        one gets a new secret (returned, once); one that stops being one loses its secrets."""
+        if config.client_id != client_id:
+            raise ClientMetadataError("invalid_client_metadata", "client_id: cannot be changed")
+        current = await self._current(client_id, if_match)
+        config = self._checked(config)
+        secret = None
+        digests: dict[str, Any] = {}
+        if config.token_endpoint_auth_method not in SECRET_METHODS:
+            digests = {"secret_digest": None, "previous_secret_digest": None, "previous_expires_at": None}
+        elif current.secret_digest is None:
+            secret = secrets.token_urlsafe(SECRET_BYTES)
+            digests = {"secret_digest": secret_digest(secret)}
+        stored = await self._update(current, actor, metadata=_stored_metadata(config),
+                                    enabled=current.enabled if enabled is None else enabled, **digests)
+        return stored, secret
+
+    async def patch(self, client_id: str, changes: dict[str, Any], *, if_match: str | None, actor: str,
+                    ) -> tuple[StoredClient, str | None]:
+        """A JSON merge patch (RFC 7396) of a client's metadata: a member set to null returns to its default;
+        `enabled` (true / false) enables or disables the client."""
+        if not isinstance(changes, dict):
+            raise ClientMetadataError("invalid_client_metadata", "the changes must be a JSON object")
+        changes = dict(changes)
+        enabled = changes.pop("enabled", None)
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ClientMetadataError("invalid_client_metadata", "enabled: must be true or false")
+        current = await self._current(client_id, if_match)
+        merged = client_metadata(current.config)
+        for name, value in changes.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        config = parse_client_metadata(merged, client_id=client_id)
+        return await self.replace(client_id, config, if_match=current.etag, actor=actor, enabled=enabled)
+
+    async def delete(self, client_id: str, *, if_match: str | None, actor: str) -> None:
+        current = await self._current(client_id, if_match)
+        async with self._changing(client_id) as conn:
+            deleted = await conn.execute(delete(clients).where(
+                clients.c.client_id == client_id, clients.c.version == current.version))
+            if not deleted.rowcount:
+                raise StoredClientError("precondition", f"client {client_id!r} changed meanwhile")
+        self._changed(client_id, None)
+        audit("client.deleted", actor=actor, client_id=client_id)
+
+    async def rotate_secret(self, client_id: str, *, grace: int, actor: str) -> str:
+        """A new secret (returned, once); the current one keeps working for `grace` more seconds, then stops."""
+        current = await self._current(client_id, None)
+        if current.config.token_endpoint_auth_method not in SECRET_METHODS:
+            raise StoredClientError("no_secret", f"client {client_id!r} authenticates with "
+                                                 f"{current.config.token_endpoint_auth_method}: it has no secret")
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        keep = grace > 0 and current.secret_digest is not None
+        await self._update(current, actor, event="client.secret_rotated", secret_digest=secret_digest(secret),
+                           previous_secret_digest=current.secret_digest if keep else None,
+                           previous_expires_at=int(self._clock()) + grace if keep else None)
+        return secret
+
+    # -- the parts -------------------------------------------------------------------------------------------
+    def _checked(self, config: ClientConfig) -> ClientConfig:
+        """The config as stored: without any secret (the digests are kept apart), passing the settings' checks."""
+        config = config.model_copy(update={"client_secret": None, "client_secret_hash": None})
+        self._check(config)
+        return config
+
+    async def _current(self, client_id: str, if_match: str | None) -> StoredClient:
+        if client_id in self._yaml_ids():
+            raise StoredClientError("read_only", f"client {client_id!r} is declared in the configuration file: "
+                                                 "change it there")
+        current = await self.get(client_id)
+        if current is None:
+            raise StoredClientError("not_found", f"no client {client_id!r}")
+        if not _matches(if_match, current.etag):
+            raise StoredClientError("precondition", f"client {client_id!r} has changed (ETag {current.etag})")
+        return current
+
+    async def _update(self, current: StoredClient, actor: str, *, event: str = "client.updated",
+                      **values: Any) -> StoredClient:
+        """Write `values` if the client is still at `current`'s version (compare and set: of two concurrent
+        changes one wins, the other is told its precondition failed)."""
+        now = int(self._clock())
+        values = {"version": current.version + 1, "updated_at": now, **values}
+        async with self._changing(current.client_id) as conn:
+            changed = await conn.execute(update(clients).where(
+                clients.c.client_id == current.client_id, clients.c.version == current.version).values(values))
+            if not changed.rowcount:
+                raise StoredClientError("precondition", f"client {current.client_id!r} changed meanwhile")
+            row = (await conn.execute(select(clients).where(clients.c.client_id == current.client_id))).mappings()
+            stored = _from_row(row.one())
+        self._changed(stored.client_id, stored)
+        audit(event, actor=actor, client_id=stored.client_id)
+        return stored
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, client_id: str) -> AsyncIterator[AsyncConnection]:
+        """A changing transaction whose notice goes out with its commit (the caller applies it locally after)."""
+        async with self.engine.begin() as conn:
+            yield conn
+            if self._notify:
+                await conn.execute(select(func.pg_notify(CHANNEL, client_payload(client_id))))
