@@ -285,10 +285,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(users_internal.router)
         app.include_router(scim_routes.router)
     if role.serves(Role.TOKEN):
-        from iam.token import authorize, logout, revocation, userinfo
+        from iam.token import admin, authorize, logout, revocation, userinfo
         from iam.token import device as token_device
         from iam.token import internal as token_internal
 
-        for module in (authorize, token_device, revocation, userinfo, logout, token_internal):
+        for module in (authorize, token_device, revocation, userinfo, logout, token_internal, admin):
             app.include_router(module.router)
     return app

@@ -35,6 +35,7 @@ NEVER_PUBLIC = [
     "/oauth/v2/phantom/x",
     "/internal/v1/jwks",
     "/scim/v2/Users",
+    "/admin/v1/clients",
     "/health/ready",
 ]
 PUBLIC = [

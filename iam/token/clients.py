@@ -55,6 +55,7 @@ class ClientRegistry:
         self._previous: dict[str, tuple[bytes, int]] = {}
         self._hashes: dict[str, str] = {}
         self._yaml_ids: frozenset[str] = frozenset()
+        self._yaml: dict[str, ClientConfig] = {}
         self._stored: dict[str, StoredClient] = {}
         self.set_yaml(clients)
         self._hasher = PasswordHasher()
@@ -65,11 +66,16 @@ class ClientRegistry:
         """The client ids of the YAML config, disabled ones included: none of them can be stored."""
         return self._yaml_ids
 
+    def yaml_client(self, client_id: str) -> ClientConfig | None:
+        """A client of the YAML config, disabled or not."""
+        return self._yaml.get(client_id)
+
     def set_yaml(self, clients: list[ClientConfig]) -> None:
         """Take the YAML config's clients (at start, and when the config file changed)."""
         for client_id in self._yaml_ids:
             self._drop(client_id)
         self._yaml_ids = frozenset(client.client_id for client in clients)
+        self._yaml = {client.client_id: client for client in clients}
         for client in clients:
             self._stored.pop(client.client_id, None)  # the config wins
             if not client.enabled:

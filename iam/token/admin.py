@@ -1,0 +1,255 @@
+"""The client administration API under /admin/v1 (internal only, never routed by the ingress): thin handlers over
+`StoredClients` (iam/token/stored_clients.py).
+
+Every call needs a bearer access token of this issuer: scope `clients:read` to read, `clients:write` to change.
+Bodies are RFC 7591 client metadata (JSON); errors are RFC 7591 §3.2.2 bodies (`invalid_client_metadata`,
+`invalid_redirect_uri`) or, for the API's own refusals, `{"error": ..., "error_description": ...}` with the status
+that says it (401, 403, 404, 409 for a client of the config file, 412 for a stale If-Match, 413, 415).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.openapi.utils import get_openapi
+
+from iam import __version__
+from iam.config import ClientConfig
+from iam.errors import OAuthError, json_response
+from iam.resource import require_token
+from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
+from iam.token.services import TokenServices, token_services
+from iam.token.stored_clients import StoredClient, StoredClientError, new_client_id
+
+router = APIRouter(prefix="/admin/v1", tags=["clients"])
+
+READ = "clients:read"
+WRITE = "clients:write"
+MAX_BODY = 64 * 1024
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+JSON_TYPES = ("application/json",)
+PATCH_TYPES = ("application/merge-patch+json", "application/json")  # RFC 7396
+NO_STORE = {"Cache-Control": "no-store"}
+_STATUS = {"not_found": 404, "precondition": 412, "read_only": 409, "no_secret": 400}
+_ERROR = {"not_found": "not_found", "precondition": "precondition_failed", "read_only": "read_only_client",
+          "no_secret": "invalid_request"}
+
+_METADATA = {"type": "object", "description": "RFC 7591 client metadata, and iam's own keys (see ClientConfig); "
+             "`enabled` (boolean) enables or disables a stored client.", "additionalProperties": True}
+_CLIENT_TEXT = ("The client: its metadata, `client_id`, `enabled`, `source` (`store` or `config`), "
+                "`client_id_issued_at`, `updated_at`.")
+_CLIENT: dict[str, Any] = {"description": "The client: its metadata, `client_id`, `enabled`, `source` (`store` or `config`), "
+           "`client_id_issued_at`, `updated_at`.", "content": {"application/json": {"schema": _METADATA}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid_client_metadata / invalid_redirect_uri (RFC 7591 §3.2.2)"},
+    401: {"description": "no live access token"}, 403: {"description": "the token lacks the scope"},
+}
+
+
+async def _caller(request: Request, scope: str) -> str:
+    """The actor of the call: the token's subject (its client, for a client_credentials token)."""
+    members = await require_token(request, token_services(request).access_tokens, scope)
+    return str(members.get("sub") or members.get("client_id"))
+
+
+async def _body(request: Request, types: tuple[str, ...]) -> Any:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type not in types:
+        raise OAuthError("invalid_request", f"the body must be {' or '.join(types)}", status=415)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise OAuthError("invalid_request", f"the body may have at most {MAX_BODY} bytes", status=413)
+    try:
+        return json.loads(body.decode("utf-8")) if body else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise OAuthError("invalid_client_metadata", "the body is not valid JSON") from None
+
+
+def _refused(exc: ClientMetadataError | StoredClientError) -> OAuthError:
+    if isinstance(exc, ClientMetadataError):
+        return OAuthError(exc.error, exc.description)
+    return OAuthError(_ERROR[exc.kind], str(exc), status=_STATUS[exc.kind])
+
+
+def _representation(config: ClientConfig, stored: StoredClient | None) -> dict[str, Any]:
+    shown: dict[str, Any] = {"client_id": config.client_id, **client_metadata(config)}
+    if stored is None:
+        return {**shown, "enabled": config.enabled, "source": "config"}
+    return {**shown, "enabled": stored.enabled, "source": "store", "client_id_issued_at": stored.created_at,
+            "updated_at": stored.updated_at}
+
+
+def _answer(stored: StoredClient, status: int = 200, secret: str | None = None, **headers: str) -> Response:
+    body = _representation(stored.config, stored)
+    if secret is not None:
+        # RFC 7591 §3.2.1: shown this once; 0 is "does not expire".
+        body |= {"client_secret": secret, "client_secret_expires_at": 0}
+    return json_response(body, status, {**NO_STORE, "ETag": stored.etag, **headers})
+
+
+def _enabled(data: dict[str, Any]) -> bool | None:
+    enabled = data.pop("enabled", None)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise OAuthError("invalid_client_metadata", "enabled: must be true or false")
+    return enabled
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise OAuthError("invalid_client_metadata", "the client metadata must be a JSON object")
+    # What a GET answered may be sent back as it was: the server's own members are dropped.
+    return {key: value for key, value in data.items() if key not in ("source", "updated_at")}
+
+
+@router.post("/clients", status_code=201, summary="Create a client", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _METADATA}}}},
+    responses={201: {**_CLIENT, "description": _CLIENT_TEXT + " With `client_secret`, shown once."},
+               **_ERRORS})
+async def create_client(request: Request) -> Response:
+    """Create a stored client from RFC 7591 metadata; `client_id` is generated when none is given. A
+    client_secret_basic / client_secret_post client gets a generated secret, in this answer only."""
+    actor = await _caller(request, WRITE)
+    data = _object(await _body(request, JSON_TYPES))
+    enabled = _enabled(data)
+    client_id = data.get("client_id") or new_client_id()
+    services = token_services(request)
+    try:
+        config = parse_client_metadata(data, client_id=client_id if isinstance(client_id, str) else "")
+        stored, secret = await services.stored_clients.create(config, actor=actor,
+                                                              enabled=True if enabled is None else enabled)
+    except (ClientMetadataError, StoredClientError) as exc:
+        raise _refused(exc) from None
+    return _answer(stored, 201, secret, Location=f"{services.settings.issuer.rstrip('/')}/admin/v1/clients/"
+                                                 f"{_quoted(stored.client_id)}")
+
+
+@router.get("/clients", summary="List stored clients", responses={200: {
+    "description": "`clients` (up to `limit`, in client_id order) and `next`: the `after` of the next page, or "
+                   "null on the last one."}, **_ERRORS})
+async def list_clients(request: Request, after: str | None = None, limit: int = DEFAULT_LIMIT) -> Response:
+    """Stored clients, a page at a time (`after`: the last client_id of the previous page)."""
+    await _caller(request, READ)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise OAuthError("invalid_request", f"limit: from 1 to {MAX_LIMIT}")
+    page = await token_services(request).stored_clients.list(after=after, limit=limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
+    return json_response({"clients": [_representation(s.config, s) for s in page],
+                          "next": page[-1].client_id if more else None}, 200, NO_STORE)
+
+
+@router.get("/clients/{client_id}", summary="Read a client", responses={200: _CLIENT, 404: {
+    "description": "no such client"}, **_ERRORS})
+async def read_client(request: Request, client_id: str) -> Response:
+    """A stored client (with its ETag), or a client of the config file (`source: config`, read-only)."""
+    await _caller(request, READ)
+    services = token_services(request)
+    config = services.clients.yaml_client(client_id)
+    if config is not None:
+        return json_response(_representation(config, None), 200, NO_STORE)
+    stored = await services.stored_clients.get(client_id)
+    if stored is None:
+        raise OAuthError("not_found", f"no client {client_id!r}", status=404)
+    return _answer(stored)
+
+
+@router.put("/clients/{client_id}", summary="Replace a client", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _METADATA}}}},
+    responses={200: _CLIENT, 409: {"description": "a client of the config file"},
+               412: {"description": "If-Match names an older version"}, **_ERRORS})
+async def replace_client(request: Request, client_id: str) -> Response:
+    """Replace a stored client's metadata (If-Match: its ETag, or 412)."""
+    actor = await _caller(request, WRITE)
+    data = _object(await _body(request, JSON_TYPES))
+    enabled = _enabled(data)
+    stored_clients = token_services(request).stored_clients
+    try:
+        config = parse_client_metadata(data, client_id=client_id)
+        stored, secret = await stored_clients.replace(client_id, config, if_match=request.headers.get("if-match"),
+                                                      actor=actor, enabled=enabled)
+    except (ClientMetadataError, StoredClientError) as exc:
+        raise _refused(exc) from None
+    return _answer(stored, secret=secret)
+
+
+@router.patch("/clients/{client_id}", summary="Change a client", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/merge-patch+json": {"schema": _METADATA}}}},
+    responses={200: _CLIENT, 409: {"description": "a client of the config file"},
+               412: {"description": "If-Match names an older version"}, **_ERRORS})
+async def patch_client(request: Request, client_id: str) -> Response:
+    """A JSON merge patch (RFC 7396) of a stored client's metadata; `{"enabled": false}` disables it."""
+    actor = await _caller(request, WRITE)
+    data = _object(await _body(request, PATCH_TYPES))
+    stored_clients = token_services(request).stored_clients
+    try:
+        stored, secret = await stored_clients.patch(client_id, data, if_match=request.headers.get("if-match"),
+                                                    actor=actor)
+    except (ClientMetadataError, StoredClientError) as exc:
+        raise _refused(exc) from None
+    return _answer(stored, secret=secret)
+
+
+@router.delete("/clients/{client_id}", status_code=204, summary="Delete a client", responses={
+    204: {"description": "deleted"}, 409: {"description": "a client of the config file"},
+    412: {"description": "If-Match names an older version"}, **_ERRORS})
+async def delete_client(request: Request, client_id: str) -> Response:
+    """Delete a stored client: its tokens stop working at once, on every replica."""
+    actor = await _caller(request, WRITE)
+    try:
+        await token_services(request).stored_clients.delete(client_id, if_match=request.headers.get("if-match"),
+                                                            actor=actor)
+    except StoredClientError as exc:
+        raise _refused(exc) from None
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.post("/clients/{client_id}/secret", summary="Rotate a client's secret", openapi_extra={
+    "requestBody": {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"grace": {"type": "integer", "minimum": 0, "description": (
+            "Seconds the current secret keeps working (default: the client_secret_grace setting)")}}}}}}},
+    responses={200: {"description": "`client_secret` (shown once) and `previous_secret_expires_at`"},
+               409: {"description": "a client of the config file"}, **_ERRORS})
+async def rotate_secret(request: Request, client_id: str) -> Response:
+    """A new generated secret; the current one keeps working for `grace` seconds, then stops."""
+    actor = await _caller(request, WRITE)
+    services = token_services(request)
+    data = await _body(request, JSON_TYPES) if request.headers.get("content-length", "0") != "0" else {}
+    grace = data.get("grace", services.settings.client_secret_grace) if isinstance(data, dict) else None
+    if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86400:
+        raise OAuthError("invalid_request", "grace: seconds, from 0 to 2592000")
+    try:
+        secret = await services.stored_clients.rotate_secret(client_id, grace=grace, actor=actor)
+    except StoredClientError as exc:
+        raise _refused(exc) from None
+    stored = await services.stored_clients.get(client_id)
+    assert stored is not None
+    return json_response({"client_id": client_id, "client_secret": secret,
+                          "previous_secret_expires_at": stored.previous_expires_at}, 200,
+                         {**NO_STORE, "ETag": stored.etag})
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    """This API's OpenAPI description (the server's other surfaces are specified by their RFCs)."""
+    await _caller(request, READ)
+    return json_response(_openapi_document(token_services(request)), 200)
+
+
+def _openapi_document(services: TokenServices) -> dict[str, Any]:
+    document = get_openapi(title="iam client administration", version=__version__, routes=router.routes,
+                           description=__doc__, servers=[{"url": services.settings.issuer.rstrip("/")}])
+    document["components"] = {**document.get("components", {}), "securitySchemes": {"bearer": {
+        "type": "http", "scheme": "bearer", "description": f"an access token with {READ} / {WRITE}"}}}
+    document["security"] = [{"bearer": []}]
+    return document
+
+
+def _quoted(client_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(client_id, safe="")
