@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import os
 import sys
 import time
@@ -271,7 +272,6 @@ def cmd_tokens_purge(args: argparse.Namespace) -> None:
 
 def cmd_audit_list(args: argparse.Namespace) -> None:
     """The newest audit events kept in the role's store(s) (`audit_store: true`), as JSON lines."""
-    import json
     from datetime import UTC, datetime
 
     from iam.audit_store import recent
@@ -313,6 +313,126 @@ def cmd_clients_hash_secret(_: argparse.Namespace) -> None:
     if len(secret) < 16:
         raise SystemExit("iam: error: a client secret needs at least 16 characters")
     print(PasswordHasher().hash(secret))
+
+
+def _with_clients(args: argparse.Namespace, action) -> None:
+    """Run `action(stored_clients)` with the token role's service, as the administration API does; a refusal is
+    the command's error message (exit status 1), and changes nothing."""
+    from iam.app import Runtime
+    from iam.roles import Role
+    from iam.token.client_metadata import ClientMetadataError
+    from iam.token.stored_clients import StoredClientError
+
+    settings = _settings(args)
+    if not settings.role.serves(Role.TOKEN):
+        raise ConfigError("`iam clients` runs with SERVICE_ROLE token or all")
+
+    async def run() -> None:
+        runtime = Runtime(settings)
+        try:
+            await runtime.start()
+            assert runtime.token is not None  # the role serves token (above)
+            await action(runtime.token.stored_clients)
+        finally:
+            await runtime.stop()
+
+    try:
+        asyncio.run(run())
+    except ClientMetadataError as exc:
+        raise SystemExit(f"iam: error: {exc.error}: {exc.description}") from None
+    except StoredClientError as exc:
+        raise SystemExit(f"iam: error: {exc}") from None
+
+
+def _client_metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """`--metadata` (RFC 7591 JSON; `-` reads it from stdin), with the convenience options laid over it."""
+    metadata: Any = {}
+    if args.metadata is not None:
+        text = sys.stdin.read() if args.metadata == "-" else args.metadata
+        try:
+            metadata = json.loads(text)
+        except ValueError:
+            raise SystemExit("iam: error: --metadata is not valid JSON") from None
+        if not isinstance(metadata, dict):
+            raise SystemExit("iam: error: --metadata must be a JSON object")
+    for option, name in (("name", "client_name"), ("scope", "scope"), ("auth_method", "token_endpoint_auth_method")):
+        if getattr(args, option, None) is not None:
+            metadata[name] = getattr(args, option)
+    for option, name in (("redirect_uri", "redirect_uris"), ("grant_type", "grant_types")):
+        if getattr(args, option, None):
+            metadata[name] = getattr(args, option)
+    return metadata
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_clients_add(args: argparse.Namespace) -> None:
+    from iam.token.client_metadata import parse_client_metadata
+    from iam.token.stored_clients import new_client_id
+
+    metadata = _client_metadata(args)
+    client_id = args.client_id or metadata.pop("client_id", None) or new_client_id()
+
+    async def add(stored_clients) -> None:
+        config = parse_client_metadata(metadata, client_id=client_id)
+        stored, secret = await stored_clients.create(config, actor="operator", enabled=not args.disabled)
+        _print_json({**stored.describe(), **({"client_secret": secret} if secret else {})})
+        if secret:
+            print("iam: the client secret is shown this once; only its digest is kept", file=sys.stderr)
+
+    _with_clients(args, add)
+
+
+def cmd_clients_list(args: argparse.Namespace) -> None:
+    async def show(stored_clients) -> None:
+        for stored in await stored_clients.list(after=args.after, limit=args.limit):
+            state = "enabled" if stored.enabled else "disabled"
+            print(f"{stored.client_id}\t{state}\t{stored.config.token_endpoint_auth_method}\t"
+                  f"{stored.config.client_name or '-'}")
+
+    _with_clients(args, show)
+
+
+def cmd_clients_show(args: argparse.Namespace) -> None:
+    async def show(stored_clients) -> None:
+        stored = await stored_clients.get(args.client_id)
+        if stored is None:
+            raise SystemExit(f"iam: error: no stored client {args.client_id!r}")
+        _print_json({**stored.describe(), "etag": stored.etag})
+
+    _with_clients(args, show)
+
+
+def cmd_clients_update(args: argparse.Namespace) -> None:
+    changes = _client_metadata(args)
+    if args.enabled is not None:
+        changes["enabled"] = args.enabled
+
+    async def update(stored_clients) -> None:
+        stored, secret = await stored_clients.patch(args.client_id, changes, if_match=args.if_match, actor="operator")
+        _print_json({**stored.describe(), **({"client_secret": secret} if secret else {})})
+
+    _with_clients(args, update)
+
+
+def cmd_clients_rotate_secret(args: argparse.Namespace) -> None:
+    grace = args.grace if args.grace is not None else _settings(args).client_secret_grace
+    if grace < 0:
+        raise SystemExit("iam: error: --grace: seconds, 0 or more")
+
+    async def rotate(stored_clients) -> None:
+        print(await stored_clients.rotate_secret(args.client_id, grace=grace, actor="operator"))
+
+    _with_clients(args, rotate)
+
+
+def cmd_clients_delete(args: argparse.Namespace) -> None:
+    async def remove(stored_clients) -> None:
+        await stored_clients.delete(args.client_id, if_match=args.if_match, actor="operator")
+
+    _with_clients(args, remove)
 
 
 def cmd_config_check(args: argparse.Namespace) -> None:
@@ -515,10 +635,48 @@ def parser() -> argparse.ArgumentParser:
     audit_list.add_argument("--limit", type=int, default=100)
     audit_list.set_defaults(func=cmd_audit_list)
 
-    clients = sub.add_parser("clients", help="client helpers").add_subparsers(dest="clients", required=True)
+    clients = sub.add_parser("clients", help="stored clients (role token or all), and client helpers").add_subparsers(
+        dest="clients", required=True)
     clients.add_parser(
         "hash-secret", help="read a client secret on stdin, print its argon2id hash for client_secret_hash"
     ).set_defaults(func=cmd_clients_hash_secret)
+
+    def metadata_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--metadata", help="RFC 7591 client metadata as JSON (`-`: read it from stdin)")
+        command.add_argument("--name", help="client_name")
+        command.add_argument("--redirect-uri", action="append", help="a redirect URI (repeat for more)")
+        command.add_argument("--grant-type", action="append", help="a grant type (repeat for more)")
+        command.add_argument("--scope", help="the scopes it may be granted, space-separated")
+        command.add_argument("--auth-method", help="token_endpoint_auth_method (`none`: a public client)")
+
+    add_client = clients.add_parser("add", help="store a new client; prints it, with its secret this once")
+    add_client.add_argument("--client-id", help="its client_id (default: a generated one)")
+    add_client.add_argument("--disabled", action="store_true", help="create it disabled")
+    metadata_options(add_client)
+    add_client.set_defaults(func=cmd_clients_add)
+    list_clients = clients.add_parser("list", help="list stored clients: id, state, auth method, name")
+    list_clients.add_argument("--after", help="start after this client_id (the last of the previous page)")
+    list_clients.add_argument("--limit", type=int, default=1000)
+    list_clients.set_defaults(func=cmd_clients_list)
+    show_client = clients.add_parser("show", help="print a stored client (its metadata, state and ETag)")
+    show_client.add_argument("client_id")
+    show_client.set_defaults(func=cmd_clients_show)
+    update_client = clients.add_parser("update", help="change a stored client (a JSON merge patch of its metadata)")
+    update_client.add_argument("client_id")
+    update_client.add_argument("--enable", dest="enabled", action="store_const", const=True, default=None)
+    update_client.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    update_client.add_argument("--if-match", help="change it only at this ETag (see `show`)")
+    metadata_options(update_client)
+    update_client.set_defaults(func=cmd_clients_update)
+    rotate = clients.add_parser("rotate-secret", help="print a new secret; the old one keeps working for --grace")
+    rotate.add_argument("client_id")
+    rotate.add_argument("--grace", type=int, help="seconds the old secret keeps working (default: "
+                        "client_secret_grace)")
+    rotate.set_defaults(func=cmd_clients_rotate_secret)
+    delete_client = clients.add_parser("delete", help="delete a stored client; its tokens stop working")
+    delete_client.add_argument("client_id")
+    delete_client.add_argument("--if-match", help="delete it only at this ETag (see `show`)")
+    delete_client.set_defaults(func=cmd_clients_delete)
 
     connectors = sub.add_parser("connectors", help="upstream identity connectors (OIDC, LDAP)").add_subparsers(
         dest="connectors", required=True)

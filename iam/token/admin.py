@@ -41,8 +41,7 @@ _METADATA = {"type": "object", "description": "RFC 7591 client metadata, and iam
              "`enabled` (boolean) enables or disables a stored client.", "additionalProperties": True}
 _CLIENT_TEXT = ("The client: its metadata, `client_id`, `enabled`, `source` (`store` or `config`), "
                 "`client_id_issued_at`, `updated_at`.")
-_CLIENT: dict[str, Any] = {"description": "The client: its metadata, `client_id`, `enabled`, `source` (`store` or `config`), "
-           "`client_id_issued_at`, `updated_at`.", "content": {"application/json": {"schema": _METADATA}}}
+_CLIENT: dict[str, Any] = {"description": _CLIENT_TEXT, "content": {"application/json": {"schema": _METADATA}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid_client_metadata / invalid_redirect_uri (RFC 7591 §3.2.2)"},
     401: {"description": "no live access token"}, 403: {"description": "the token lacks the scope"},
@@ -76,16 +75,13 @@ def _refused(exc: ClientMetadataError | StoredClientError) -> OAuthError:
     return OAuthError(_ERROR[exc.kind], str(exc), status=_STATUS[exc.kind])
 
 
-def _representation(config: ClientConfig, stored: StoredClient | None) -> dict[str, Any]:
-    shown: dict[str, Any] = {"client_id": config.client_id, **client_metadata(config)}
-    if stored is None:
-        return {**shown, "enabled": config.enabled, "source": "config"}
-    return {**shown, "enabled": stored.enabled, "source": "store", "client_id_issued_at": stored.created_at,
-            "updated_at": stored.updated_at}
+def _configured(config: ClientConfig) -> dict[str, Any]:
+    """A client of the config file, as the API tells it (read-only)."""
+    return {"client_id": config.client_id, **client_metadata(config), "enabled": config.enabled, "source": "config"}
 
 
 def _answer(stored: StoredClient, status: int = 200, secret: str | None = None, **headers: str) -> Response:
-    body = _representation(stored.config, stored)
+    body = stored.describe()
     if secret is not None:
         # RFC 7591 §3.2.1: shown this once; 0 is "does not expire".
         body |= {"client_secret": secret, "client_secret_expires_at": 0}
@@ -139,7 +135,7 @@ async def list_clients(request: Request, after: str | None = None, limit: int = 
     page = await token_services(request).stored_clients.list(after=after, limit=limit + 1)
     more = len(page) > limit
     page = page[:limit]
-    return json_response({"clients": [_representation(s.config, s) for s in page],
+    return json_response({"clients": [stored.describe() for stored in page],
                           "next": page[-1].client_id if more else None}, 200, NO_STORE)
 
 
@@ -151,7 +147,7 @@ async def read_client(request: Request, client_id: str) -> Response:
     services = token_services(request)
     config = services.clients.yaml_client(client_id)
     if config is not None:
-        return json_response(_representation(config, None), 200, NO_STORE)
+        return json_response(_configured(config), 200, NO_STORE)
     stored = await services.stored_clients.get(client_id)
     if stored is None:
         raise OAuthError("not_found", f"no client {client_id!r}", status=404)

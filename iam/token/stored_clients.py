@@ -78,6 +78,11 @@ class StoredClient:
     def etag(self) -> str:
         return f'"{self.version}"'
 
+    def describe(self) -> dict[str, Any]:
+        """The client as the administration API and `iam clients show` tell it: never a secret."""
+        return {"client_id": self.client_id, **client_metadata(self.config), "enabled": self.enabled,
+                "source": "store", "client_id_issued_at": self.created_at, "updated_at": self.updated_at}
+
 
 def _from_row(row: RowMapping) -> StoredClient:
     return StoredClient(
