@@ -24,6 +24,7 @@ from iam.keys import KeyRing, KeyRingError
 from iam.observability import AUDIT, Observability, instrument_store, setup_tracing, shutdown_tracing
 from iam.peers import (
     AppAccess,
+    ClientView,
     Credentials,
     DeviceApprovals,
     Directory,
@@ -125,6 +126,12 @@ class Runtime(Shared):
             else:
                 app_access = device_approvals = session_events = RemoteTokens(*peer(Role.TOKEN))
             authn.connect(directory, upstream_accounts, app_access, device_approvals, session_events)
+            if token is not None:
+                registry = token.clients
+                authn.clients.connect(lambda client_id: None if (c := registry.get(client_id)) is None
+                                      else ClientView.of(c))
+            else:
+                authn.clients.connect(RemoteTokens(*peer(Role.TOKEN)))
 
     def _token(self) -> TokenServices:
         from iam.token.endpoint import GRANTS

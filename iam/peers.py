@@ -146,6 +146,35 @@ class Credentials(Protocol):
         """Mail the user a link that verifies their address; False when mail is off or there is no address."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    """What the sign-in pages need of a client: its name, the connectors it offers, whether it asks for consent."""
+
+    client_id: str
+    client_name: str | None = None
+    connectors: tuple[str, ...] | None = None
+    require_consent: bool = False
+
+    @classmethod
+    def of(cls, client: Any) -> ClientView:
+        """The view of a ClientConfig."""
+        connectors = None if client.connectors is None else tuple(client.connectors)
+        return cls(client.client_id, client.client_name, connectors, client.require_consent)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClientView:
+        connectors = data.get("connectors")
+        return cls(str(data["client_id"]), data.get("client_name"),
+                   None if connectors is None else tuple(str(c) for c in connectors), bool(data.get("require_consent")))
+
+
+class ClientViews(Protocol):
+    """The token role's stored clients, as the authentication role's pages see them (in memory: a page asks
+    synchronously)."""
+
+    def get(self, client_id: str) -> ClientView | None: ...
+
+
 class Tokens(Protocol):
     """The token role, as the other roles see it: what an access token stands for, and the end of a user's
     grants (iam.token.access_tokens)."""
@@ -282,7 +311,7 @@ class _Remote:
         self.role = role
 
     async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.identity.assertion(self.role)}"}
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self.identity.assertion(self.role)}"}
         inject_trace_context(headers)
         try:
             response = await self.http.request(method, f"{self.base}{path}", headers=headers, timeout=10, **kwargs)
@@ -369,6 +398,15 @@ class RemoteUpstreamChecks(_Remote):
 
 
 class RemoteTokens(_Remote):
+    async def client_views(self, etag: str | None) -> tuple[str | None, list[ClientView] | None]:
+        """The token role's stored clients (ETag, views); (etag, None) while they are unchanged since `etag`."""
+        response = await self.call("GET", "/internal/v1/clients", headers={"If-None-Match": etag} if etag else {})
+        if response.status_code == 304:
+            return etag, None
+        if response.status_code != 200:
+            raise PeerUnavailable(f"the {self.role.value} role answered {response.status_code}")
+        return response.headers.get("etag"), [ClientView.from_json(c) for c in response.json()["clients"]]
+
     async def revoke_subject(self, sub: str) -> None:
         response = await self.call("POST", f"/internal/v1/subjects/{_segment(sub)}/revoke")
         if response.status_code != 204:

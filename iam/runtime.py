@@ -5,6 +5,9 @@ reaches and verifies its peers. Each role adds its own services on top (`iam/<ro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import httpx
 from fastapi import Request
 
@@ -38,3 +41,14 @@ def shared(request: Request) -> Shared:
     """The running instance that serves this request (set by iam/app.py as `app.state.iam`)."""
     instance: Shared = request.app.state.iam
     return instance
+
+
+async def cancel(*tasks: asyncio.Task[None] | None) -> None:
+    """Stop background tasks and wait until they have (a task's own cancellation is not an error)."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+    for task in tasks:
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

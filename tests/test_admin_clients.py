@@ -15,7 +15,9 @@ from sqlalchemy import func, insert, select
 
 from iam.app import create_app
 from iam.token.store import clients as clients_table
-from tests.conftest import ISSUER, STORES, basic, client_config, make_settings, postgres_stores
+from tests.conftest import ISSUER, basic, client_config, make_settings
+
+pytest_plugins = ("tests.scim_support",)  # its `scim_stores`: fresh stores per backend for this module
 
 ADMIN_SECRETS = {"clients-admin": "clients-admin-secret-0123456789", "clients-reader": "clients-reader-secret-01234"}
 ADMIN_SCOPES = {"clients-admin": "clients:read clients:write", "clients-reader": "clients:read"}
@@ -29,24 +31,9 @@ def admin_clients() -> list[dict]:
              "scope": ADMIN_SCOPES[cid]} for cid in ADMIN_SECRETS]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def admin_backend(request) -> str:
-    return request.param
-
-
 @pytest.fixture(scope="module")
-async def admin_stores(admin_backend, tmp_path_factory, request) -> AsyncIterator[dict[str, str]]:
-    if admin_backend == "sqlite":
-        directory = tmp_path_factory.mktemp("stores")
-        yield {name: f"sqlite+aiosqlite:///{directory}/{name}.db" for name in STORES}
-        return
-    async with postgres_stores(request.getfixturevalue("postgres_server")) as urls:
-        yield urls
-
-
-@pytest.fixture(scope="module")
-async def app(admin_stores, tmp_path_factory):
-    settings = make_settings(tmp_path_factory.mktemp("admin"), admin_stores,
+async def app(scim_stores, tmp_path_factory):
+    settings = make_settings(tmp_path_factory.mktemp("admin"), scim_stores,
                              clients=client_config() + admin_clients())
     application = create_app(settings)
     async with application.router.lifespan_context(application):
@@ -336,3 +323,14 @@ async def test_the_openapi_description_names_every_operation(admin):
     assert set(paths["/admin/v1/clients/{client_id}/secret"]) == {"post"}
     assert "412" in paths["/admin/v1/clients/{client_id}"]["put"]["responses"]
     assert (await admin.call("GET", "/openapi.json", who=None)).status_code == 401
+
+
+async def test_a_stored_client_is_named_on_the_sign_in_page(admin):
+    from tests.oauth import authorize, pkce
+
+    created = await admin.create(token_endpoint_auth_method="none", **{**WEB, "client_name": "Stored RP"})
+    _, challenge = pkce()
+    start = await authorize(admin.http, created["client_id"], WEB["redirect_uris"][0], "openid", challenge)
+    assert start.status_code in (302, 303), start.text
+    page = await admin.http.get(start.headers["location"])
+    assert page.status_code == 200 and "to continue to <strong>Stored RP</strong>" in page.text

@@ -56,7 +56,7 @@ def cluster_of_roles(tmp_path_factory, postgres_server, inbox, receiver):
         "introspection": True,  # it checks its own tokens below
     }, {
         "client_id": "provisioner", "client_secret": "${PROVISIONER_SECRET}", "grant_types": ["client_credentials"],
-        "scope": "scim:read scim:write",
+        "scope": "scim:read scim:write clients:read clients:write",
     }]
     envs = {}
     with ExitStack() as stack:
@@ -301,3 +301,25 @@ async def test_no_role_database_holds_another_roles_tables(cluster_of_roles, pos
         for other, other_tables in ROLE_TABLES.items():
             if other != role:  # every store has its own audit_events (`audit_store: true`), nothing else shared
                 assert not tables & other_tables - {"audit_events"}, (role, other, tables)
+
+
+async def test_a_stored_client_is_named_on_the_sign_in_page_of_the_authentication_process(cluster_of_roles):
+    """The authentication role never opens the token store: it copies the stored clients' names and connectors
+    from the token role's internal API."""
+    urls, _, _ = cluster_of_roles
+    async with httpx.AsyncClient(base_url=urls["token"]) as http:
+        token = (await http.post("/oauth/v2/token", auth=("provisioner", "provisioner-secret-0123456789"),
+                                 data={"grant_type": "client_credentials"})).json()["access_token"]
+        created = await http.post("/admin/v1/clients", headers={"Authorization": f"Bearer {token}"}, json={
+            "client_name": "Stored Reports", "redirect_uris": [CALLBACK], "token_endpoint_auth_method": "none",
+            "scope": "openid"})
+        assert created.status_code == 201, created.text
+        _, challenge = pkce()
+        start = await authorize(http, created.json()["client_id"], CALLBACK, "openid", challenge, nonce="n")
+        assert start.headers["location"].startswith(urls["authentication"] + "/authn/login?")
+        for _ in range(400):  # copied every client_sync_interval (2 s)
+            page = await http.get(start.headers["location"])
+            if "Stored Reports" in page.text:
+                break
+            await asyncio.sleep(0.05)
+        assert page.status_code == 200 and "to continue to <strong>Stored Reports</strong>" in page.text

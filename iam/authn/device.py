@@ -18,10 +18,8 @@ router = APIRouter()
 
 
 def _client_name(request: Request, client_id: str) -> str:
-    for client in authn_services(request).settings.clients:
-        if client.client_id == client_id:
-            return client.client_name or client.client_id
-    return client_id
+    client = authn_services(request).clients.get(client_id)
+    return client_id if client is None else client.client_name or client.client_id
 
 
 @router.get("/authn/device")

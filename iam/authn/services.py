@@ -7,6 +7,7 @@ import logging
 
 from fastapi import Request
 
+from iam.authn.clients import SignInClients
 from iam.authn.connectors.pending import PendingRequests
 from iam.authn.connectors.recheck import UpstreamChecks
 from iam.authn.connectors.registry import Connectors
@@ -53,6 +54,7 @@ class AuthnServices:
         self.email_verification = self.credentials.verification = EmailVerification(
             shared.identity, shared.peer_keys, self.mailer, settings.login_base)
         self.connectors = Connectors(settings.connectors)  # upstream OIDC providers and LDAP directories
+        self.clients = SignInClients(settings)  # the clients sign-ins are for: theirs and the stored ones
         self.pending_upstream = PendingRequests(self.store)
         self.upstream_checks = UpstreamChecks(self)
         self.account_links = ([{"href": "/authn/kubeconfig", "text": "Get a kubeconfig"}]
@@ -69,6 +71,7 @@ class AuthnServices:
     def start(self) -> None:
         self.totp.data_key = self._data_key()
         self.mailer.start()
+        self.clients.start()
 
     def _data_key(self) -> str | None:
         """The key directory's data key, created on first run where the directory is writable."""
@@ -91,6 +94,7 @@ class AuthnServices:
                 + await self.passkeys.purge_expired(now, batch))
 
     async def stop(self) -> None:
+        await self.clients.stop()
         await self.connectors.close()
         await self.password_resets.idle()
         await self.mailer.stop()

@@ -167,8 +167,8 @@ class Flow:
 
 
 def client_of(request: Request, flow: Flow):
-    """The configured client the sign-in is for, if any."""
-    return next((c for c in authn_services(request).settings.clients if c.client_id == flow.client_id), None)
+    """The client the sign-in is for, if any: of the config file or stored (iam/authn/clients.py)."""
+    return authn_services(request).clients.get(flow.client_id)
 
 
 def client_name(request: Request, flow: Flow) -> str | None:

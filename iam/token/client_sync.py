@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 
 from iam.config import ConfigError, Settings, load_settings
+from iam.runtime import cancel
 from iam.token.clients import ClientRegistry
 from iam.token.stored_clients import StoredClients
 
@@ -53,11 +53,7 @@ class ClientSync:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
 
     def notified(self, client_id: str | None) -> None:
         """A change notice for `client_id`; None: reload every stored client (the listener (re)connected)."""

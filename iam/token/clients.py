@@ -128,6 +128,10 @@ class ClientRegistry:
     def get(self, client_id: str) -> ClientConfig | None:
         return self._clients.get(client_id)
 
+    def stored(self) -> list[ClientConfig]:
+        """The enabled stored clients (those the config file does not declare)."""
+        return [stored.config for stored in self._stored.values() if stored.enabled]
+
     def __iter__(self) -> Iterator[ClientConfig]:
         return iter(self._clients.values())
 

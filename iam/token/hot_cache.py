@@ -20,6 +20,9 @@ Revocation is immediate all the same:
   (re)connect. A dead connection is noticed when it closes (a termination listener) or when a periodic
   `SELECT 1` on it fails or times out.
 - On SQLite (one process by construction) local eviction is enough: the cache is always on.
+- The same channel and connection carry stored-client changes (`c:<client_id>`, iam/token/stored_clients.py):
+  those go to the listener's `clients` callback, never to the cache; the listener therefore runs on PostgreSQL
+  even with the cache off.
 
 A fill races with a concurrent revocation (read the row, the revocation commits and evicts, then the stale
 row would be put): every eviction bumps `generation`, and a fill is kept only if no eviction happened since

@@ -2,6 +2,9 @@
 role with a service assertion (iam/internal.py). Never routed by the ingress.
 """
 
+import hashlib
+import json
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
@@ -9,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from iam.errors import NO_STORE, OAuthError, json_response
 from iam.internal import require_peer
-from iam.peers import MAX_SIDS
+from iam.peers import MAX_SIDS, ClientView
 from iam.roles import Role
 from iam.token.services import token_services
 
@@ -32,6 +35,19 @@ async def introspect_for_peer(request: Request) -> Response:
     if live is None:
         return json_response(INACTIVE, 200, NO_STORE)
     return Response(live.introspection_json, 200, NO_STORE, media_type="application/json")
+
+
+@router.get("/internal/v1/clients")
+async def clients_for_peer(request: Request) -> Response:
+    """The enabled stored clients as the authentication role's sign-in pages need them (name, connectors, consent);
+    it asks every few seconds, with If-None-Match."""
+    await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
+    views = [ClientView.of(client) for client in token_services(request).clients.stored()]
+    body = json.dumps({"clients": [asdict(view) for view in views]}, separators=(",", ":"), sort_keys=True).encode()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(body, 200, {**NO_STORE, "ETag": etag}, media_type="application/json")
 
 
 @router.post("/internal/v1/subjects/{sub}/revoke")

@@ -8,6 +8,7 @@ from typing import cast
 
 from iam.authn.connectors import PasswordConnector, RedirectConnector
 from iam.config import ClientConfig, LdapConnectorConfig, OidcConnectorConfig, Settings
+from iam.peers import ClientView
 
 ConnectorConfig = OidcConnectorConfig | LdapConnectorConfig
 
@@ -50,7 +51,7 @@ class Connectors:
         assert self.configs[connector_id].type == "ldap"
         return cast(PasswordConnector, self.get(connector_id))
 
-    def offered(self, client: ClientConfig | None) -> list[ConnectorConfig]:
+    def offered(self, client: ClientConfig | ClientView | None) -> list[ConnectorConfig]:
         """The connectors the sign-in page offers for this client (its allow-list, else every one)."""
         allowed = None if client is None else client.connectors
         return [config for config in self.configs.values() if allowed is None or config.id in allowed]
