@@ -743,7 +743,8 @@ class Settings(_Strict):
         "taken without a restart; an invalid file is logged and the running clients kept (0: never)."))
     client_sync_interval: float = Field(default=2, gt=0, description=(
         "Seconds between checks for stored-client changes made by other processes on the same SQLite file "
-        "(PostgreSQL replicas are notified at once)."))
+        "(PostgreSQL replicas are notified at once), and between the authentication role's copies of the stored "
+        "clients' names and connectors when it runs apart."))
     # Where these settings were read from (load_settings): the file the token role re-reads for its clients.
     _source: Path | None = PrivateAttr(default=None)
 

@@ -192,6 +192,8 @@ async def test_put_and_patch_change_the_client_and_its_etag(admin, caplog):
     assert patched.status_code == 200 and patched.headers["etag"] == '"2"'
     assert patched.json()["client_name"] == "Renamed" and "scope" not in patched.json()  # null: back to default
     assert audited(caplog, "client.updated")[-1]["client_id"] == created["client_id"]
+    weak = await admin.call("PATCH", path, {"client_name": "Weak"}, headers={"If-Match": 'W/"2"'})
+    assert weak.status_code == 412  # RFC 9110 §13.1.1: If-Match compares strongly
     stale = await admin.call("PUT", path, {**WEB, "client_name": "Old"}, headers={"If-Match": '"1"'})
     assert stale.status_code == 412 and stale.json()["error"] == "precondition_failed"
     replaced = await admin.call("PUT", path, {**WEB, "client_name": "New"}, headers={"If-Match": '"2"'})

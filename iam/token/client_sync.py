@@ -32,21 +32,21 @@ class ClientSync:
         self.settings = settings
         self.registry = registry
         self.stored = stored
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        # Client ids to reload, None for all of them; with a future to resolve once done.
+        self._queue: asyncio.Queue[tuple[str | None, asyncio.Future[None] | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._fingerprint: tuple[int, int] | None = None
         self._config_digest: bytes | None = None
-        self.reloads = 0  # full reloads done (tests wait on it)
 
     async def start(self) -> None:
         try:
             await self._reload_all()
         except Exception as exc:  # noqa: BLE001 - a store not migrated yet, unreachable: ready answers 503
             log.warning("stored clients not loaded (%s); retrying", exc.__class__.__name__)
-            self._queue.put_nowait(None)
+            self._queue.put_nowait((None, None))
         self._config_digest = self._read_config_digest()
         self._tasks.append(asyncio.create_task(self._apply_notices(), name="iam-client-sync"))
-        if self.stored.engine.dialect.name != "postgresql":
+        if self.stored.rows.engine.dialect.name != "postgresql":
             self._tasks.append(asyncio.create_task(self._check_regularly(), name="iam-client-check"))
         if self.settings.source is not None and self.settings.config_reload_interval:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="iam-config-reload"))
@@ -55,18 +55,23 @@ class ClientSync:
         tasks, self._tasks = self._tasks, []
         await cancel(*tasks)
 
-    def notified(self, client_id: str | None) -> None:
-        """A change notice for `client_id`; None: reload every stored client (the listener (re)connected)."""
-        self._queue.put_nowait(client_id)
+    def notified(self, client_id: str) -> None:
+        """A change notice for `client_id`: reload it, after whatever was notified before."""
+        self._queue.put_nowait((client_id, None))
+
+    async def resync(self) -> None:
+        """Reload every stored client, after whatever was notified before (the listener (re)connected)."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((None, done))
+        await done
 
     async def _reload_all(self) -> None:
         self._fingerprint = await self.stored.fingerprint()
         self.registry.set_stored(await self.stored.all())
-        self.reloads += 1
 
     async def _apply_notices(self) -> None:
         while True:
-            client_id = await self._queue.get()
+            client_id, done = await self._queue.get()
             try:
                 if client_id is None:
                     await self._reload_all()
@@ -75,14 +80,17 @@ class ClientSync:
             except Exception as exc:  # noqa: BLE001 - the store is away: read everything again once it is back
                 log.warning("stored clients not reloaded (%s); retrying", exc.__class__.__name__)
                 await asyncio.sleep(RETRY)
-                self._queue.put_nowait(None)
+                self._queue.put_nowait((None, None))
+            finally:
+                if done is not None and not done.done():
+                    done.set_result(None)
 
     async def _check_regularly(self) -> None:
         while True:
             await asyncio.sleep(self.settings.client_sync_interval)
             try:
                 if await self.stored.fingerprint() != self._fingerprint:
-                    self._queue.put_nowait(None)
+                    self._queue.put_nowait((None, None))
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.debug("stored clients not checked (%s)", exc.__class__.__name__)
 

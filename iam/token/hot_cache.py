@@ -228,13 +228,15 @@ class RevocationListener:
     APPLICATION_NAME = "iam token revocation listener"
 
     def __init__(self, cache: HotCache[Any], connect: Callable[[], Awaitable[Any]],
-                 clients: Callable[[str | None], None] | None = None) -> None:
+                 clients: Callable[[str], None] | None = None,
+                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
         """`connect` opens a new asyncpg connection to the token store (see `Store.connect_driver`); `clients` is
-        told of a client change notice (its client_id), and with None of every (re)connect: whatever changed while
-        nobody listened must be read again."""
+        told of each client change notice (its client_id); `resync` runs at every (re)connect, before the listener
+        counts as connected: whatever changed while nobody listened is read again."""
         self.cache = cache
         self._connect = connect
         self._clients = clients
+        self._resync = resync
         self._task: asyncio.Task[None] | None = None
         self._connection = None
         self._was_up = False
@@ -288,9 +290,9 @@ class RevocationListener:
         connection.add_termination_listener(lambda _conn: lost.set())
         await connection.add_listener(CHANNEL, self._notified)
         # Listening from here on: whatever was revoked before is in the store, so start empty.
+        if self._resync is not None:
+            await self._resync()
         self.cache.enable()
-        if self._clients is not None:
-            self._clients(None)
         self._was_up = True
         self.connections += 1
         self.connected.set()

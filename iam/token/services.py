@@ -22,7 +22,7 @@ from iam.token.dpop import Nonces, ProofVerifier
 from iam.token.hot_cache import HotCache, RevocationListener
 from iam.token.metadata import Documents
 from iam.token.mtls import ClientCertificates
-from iam.token.store import TokenStore
+from iam.token.store import ClientRows, TokenStore
 from iam.token.stored_clients import StoredClients
 
 
@@ -49,7 +49,7 @@ class TokenServices:
         self.certificates = ClientCertificates(settings.mtls, settings.clients)  # RFC 8705
         self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources),
                                       self.certificates)
-        self.stored_clients = StoredClients(store.engine, yaml_ids=lambda: self.clients.yaml_ids,
+        self.stored_clients = StoredClients(ClientRows(store.engine), yaml_ids=lambda: self.clients.yaml_ids,
                                             check=self._servable, changed=self.clients.put_stored)
         self.client_sync = ClientSync(settings, self.clients, self.stored_clients)
         # On PostgreSQL one listening connection hears revocations and client changes. The cache is on only while
@@ -58,7 +58,8 @@ class TokenServices:
         if store.is_postgresql:
             listener_name = {"application_name": RevocationListener.APPLICATION_NAME}
             self.revocation_listener = RevocationListener(
-                self.hot_cache, lambda: store.connect_driver(server_settings=listener_name), self.client_sync.notified)
+                self.hot_cache, lambda: store.connect_driver(server_settings=listener_name), self.client_sync.notified,
+                self.client_sync.resync)
         # A token whose client is gone or disabled is inactive everywhere, even while its row is cached.
         self.access_tokens = AccessTokens(settings, self.keys, self.store, cache=self.hot_cache,
                                           client_known=self.clients.get)

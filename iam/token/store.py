@@ -37,7 +37,7 @@ from iam.audit_store import audit_table
 from iam.observability import STORE_DURATION, store_span
 from iam.store import SqliteDirect, doomed
 from iam.token.holders import Holder
-from iam.token.hot_cache import CHANNEL, HotCache, digest_payload, grant_payload, subject_payload
+from iam.token.hot_cache import CHANNEL, HotCache, client_payload, digest_payload, grant_payload, subject_payload
 
 log = logging.getLogger("iam.token.store")
 
@@ -747,3 +747,67 @@ class _Revocations:
             cache.evict_grant(grant_id)
         for subject in self._subjects:
             cache.evict_subject(subject)
+
+
+class ClientRows:
+    """The SQL of stored clients (iam/token/stored_clients.py holds the rules). Every change is one transaction
+    that, on PostgreSQL, also sends its change notice (`pg_notify`), heard by the other replicas when it commits."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._notify = engine.dialect.name == "postgresql"
+
+    async def get(self, client_id: str) -> dict[str, Any] | None:
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(select(clients).where(clients.c.client_id == client_id))).first()
+        return None if row is None else _row(row)
+
+    async def page(self, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` rows in client_id order, after `after` (keyset pagination)."""
+        query = select(clients).order_by(clients.c.client_id).limit(limit)
+        if after is not None:
+            query = query.where(clients.c.client_id > after)
+        async with self.reader.connect() as conn:
+            return [_row(row) for row in await conn.execute(query)]
+
+    async def every(self) -> list[dict[str, Any]]:
+        async with self.reader.connect() as conn:
+            return [_row(row) for row in await conn.execute(select(clients))]
+
+    async def fingerprint(self) -> tuple[int, int]:
+        """(rows, the sum of their versions): changes with every insert, update and delete."""
+        query = select(func.count(), func.coalesce(func.sum(clients.c.version), 0))
+        async with self.reader.connect() as conn:
+            count, versions = (await conn.execute(query)).one()
+        return int(count), int(versions)
+
+    async def insert(self, values: dict[str, Any]) -> None:
+        """IntegrityError if the client_id is taken."""
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(clients).values(values))
+            await self._announce(conn, values["client_id"])
+
+    async def update(self, client_id: str, version: int, values: dict[str, Any]) -> dict[str, Any] | None:
+        """Write `values` if the row is still at `version` (compare and set); the row as written, or None."""
+        async with self.engine.begin() as conn:
+            changed = await conn.execute(update(clients).where(
+                clients.c.client_id == client_id, clients.c.version == version).values(values))
+            if not changed.rowcount:
+                return None
+            row = (await conn.execute(select(clients).where(clients.c.client_id == client_id))).one()
+            await self._announce(conn, client_id)
+        return _row(row)
+
+    async def delete(self, client_id: str, version: int) -> bool:
+        async with self.engine.begin() as conn:
+            deleted = await conn.execute(delete(clients).where(
+                clients.c.client_id == client_id, clients.c.version == version))
+            if not deleted.rowcount:
+                return False
+            await self._announce(conn, client_id)
+        return True
+
+    async def _announce(self, conn: AsyncConnection, client_id: str) -> None:
+        if self._notify:
+            await conn.execute(select(func.pg_notify(CHANNEL, client_payload(client_id))))

@@ -17,25 +17,20 @@ token-role replica reloads that client when, and only if, it commits (iam/token/
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from iam.config import SECRET_METHODS, ClientConfig
 from iam.observability import audit
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
-from iam.token.hot_cache import CHANNEL, client_payload
-from iam.token.store import clients
+from iam.token.store import ClientRows
 
 SECRET_BYTES = 32  # 256 bits: see the module's docstring for why a SHA-256 digest is enough
 CLIENT_ID_BYTES = 16
@@ -84,7 +79,7 @@ class StoredClient:
                 "source": "store", "client_id_issued_at": self.created_at, "updated_at": self.updated_at}
 
 
-def _from_row(row: RowMapping) -> StoredClient:
+def _from_row(row: Mapping[str, Any]) -> StoredClient:
     return StoredClient(
         config=ClientConfig.model_validate({**json.loads(row["metadata"]), "client_id": row["client_id"]}),
         enabled=bool(row["enabled"]), version=row["version"], created_at=row["created_at"],
@@ -97,10 +92,10 @@ def _stored_metadata(config: ClientConfig) -> str:
 
 
 def _matches(if_match: str | None, etag: str) -> bool:
-    """RFC 9110 §13.1.1: `*`, or one of the listed entity tags (weak comparison)."""
+    """RFC 9110 §13.1.1: `*`, or one of the listed entity tags, compared strongly (a weak tag never matches)."""
     if if_match is None:
         return True
-    tags = [tag.strip().removeprefix("W/") for tag in if_match.split(",")]
+    tags = [tag.strip() for tag in if_match.split(",")]
     return "*" in tags or etag in tags
 
 
@@ -112,12 +107,10 @@ class StoredClients:
     ClientMetadataError; `changed` is told of every committed change (the local `ClientRegistry`).
     """
 
-    def __init__(self, engine: AsyncEngine, *, yaml_ids: Callable[[], frozenset[str]],
+    def __init__(self, rows: ClientRows, *, yaml_ids: Callable[[], frozenset[str]],
                  check: Callable[[ClientConfig], None], changed: Callable[[str, StoredClient | None], None],
                  clock: Callable[[], float] = time.time) -> None:
-        self.engine = engine
-        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._notify = engine.dialect.name == "postgresql"
+        self.rows = rows
         self._yaml_ids = yaml_ids
         self._check = check
         self._changed = changed
@@ -125,29 +118,20 @@ class StoredClients:
 
     # -- reading ---------------------------------------------------------------------------------------------
     async def get(self, client_id: str) -> StoredClient | None:
-        async with self.reader.connect() as conn:
-            row = (await conn.execute(select(clients).where(clients.c.client_id == client_id))).mappings().first()
+        row = await self.rows.get(client_id)
         return None if row is None else _from_row(row)
 
     async def list(self, *, after: str | None, limit: int) -> builtins.list[StoredClient]:
         """Up to `limit` clients in client_id order, those after `after` (keyset pagination: stable and cheap)."""
-        query = select(clients).order_by(clients.c.client_id).limit(limit)
-        if after is not None:
-            query = query.where(clients.c.client_id > after)
-        async with self.reader.connect() as conn:
-            return [_from_row(row) for row in (await conn.execute(query)).mappings()]
+        return [_from_row(row) for row in await self.rows.page(after, limit)]
 
     async def all(self) -> builtins.list[StoredClient]:
-        async with self.reader.connect() as conn:
-            return [_from_row(row) for row in (await conn.execute(select(clients))).mappings()]
+        return [_from_row(row) for row in await self.rows.every()]
 
     async def fingerprint(self) -> tuple[int, int]:
         """(how many, the sum of their versions): changes with every create, change and delete (a cheap check for
         processes sharing one SQLite file, which hear no notifications)."""
-        query = select(func.count(), func.coalesce(func.sum(clients.c.version), 0))
-        async with self.reader.connect() as conn:
-            count, versions = (await conn.execute(query)).one()
-        return int(count), int(versions)
+        return await self.rows.fingerprint()
 
     # -- changing --------------------------------------------------------------------------------------------
     async def create(self, config: ClientConfig, *, actor: str, enabled: bool = True,
@@ -162,10 +146,9 @@ class StoredClients:
         now = int(self._clock())
         stored = StoredClient(config, enabled, 1, now, now, None if secret is None else secret_digest(secret))
         try:
-            async with self._changing(stored.client_id) as conn:
-                await conn.execute(insert(clients).values(
-                    client_id=stored.client_id, metadata=_stored_metadata(config), secret_digest=stored.secret_digest,
-                    enabled=enabled, version=1, created_at=now, updated_at=now))
+            await self.rows.insert({"client_id": stored.client_id, "metadata": _stored_metadata(config),
+                                    "secret_digest": stored.secret_digest, "enabled": enabled, "version": 1,
+                                    "created_at": now, "updated_at": now})
         except IntegrityError:
             raise ClientMetadataError("invalid_client_metadata",
                                       f"client_id: {config.client_id!r} is taken") from None
@@ -214,11 +197,8 @@ class StoredClients:
 
     async def delete(self, client_id: str, *, if_match: str | None, actor: str) -> None:
         current = await self._current(client_id, if_match)
-        async with self._changing(client_id) as conn:
-            deleted = await conn.execute(delete(clients).where(
-                clients.c.client_id == client_id, clients.c.version == current.version))
-            if not deleted.rowcount:
-                raise StoredClientError("precondition", f"client {client_id!r} changed meanwhile")
+        if not await self.rows.delete(client_id, current.version):
+            raise StoredClientError("precondition", f"client {client_id!r} changed meanwhile")
         self._changed(client_id, None)
         audit("client.deleted", actor=actor, client_id=client_id)
 
@@ -259,21 +239,10 @@ class StoredClients:
         changes one wins, the other is told its precondition failed)."""
         now = int(self._clock())
         values = {"version": current.version + 1, "updated_at": now, **values}
-        async with self._changing(current.client_id) as conn:
-            changed = await conn.execute(update(clients).where(
-                clients.c.client_id == current.client_id, clients.c.version == current.version).values(values))
-            if not changed.rowcount:
-                raise StoredClientError("precondition", f"client {current.client_id!r} changed meanwhile")
-            row = (await conn.execute(select(clients).where(clients.c.client_id == current.client_id))).mappings()
-            stored = _from_row(row.one())
+        row = await self.rows.update(current.client_id, current.version, values)
+        if row is None:
+            raise StoredClientError("precondition", f"client {current.client_id!r} changed meanwhile")
+        stored = _from_row(row)
         self._changed(stored.client_id, stored)
         audit(event, actor=actor, client_id=stored.client_id)
         return stored
-
-    @contextlib.asynccontextmanager
-    async def _changing(self, client_id: str) -> AsyncIterator[AsyncConnection]:
-        """A changing transaction whose notice goes out with its commit (the caller applies it locally after)."""
-        async with self.engine.begin() as conn:
-            yield conn
-            if self._notify:
-                await conn.execute(select(func.pg_notify(CHANNEL, client_payload(client_id))))
