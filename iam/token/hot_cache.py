@@ -298,12 +298,16 @@ class RevocationListener:
         self.connected.set()
         if self.connections > 1:
             log.info("revocation listener reconnected; introspection cache on again")
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of an awaitable that completes
+        # just as the task is cancelled, and the cancellation is lost: stop() would then wait for ever.
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), self.PING_INTERVAL)
+                async with asyncio.timeout(self.PING_INTERVAL):
+                    await lost.wait()
             if lost.is_set() or connection.is_closed():
                 raise ConnectionError("the listening connection was closed")
-            await asyncio.wait_for(connection.fetchval("SELECT 1"), self.PING_TIMEOUT)
+            async with asyncio.timeout(self.PING_TIMEOUT):
+                await connection.fetchval("SELECT 1")
 
     def _notified(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
         if payload.startswith("c:") and self._clients is not None:
