@@ -145,3 +145,27 @@ def test_keep_alive_clients_lose_no_request_on_sigterm(tmp_path, token_env):
         # Before the signal connections were kept open; during the drain each answer closed its connection.
         assert answered[0].headers.get("connection") != "close"
         assert any(response.headers.get("connection") == "close" for response in answered[before:])
+
+
+async def test_stopping_a_background_task_that_swallows_a_cancellation_does_not_hang():
+    """On Python 3.11 `asyncio.wait_for` can lose a cancellation that arrives as its awaitable completes; the task
+    then goes on running. Stopping it must still end (it is cancelled again), not wait for ever."""
+    import asyncio
+
+    from iam.runtime import cancel
+
+    swallowed = []
+
+    async def loop_that_loses_one_cancellation():
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)  # the first cancellation is lost, as wait_for would lose it
+
+    task = asyncio.create_task(loop_that_loses_one_cancellation())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel(task), 5)
+    assert task.cancelled() and swallowed == [True]

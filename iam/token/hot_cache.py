@@ -38,6 +38,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from iam.runtime import cancel
+
 log = logging.getLogger("iam.token.hot_cache")
 
 CHANNEL = "iam_token_revoked"
@@ -256,10 +258,7 @@ class RevocationListener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
         self.cache.disable()
 
     async def wait_connected(self, timeout: float) -> None:
