@@ -9,17 +9,18 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI
 from sqlalchemy import MetaData
+from starlette.types import ASGIApp
 
 from iam import __version__, errors, health, internal, pages
 from iam.audit_store import AuditSink, purge_before
 from iam.config import PEERS_NEEDED, Settings
-from iam.http import PlainRoutes
+from iam.http import HotLane, PlainRoutes
 from iam.keys import KeyRing, KeyRingError
 from iam.observability import AUDIT, Observability, instrument_store, setup_tracing, shutdown_tracing
 from iam.peers import (
@@ -251,6 +252,20 @@ class Runtime(Shared):
         self._started = False
 
 
+class App(FastAPI):
+    """The FastAPI app, with the Observability middleware outermost (its spans, metrics and headers cover every
+    answer, a 500 included) and the hot lane just inside it."""
+
+    hot_routes: PlainRoutes | None = None
+    every_response: Sequence[tuple[bytes, bytes]] = ()
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.hot_routes is not None:
+            stack = HotLane(stack, self.hot_routes, self.exception_handlers)
+        return Observability(stack, headers=self.every_response)
+
+
 def create_app(settings: Settings) -> FastAPI:
     setup_tracing(f"iam-{settings.role.value}")
     runtime = Runtime(settings)
@@ -263,18 +278,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     # The Observability middleware owns request spans and metrics (the plain hot routes included): FastAPI's
     # native telemetry would trace every request a second time, as a separate root span.
-    app = FastAPI(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = App(title="iam", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+              openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.iam = runtime
-    app.add_middleware(Observability, headers=pages.every_response(settings.issuer))
+    app.every_response = pages.every_response(settings.issuer)
     errors.install(app)
     if settings.role.serves(Role.TOKEN):
-        # The hot paths first, found by their path in one lookup (iam.http.PlainRoutes): they carry most of the
-        # traffic. Plain routes on the app's own router (iam.http.PlainRoute): no FastAPI per-request machinery.
+        # The hot paths, found by their path in one lookup (iam.http.PlainRoutes): they carry most of the traffic.
+        # Their requests skip the app's middleware and routing (iam.http.HotLane); they are mounted first on the
+        # app's router too, for what the hot lane leaves to it (a path with parameters, a method not served).
         from iam.token import discovery, endpoint, introspection, phantom
 
-        app.router.routes.append(
-            PlainRoutes([*phantom.routes, *introspection.routes, *endpoint.routes, *discovery.routes]))
+        app.hot_routes = PlainRoutes([*phantom.routes, *introspection.routes, *endpoint.routes, *discovery.routes])
+        app.router.routes.append(app.hot_routes)
     app.include_router(health.router)
     app.include_router(internal.router)
     app.include_router(pages.router)

@@ -71,6 +71,23 @@ async def test_405_lists_every_method_served_on_the_path(client):
         assert methods <= allowed and "PUT" not in allowed, (path, allowed)
 
 
+async def test_the_hot_endpoints_answer_their_errors_as_every_other_route_does(app, client, monkeypatch, caplog):
+    """The hot lane (iam.http.HotLane) skips the app's middleware: its errors still go through the app's exception
+    handlers (a proper OAuth error, never a trace), and its answers carry the headers every response carries."""
+    async def broken(self, token):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(type(app.state.iam.token.access_tokens), "live", broken)
+    with caplog.at_level(logging.ERROR, logger="iam"):
+        response = await client.post("/oauth/v2/introspect", data={"token": "t" * 43}, headers=basic("svc-basic"))
+    assert response.status_code == 500 and response.json()["error"] == "server_error"
+    assert "a bug" not in response.text and response.headers["x-content-type-options"] == "nosniff"
+    assert any(record.exc_info for record in caplog.records)  # logged, with its trace, on the server side
+    refused = await client.post("/oauth/v2/introspect", data={"token": "t"}, headers=basic("svc-basic", "wrong"))
+    assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+    assert refused.headers["x-content-type-options"] == "nosniff"
+
+
 async def _signed_introspection_response(client) -> str:
     # RFC 9701: signed by this issuer with the ID token's key, `aud` the calling client: not an ID token.
     response = await client.post("/oauth/v2/introspect", data={"token": "x"},
