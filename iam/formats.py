@@ -42,12 +42,17 @@ def normalise_user_code(value: str) -> str | None:
     return code if len(code) == USER_CODE_LENGTH and all(ch in USER_CODE_ALPHABET for ch in code) else None
 
 
+def jwt_payload(jwt: str) -> bytes:
+    """The payload of a JWT as its bytes, unverified and unparsed (see jwt_claims)."""
+    payload = jwt.split(".", 2)[1]
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+
+
 def jwt_claims(jwt: str) -> dict[str, Any]:
     """The payload of a JWT, unverified: for a JWT this server signed itself (read back from its own store), or
     to learn who claims to have signed one before verifying it. Raises ValueError, IndexError or
     UnicodeDecodeError on a malformed token."""
-    payload = jwt.split(".", 2)[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims = json.loads(jwt_payload(jwt))
     if not isinstance(claims, dict):
         raise ValueError("JWT payload is not an object")
     return claims

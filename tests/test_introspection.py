@@ -1,6 +1,7 @@
 """Introspection (RFC 7662), the phantom JWT (RFC 9068), forward-auth, revocation (RFC 7009)."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -12,6 +13,8 @@ from sqlalchemy import event, update
 
 from iam.app import StartupError, create_app
 from iam.config import ClientConfig
+from iam.token.access_tokens import introspection_json, introspection_members
+from iam.token.holders import Holder
 from iam.token.store import access_tokens
 from tests.conftest import ISSUER, SECRETS, basic, client_config, make_settings
 from tests.test_token_endpoint import get_token
@@ -43,6 +46,21 @@ async def test_active_token_introspects_with_rfc7662_members(client):
     assert body["iss"] == ISSUER
     assert body["aud"] == "https://api.test"
     assert body["exp"] - body["iat"] == 600
+
+
+@pytest.mark.parametrize("holder", [None, Holder("jkt", "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"),
+                                    Holder("x5t#S256", "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2")])
+async def test_the_introspection_answer_is_the_tokens_claims_with_active_and_token_type(app, holder):
+    """RFC 7662 §2.2 members from the JWT's claims: the bytes a bearer token's answer is spliced from read as the
+    same object as the claims parsed and encoded again; a bound token is DPoP (RFC 9449 §6.2) or Bearer (RFC 8705)."""
+    tokens = app.state.iam.token.access_tokens
+    client = app.state.iam.token.clients.get("svc-basic")
+    issued = tokens.mint(client, "someone", "api:read", holder=holder, claims={"note": 'caf\u00e9 {"x": [1, 2]}'})
+    answer = json.loads(introspection_json(issued.jwt))
+    assert answer == introspection_members(issued.jwt) == {
+        "active": True, **jwt.decode(issued.jwt, app.state.iam.keys.public_set).claims,
+        "token_type": "DPoP" if holder is not None and holder.is_dpop else "Bearer"}
+    assert list(answer)[0] == "active" and list(answer)[-1] == "token_type"
 
 
 async def test_accept_jwt_returns_the_paired_rfc9068_jwt(client):
@@ -276,6 +294,8 @@ async def test_introspection_and_forward_auth_are_one_query_without_signing(clie
 
     event.listen(engine, "before_cursor_execute", record)
     event.listen(engine, "checkout", log_driver_queries)
+    for pooled in app.state.iam.token.store._direct_idle:  # checked out already, kept for the direct statements
+        log_driver_queries(pooled, None, None)
     direct = app.state.iam.token.store.sqlite
     if direct is not None:
         direct.reader.set_trace_callback(statements.append)

@@ -21,7 +21,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 
 from iam.config import AccessTokenAlg, ClientConfig, Settings
-from iam.formats import jwt_claims
+from iam.formats import jwt_claims, jwt_payload
 from iam.keys import KeyRing, b64url
 from iam.token.holders import Holder, holder_of, token_type
 from iam.token.hot_cache import HotCache
@@ -44,6 +44,16 @@ def introspection_members(jwt: str) -> dict[str, Any]:
     `token_type`."""
     claims = jwt_claims(jwt)
     return {"active": True, **claims, "token_type": token_type(holder_of(claims))}
+
+
+def introspection_json(jwt: str) -> bytes:
+    """`introspection_members`, serialised. A bearer token's answer is its JWT's own payload (compact JSON, from
+    this server's signer) between `active` and `token_type`: neither parsed nor encoded again. A token with a
+    `cnf` takes the long way, its token_type depending on what it is bound to."""
+    payload = jwt_payload(jwt)
+    if b'"cnf"' in payload:
+        return json.dumps(introspection_members(jwt), separators=(",", ":")).encode()
+    return b'{"active":true,' + payload[1:-1] + b',"token_type":"Bearer"}'
 
 
 class LiveToken:
@@ -80,9 +90,9 @@ class LiveToken:
 
     @property
     def introspection_json(self) -> bytes:
-        """The RFC 7662 answer, serialised: the JWT payload is parsed once, not per request."""
+        """The RFC 7662 answer, serialised once per cache entry (`introspection_json`)."""
         if self._introspection is None:
-            self._introspection = json.dumps(introspection_members(self.row.jwt), separators=(",", ":")).encode()
+            self._introspection = introspection_json(self.row.jwt)
         return self._introspection
 
 
