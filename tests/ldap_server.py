@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from tests.server import terminate
+
 BASE_DN = "dc=example,dc=test"
 MANAGER_DN = f"cn=manager,{BASE_DN}"
 MANAGER_PASSWORD = "manager-secret-4kQ9"
@@ -319,12 +321,7 @@ class LdapServer:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            terminate(self.process)
         self.process = None
 
     @contextmanager

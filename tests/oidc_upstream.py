@@ -49,6 +49,8 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 import httpx
 from joserfc.jwk import RSAKey
 
+from tests.server import terminate
+
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "oidc-provider"
 
 
@@ -195,12 +197,7 @@ class OidcUpstream:
 
     def stop(self) -> None:
         if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            terminate(self._process, 5)
         self._process.stdout.close()
         self._log.close()
 

@@ -65,13 +65,19 @@ def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready
             time.sleep(0.1)
         yield base, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        terminate(process, 15)
         log.close()
+
+
+def terminate(process: subprocess.Popen, timeout: float = 10) -> None:
+    """End a process a test started: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def token_role_env(directory: Path, **settings) -> dict[str, str]:

@@ -24,7 +24,7 @@ from tests.conftest import ISSUER, basic, client_config
 from tests.dpop import DPoPClient
 from tests.pki import Credential
 from tests.postgres import free_port
-from tests.server import serve, token_role_env
+from tests.server import serve, terminate, token_role_env
 from tests.test_mtls import HEADER, Pki, mtls_clients
 from tests.test_nginx_phantom import nginx, recording_api, wait_for_port
 
@@ -105,11 +105,7 @@ https://127.0.0.1:{port} {{
         wait_for_port(port, directory / "caddy.log")
         yield f"https://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process)
         log.close()
 
 

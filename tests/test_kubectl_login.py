@@ -33,7 +33,7 @@ from tests.conftest import PASSWORD
 from tests.fake_apiserver import FakeApiServer, OIDCAuthenticator, TestCA
 from tests.oauth import hidden_fields
 from tests.postgres import free_port
-from tests.server import iam, write_config
+from tests.server import iam, terminate, write_config
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
@@ -125,11 +125,7 @@ def serve_tls(env: dict[str, str], cwd: Path, port: int, cert: Path, key: Path, 
                 time.sleep(0.1)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process, 15)
         log.close()
 
 

@@ -30,7 +30,7 @@ from tests.dpop import DPoPClient
 from tests.oauth import code_flow
 from tests.pki import Credential, TestCA, self_signed
 from tests.postgres import free_port
-from tests.server import token_role_env
+from tests.server import terminate, token_role_env
 
 HEADER = "ssl-client-cert"
 CALLBACK = "http://127.0.0.1/callback"
@@ -344,8 +344,7 @@ def serve_mtls(directory: Path, pki: Pki, requirement: str):
                 time.sleep(0.1)
         yield base
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        terminate(process, 15)
         log.close()
 
 

@@ -26,7 +26,7 @@ from tests.conftest import ISSUER, WEBAPP_CALLBACK, basic, client_config
 from tests.dpop import DPoPClient
 from tests.oauth import advertised_paths
 from tests.postgres import free_port
-from tests.server import serve, token_role_env
+from tests.server import serve, terminate, token_role_env
 
 NGINX = "/usr/sbin/nginx"
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +83,7 @@ def nginx(directory: Path, http_block: str) -> Iterator[None]:
     try:
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process)
         log.close()
 
 
