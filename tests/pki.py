@@ -1,5 +1,5 @@
-"""A throw-away PKI for mutual-TLS tests: a CA, server and client certificates, self-signed client certificates,
-written as PEM files (made with `cryptography`)."""
+"""A throw-away PKI for the TLS tests (mutual TLS, the Kubernetes ones): a CA, server and client certificates,
+self-signed client certificates, written as PEM files (made with `cryptography`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import base64
 import datetime
 import ssl
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import quote
 
@@ -58,6 +58,10 @@ class Credential:
                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
         return ECKey.import_key(public).as_dict(private=False)
 
+    @property
+    def paths(self) -> tuple[Path, Path]:
+        return self.cert_path, self.key_path
+
     def context(self, ca: Path) -> ssl.SSLContext:
         """A TLS client context that trusts `ca` for the server and presents this certificate."""
         context = ssl.create_default_context(cafile=str(ca))
@@ -86,12 +90,25 @@ class TestCA:
             .sign(self.key, hashes.SHA256())
         )
         self.path = directory / f"{name.replace(' ', '-')}.pem"
-        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        self.path.write_bytes(self.pem)
 
-    def server(self, name: str = "server") -> Credential:
-        """A server certificate for 127.0.0.1 and localhost."""
-        return self._issue(name, "CN=localhost", [x509.IPAddress(IPv4Address("127.0.0.1")),
-                                                        x509.DNSName("localhost")], ExtendedKeyUsageOID.SERVER_AUTH)
+    @property
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A TLS client context that trusts this CA only."""
+        return ssl.create_default_context(cafile=str(self.path))
+
+    def server(self, name: str = "server", hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Credential:
+        """A server certificate for `hosts` (IP addresses and DNS names)."""
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        return self._issue(name, f"CN={hosts[0]}", sans, ExtendedKeyUsageOID.SERVER_AUTH)
 
     def client(self, name: str, dn: str, sans: list[x509.GeneralName] | None = None) -> Credential:
         """A client certificate with the subject `dn` and these SAN entries (none: no SAN extension)."""

@@ -36,8 +36,9 @@ from iam.kube.credential import (
     read_claims,
 )
 from tests.conftest import PASSWORD
-from tests.fake_apiserver import OIDCAuthenticator, TestCA, Unauthorized, server_context
+from tests.fake_apiserver import OIDCAuthenticator, Unauthorized, server_context
 from tests.oauth import hidden_fields
+from tests.pki import TestCA
 from tests.server import iam
 from tests.test_kubectl_login import add_user, kube_environment
 
@@ -460,7 +461,7 @@ def token_issuer(tmp_path_factory):
     """An https issuer (discovery and a JWKS with RSA_KEY) and an authenticator configured for it."""
     directory = tmp_path_factory.mktemp("issuer")
     ca = TestCA(directory)
-    with static_issuer(ca.issue("issuer")) as (base, documents):
+    with static_issuer(ca.server("issuer").paths) as (base, documents):
         documents["/.well-known/openid-configuration"] = {"issuer": base, "jwks_uri": f"{base}/jwks"}
         documents["/jwks"] = {"keys": [RSA_KEY.as_dict(private=False)]}
         authenticator = OIDCAuthenticator(base, "kubectl", ca_file=ca.path, username_claim="email",

@@ -30,8 +30,9 @@ import pytest
 import yaml
 
 from tests.conftest import PASSWORD
-from tests.fake_apiserver import FakeApiServer, OIDCAuthenticator, TestCA
+from tests.fake_apiserver import FakeApiServer, OIDCAuthenticator
 from tests.oauth import hidden_fields
+from tests.pki import TestCA
 from tests.postgres import free_port
 from tests.server import iam, terminate, write_config
 
@@ -74,8 +75,8 @@ def kubectl_client(id_token_ttl: int = ID_TOKEN_TTL) -> dict:
 def kube_environment(directory: Path, id_token_ttl: int = ID_TOKEN_TTL):
     """`iam serve` on https (role all, SQLite) with a kubectl client and a cluster: the fake API server."""
     ca = TestCA(directory)
-    iam_cert, iam_key = ca.issue("iam")
-    api_cert, api_key = ca.issue("apiserver")
+    iam_cert, iam_key = ca.server("iam").paths
+    api_cert, api_key = ca.server("apiserver").paths
     port = free_port()
     issuer = f"https://127.0.0.1:{port}"
     authenticator = OIDCAuthenticator(issuer, "kubectl", ca_file=ca.path, username_claim="email",
