@@ -9,7 +9,8 @@ used is reported next to the rate. Prints every round and the iam / peer ratios 
 
 Scenarios: client_credentials (the peer signs an ES256 JWT; iam stores an opaque token's row durably and signs
 its JWT), introspect (iam: every call a cache miss, one indexed row read; the peer: an opaque token of its
-in-memory store, as it cannot introspect its JWTs), discovery, jwks.
+in-memory store, as it cannot introspect its JWTs), introspect_signed (the same, answered as an RFC 9701 JWT signed
+with ES256, the bench client's introspection_signed_response_alg on both), discovery, jwks.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import run  # noqa: E402  (bench/run.py: the cluster, the server, the scenarios,
 
 from tests.oidc_upstream import new_signing_key, running_upstream  # noqa: E402  (the suite's real provider)
 
-SCENARIOS = ["client_credentials", "introspect", "discovery", "jwks"]
+SCENARIOS = ["client_credentials", "introspect", "introspect_signed", "discovery", "jwks"]
+SIGNED = "application/token-introspection+jwt"  # RFC 9701
 RESOURCE = "https://api.bench.example"
 OPAQUE_RESOURCE = "https://opaque.bench.example"
 
@@ -51,7 +53,8 @@ def peer_scenarios(secret: str, stack: contextlib.ExitStack, tmp: Path) -> tuple
                    resource_servers=[{"url": RESOURCE, "scope": "api:read", "format": "jwt", "alg": "ES256"},
                                      # its JWT access tokens cannot be introspected: opaque ones for introspect
                                      {"url": OPAQUE_RESOURCE, "scope": "api:read", "format": "opaque"}])
-    peer.add_client(run.CLIENT_ID, secret, [], grant_types=["client_credentials"], response_types=[])
+    peer.add_client(run.CLIENT_ID, secret, [], grant_types=["client_credentials"], response_types=[],
+                    introspection_signed_response_alg="ES256")
     metadata = httpx.get(f"{peer.issuer}/.well-known/openid-configuration").json()
     basic = {"Authorization": "Basic " + base64.b64encode(f"{run.CLIENT_ID}:{secret}".encode()).decode(),
              "Content-Type": "application/x-www-form-urlencoded"}
@@ -61,9 +64,14 @@ def peer_scenarios(secret: str, stack: contextlib.ExitStack, tmp: Path) -> tuple
         raise SystemExit(f"the peer did not issue a JWT access token: {issued.text}")
     opaque = httpx.post(metadata["token_endpoint"], headers=basic, content=f"{grant}&resource={OPAQUE_RESOURCE}")
     token = opaque.raise_for_status().json()["access_token"]
+    introspect = (metadata["introspection_endpoint"], f"token={token}")
+    signed = httpx.post(introspect[0], headers={**basic, "Accept": SIGNED}, content=introspect[1])
+    if not signed.raise_for_status().headers["content-type"].startswith(SIGNED):
+        raise SystemExit(f"the peer did not answer an RFC 9701 JWT: {signed.text}")
     return peer.pid, {
         "client_credentials": ("POST", metadata["token_endpoint"], basic, grant),
-        "introspect": ("POST", metadata["introspection_endpoint"], basic, f"token={token}"),
+        "introspect": ("POST", introspect[0], basic, introspect[1]),
+        "introspect_signed": ("POST", introspect[0], {**basic, "Accept": SIGNED}, introspect[1]),
         "discovery": ("GET", f"{peer.issuer}/.well-known/openid-configuration", {}, ""),
         "jwks": ("GET", metadata["jwks_uri"], {}, ""),
     }
@@ -73,6 +81,7 @@ def iam_scenarios(base: str, secret: str) -> dict:
     basic = "Basic " + base64.b64encode(f"{run.CLIENT_ID}:{secret}".encode()).decode()
     by_name = run.scenarios(basic, run.get_token(base, basic))
     picked = {"client_credentials": by_name["client_credentials"], "introspect": by_name["introspect_json"],
+              "introspect_signed": by_name["introspect_signed"],
               "discovery": by_name["discovery"], "jwks": by_name["jwks"]}
     return {name: (s.method, base + s.path, s.headers, s.body) for name, s in picked.items()}
 
@@ -113,7 +122,7 @@ def main() -> None:
             shutil.chown(cluster, "postgres", "postgres")
         pg_port = run.start_postgres(cluster, stack)
         base = run.start_server(cluster, f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}", secret, stack,
-                                cache_seconds=0)
+                                cache_seconds=0, signed_alg="ES256")
         sides = {"peer": (peer_pid, peer), "iam": (run.SERVERS[base].pid, iam_scenarios(base, secret))}
         rows = []
         for name in names:
