@@ -78,3 +78,29 @@ async def test_a_batch_with_a_failing_row_stores_the_others(app):
     assert outcomes[:3] == [None, None, None] and isinstance(outcomes[3], IntegrityError)
     for n in (1, 2, 3, 4):
         assert await store.find_access_token(row(n).digest) == row(n)  # the first row of that digest is kept
+
+
+async def test_concurrent_lookups_each_get_their_own_row(app):
+    """Lookups that arrive together share one SELECT on PostgreSQL (iam.token.store.Batches): each still gets the
+    row of its own digest, an unknown digest None, and a digest asked twice the same row twice."""
+    from iam.token.store import AccessTokenRow
+
+    store = app.state.iam.token.store
+
+    def row(n: int) -> AccessTokenRow:
+        return AccessTokenRow(n.to_bytes(32, "big"), "svc-basic", f"s{n}", 2**31 - 1, n % 3 == 0, f"jwt{n}", None)
+
+    await asyncio.gather(*(store.add_access_token(row(n)) for n in range(1, 31)))
+    statements = []
+    on_driver = store._on_driver
+
+    async def counted(statement, call):
+        statements.append(statement)
+        return await on_driver(statement, call)
+
+    store._on_driver = counted
+    asked = [*range(1, 41), 5, 5, 17]  # 31 to 40 were never stored
+    found = await asyncio.gather(*(store.find_access_token(n.to_bytes(32, "big")) for n in asked))
+    assert found == [row(n) if n <= 30 else None for n in asked]
+    if store._postgresql:
+        assert 1 <= len(statements) < len(asked)  # shared: the first alone, the rest together

@@ -9,7 +9,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -205,6 +205,10 @@ _FIND = select(
 _FIND_SQL = (
     "SELECT client_id, subject, expires_at, revoked, jwt, grant_id FROM access_tokens WHERE digest = $1"
 )
+_FIND_MANY_SQL = (
+    "SELECT digest, client_id, subject, expires_at, revoked, jwt, grant_id FROM access_tokens"
+    " WHERE digest = ANY($1::bytea[])"
+)
 _INSERT_ACCESS = insert(access_tokens)
 _INSERT_SQL = (
     "INSERT INTO access_tokens (digest, client_id, subject, expires_at, revoked, jwt, grant_id)"
@@ -240,6 +244,51 @@ def _row(values: Row[*tuple[Any, ...]]) -> dict[str, Any]:
 
 _DIRECT_DURATION = STORE_DURATION.labels("token")
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class Batches(Generic[_Item, _Result]):
+    """Calls that arrive while a batch is being run make the next batch: `run` gets their items at once and answers
+    one outcome per item, in order (a result, or the exception that caller gets). One batch runs at a time, so a
+    lone call goes at once, and under load one statement and one round trip serve many calls."""
+
+    def __init__(self, run: Callable[[list[_Item]], Awaitable[list[_Result | BaseException]]]) -> None:
+        self._run = run
+        self._waiting: list[tuple[_Item, asyncio.Future[_Result]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def submit(self, item: _Item) -> _Result:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[_Result] = loop.create_future()
+        self._waiting.append((item, done))
+        if self._running is None:
+            self._running = loop.create_task(self._batches())
+        return await done
+
+    async def close(self) -> None:
+        if self._running is not None:
+            await self._running
+
+    async def _batches(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    outcomes = await self._run([item for item, _ in batch])
+                except Exception as exc:  # nothing may be left waiting
+                    outcomes = [exc] * len(batch)
+                for (_, done), outcome in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue  # its caller was cancelled meanwhile
+                    if isinstance(outcome, BaseException):
+                        done.set_exception(outcome)
+                    else:
+                        done.set_result(outcome)
+        finally:
+            self._running = None
+
+
 class TokenStore:
     def __init__(self, engine: AsyncEngine, cache: HotCache[Any] | None = None) -> None:
         self.engine = engine
@@ -250,15 +299,16 @@ class TokenStore:
         self._postgresql = engine.dialect.name == "postgresql"
         database = engine.url.database if engine.dialect.name == "sqlite" else None
         self.sqlite = SqliteDirect(database) if database and database != ":memory:" else None
-        self._inserts: list[tuple[AccessTokenRow, asyncio.Future[None]]] = []  # waiting for the next batch
-        self._inserting: asyncio.Task[None] | None = None
+        # PostgreSQL: concurrent issuances share one INSERT and one commit, concurrent lookups one SELECT.
+        self._inserts: Batches[AccessTokenRow, None] = Batches(self._insert_batch)
+        self._lookups: Batches[bytes, AccessTokenRow | None] = Batches(self._find_batch)
         self._direct_idle: list[Any] = []  # pooled connections kept checked out by _on_driver between statements
         self._closing = False
 
     async def close(self) -> None:
         self._closing = True
-        if self._inserting is not None:
-            await self._inserting
+        await self._inserts.close()
+        await self._lookups.close()
         while self._direct_idle:
             self._direct_idle.pop().close()
         if self.sqlite is not None:
@@ -274,12 +324,7 @@ class TokenStore:
         On SQLite the same, in the writer thread of iam.store.SqliteDirect.
         """
         if self._postgresql:
-            loop = asyncio.get_running_loop()
-            done: asyncio.Future[None] = loop.create_future()
-            self._inserts.append((row, done))
-            if self._inserting is None:
-                self._inserting = loop.create_task(self._insert_batches())
-            await done
+            await self._inserts.submit(row)
             return
         if self.sqlite is not None:
             started = time.perf_counter()
@@ -290,24 +335,6 @@ class TokenStore:
             except sqlite3.Error as exc:  # rolled back: nothing stored; reported the SQLAlchemy way below
                 log.debug("direct insert failed (%s); retrying through SQLAlchemy", exc.__class__.__name__)
         await self._insert(row)
-
-    async def _insert_batches(self) -> None:
-        try:
-            while self._inserts:
-                batch, self._inserts = self._inserts, []
-                try:
-                    outcomes = await self._insert_batch([row for row, _ in batch])
-                except Exception as exc:  # nothing may be left waiting
-                    outcomes = [exc] * len(batch)
-                for (_, done), outcome in zip(batch, outcomes, strict=True):
-                    if done.done():
-                        continue  # its request was cancelled meanwhile
-                    if outcome is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(outcome)
-        finally:
-            self._inserting = None
 
     async def _insert_batch(self, rows: list[AccessTokenRow]) -> list[BaseException | None]:
         async def alone(row: AccessTokenRow) -> None:
@@ -344,11 +371,11 @@ class TokenStore:
             await conn.execute(_INSERT_ACCESS, _access_values(row))
 
     async def find_access_token(self, digest: bytes) -> AccessTokenRow | None:
+        """The row of a token by its digest. On PostgreSQL the lookups that arrive while one is on its way make the
+        next one: a single SELECT for all of them (`Batches`)."""
         if self._postgresql:
-            found = await self._on_driver(_FIND_SQL, lambda driver: driver.fetchrow(_FIND_SQL, digest))
-            if found is not _FAILED:
-                return None if found is None else AccessTokenRow(digest, *found)
-        elif self.sqlite is not None:
+            return await self._lookups.submit(digest)
+        if self.sqlite is not None:
             started = time.perf_counter()
             try:
                 found = self.sqlite.read_one(_FIND_SQLITE, (digest,))
@@ -361,6 +388,22 @@ class TokenStore:
                 client_id, subject, expires_at, revoked, jwt, grant_id = found
                 return AccessTokenRow(digest, client_id, subject, expires_at, bool(revoked), jwt, grant_id)
         return await self._find(digest)
+
+    async def _find_batch(self, digests: list[bytes]) -> list[AccessTokenRow | None | BaseException]:
+        if len(digests) == 1:
+            digest = digests[0]
+            found = await self._on_driver(_FIND_SQL, lambda driver: driver.fetchrow(_FIND_SQL, digest))
+            if found is not _FAILED:
+                return [None if found is None else AccessTokenRow(digest, *found)]
+        else:
+            unique = list(dict.fromkeys(digests))
+            rows = await self._on_driver(_FIND_MANY_SQL, lambda driver: driver.fetch(_FIND_MANY_SQL, unique))
+            if rows is not _FAILED:
+                by_digest = {bytes(row[0]): AccessTokenRow(bytes(row[0]), *row[1:]) for row in rows}
+                return [by_digest.get(digest) for digest in digests]
+        # The direct statement failed: each lookup the SQLAlchemy way, which reports store errors as everywhere else.
+        outcomes = await asyncio.gather(*map(self._find, digests), return_exceptions=True)
+        return list(outcomes)
 
     async def _find(self, digest: bytes) -> AccessTokenRow | None:
         async with self.reader.connect() as conn:
