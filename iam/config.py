@@ -73,6 +73,15 @@ def _https_url(value: str) -> str:
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
 
 
+def _key_set(value: dict[str, Any]) -> dict[str, Any]:
+    check_key_set(value)
+    return value
+
+
+# A JWK Set of public signature keys (RFC 7517 §5), as a client's `jwks` or a trusted issuer's.
+KeySet = Annotated[dict[str, Any], AfterValidator(_key_set)]
+
+
 def _cidrs(values: list[str]) -> list[str]:
     for value in values:
         ipaddress.ip_network(value, strict=False)
@@ -182,7 +191,7 @@ class ClientConfig(_Strict):
         "(a TLS client certificate from `mtls.ca_file` with the registered subject DN or SAN, RFC 8705 §2.1), "
         "`self_signed_tls_client_auth` (a certificate whose key is in `jwks`, §2.2), or `none` for a public "
         "client."))
-    jwks: dict[str, Any] | None = Field(default=None, description=(
+    jwks: KeySet | None = Field(default=None, description=(
         "private_key_jwt, self_signed_tls_client_auth: the client's public keys, a JWK Set `{\"keys\": [...]}` "
         "(RFC 7591 §2)."))
     jwks_uri: HttpsUrl | None = Field(default=None, description=(
@@ -263,13 +272,6 @@ class ClientConfig(_Strict):
         if value and not value.startswith("$argon2id$"):
             raise ValueError("must be an argon2id hash (see `iam clients hash-secret`)")
         return value or None
-
-    @field_validator("jwks")
-    @classmethod
-    def _key_set(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_key_set(value)
-        return value
 
     @field_validator("tls_client_auth_subject_dn")
     @classmethod
@@ -681,6 +683,40 @@ class MutualTLS(_Strict):
         return value
 
 
+class SoftwareStatementIssuer(_Strict):
+    """A trusted signer of software statements (RFC 7591 §2.3), by its `iss` and its public keys."""
+
+    issuer: str = Field(min_length=1, description="The `iss` of its software statements.")
+    jwks: KeySet | None = Field(default=None, description="Its public keys, a JWK Set `{\"keys\": [...]}`.")
+    jwks_uri: HttpsUrl | None = Field(default=None, description="Where it publishes its JWK Set instead (https).")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> SoftwareStatementIssuer:
+        if (self.jwks is None) == (self.jwks_uri is None):
+            raise ValueError("set jwks or jwks_uri (one of them)")
+        return self
+
+
+class Registration(_Strict):
+    """Dynamic client registration (RFC 7591) and its management (RFC 7592), with initial access tokens."""
+
+    enabled: bool = Field(default=False, description=(
+        "Serve `/oauth/v2/register` (RFC 7591) and advertise it as `registration_endpoint`; off: 404."))
+    rate_limit: int = Field(default=10, ge=1, le=10_000, description=(
+        "Registrations per initial access token per minute, counted in the store (429 beyond)."))
+    software_statement_required: bool = Field(default=False, description=(
+        "Refuse a registration without a `software_statement` (RFC 7591 §2.3) of a trusted issuer."))
+    software_statement_issuers: list[SoftwareStatementIssuer] = Field(default=[], description=(
+        "The trusted signers of software statements: `{issuer, jwks}` or `{issuer, jwks_uri}` each."))
+
+    @field_validator("software_statement_issuers")
+    @classmethod
+    def _unique_issuers(cls, issuers: list[SoftwareStatementIssuer]) -> list[SoftwareStatementIssuer]:
+        if len({issuer.issuer for issuer in issuers}) != len(issuers):
+            raise ValueError("each issuer once")
+        return issuers
+
+
 class Settings(_Strict):
     """Every setting carries its description (README "Settings" lists them all; tests/test_config.py checks)."""
 
@@ -736,6 +772,8 @@ class Settings(_Strict):
     mtls: MutualTLS = Field(default=MutualTLS(), description="TLS client certificates (RFC 8705).")
     backchannel_logout: BackChannelLogout = Field(default=BackChannelLogout(), description=(
         "Delivery of logout tokens (OpenID Connect Back-Channel Logout 1.0)."))
+    registration: Registration = Field(default=Registration(), description=(
+        "Dynamic client registration (RFC 7591, RFC 7592)."))
     client_secret_grace: int = Field(default=24 * 3600, ge=0, le=30 * 86400, description=(
         "Seconds a stored client's previous secret keeps working after `rotate-secret` (a call may say otherwise)."))
     config_reload_interval: float = Field(default=5, ge=0, description=(

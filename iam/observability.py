@@ -103,7 +103,8 @@ AUDIT_EVENTS = {
     "access.removed", "mfa.reset", "user.signed_out", "consent.granted", "consent.denied", "user.linked",
     "mfa.recovery_codes_created", "mfa.recovery_code_used", "password.reset_requested", "password.reset",
     "email.verification_sent", "email.verified", "mfa.removed",
-    "client.created", "client.updated", "client.secret_rotated", "client.deleted",
+    "client.created", "client.updated", "client.secret_rotated", "client.deleted", "client.registered",
+    "client.initial_token_issued", "client.initial_token_revoked",
 }
 
 

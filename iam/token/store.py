@@ -171,6 +171,27 @@ clients = Table(
     Column("version", Integer, nullable=False),  # bumped by every change: the ETag
     Column("created_at", Integer, nullable=False),
     Column("updated_at", Integer, nullable=False),
+    # A client registered dynamically (RFC 7591, iam/token/registration.py): the SHA-256 digest of its registration
+    # access token (RFC 7592), the initial access token it was registered with and that token's policy, as it was.
+    Column("registration_digest", LargeBinary(32)),
+    Column("initial_token_id", String(32)),
+    Column("registration_policy", Text),
+    Index("ix_clients_registration_digest", "registration_digest", unique=True),
+    Index("ix_clients_initial_token_id_created_at", "initial_token_id", "created_at"),  # the rate limit's count
+)
+
+# Initial access tokens (RFC 7591 §3): who may register a client, under which policy (iam/token/initial_tokens.py).
+# Kept as SHA-256 digests; `uses_left` NULL is any number of registrations until `expires_at`.
+initial_access_tokens = Table(
+    "initial_access_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("digest", LargeBinary(32), nullable=False, unique=True),
+    Column("policy", Text, nullable=False),  # JSON
+    Column("uses_left", Integer),
+    Column("expires_at", Integer, nullable=False, index=True),
+    Column("created_by", String(255), nullable=False),
+    Column("created_at", Integer, nullable=False),
 )
 
 @dataclass(frozen=True, slots=True)
@@ -727,6 +748,11 @@ class TokenStore:
             ):
                 total += (await conn.execute(delete(table).where(key.in_(doomed(key, expiry < now - keep,
                                                                                   batch=batch))))).rowcount
+            # Initial access tokens that can register no more clients: expired, or used up.
+            spent = doomed(initial_access_tokens.c.id, (initial_access_tokens.c.expires_at <= now)
+                           | (initial_access_tokens.c.uses_left <= 0), batch=batch)
+            total += (await conn.execute(delete(initial_access_tokens)
+                                         .where(initial_access_tokens.c.id.in_(spent)))).rowcount
             # A grant goes once it has ended and no token of it is left.
             ended = doomed(
                 grants.c.id, grants.c.expires_at < now,
@@ -852,11 +878,22 @@ class ClientRows:
             count, versions = (await conn.execute(query)).one()
         return int(count), int(versions)
 
-    async def insert(self, values: dict[str, Any]) -> None:
-        """IntegrityError if the client_id is taken."""
+    async def insert(self, values: dict[str, Any], use: InitialTokenUse | None = None) -> None:
+        """IntegrityError if the client_id is taken. With `use`, in the same transaction: one use of that initial
+        access token is consumed (InitialTokenSpent if it has none left: expired, used up, revoked) and the
+        registrations with it in the last minute are counted (RegistrationsThrottled at the limit). The UPDATE
+        comes first: it locks the token's row, so concurrent registrations with one token take turns."""
         async with self.engine.begin() as conn:
+            if use is not None:
+                await _consume(conn, use)
             await conn.execute(insert(clients).values(values))
             await self._announce(conn, values["client_id"])
+
+    async def by_registration_digest(self, digest: bytes) -> dict[str, Any] | None:
+        """The client whose registration access token has this SHA-256 digest (RFC 7592)."""
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(select(clients).where(clients.c.registration_digest == digest))).first()
+        return None if row is None else _row(row)
 
     async def update(self, client_id: str, version: int, values: dict[str, Any]) -> dict[str, Any] | None:
         """Write `values` if the row is still at `version` (compare and set); the row as written, or None."""
@@ -881,3 +918,71 @@ class ClientRows:
     async def _announce(self, conn: AsyncConnection, client_id: str) -> None:
         if self._notify:
             await conn.execute(select(func.pg_notify(CHANNEL, client_payload(client_id))))
+
+
+class InitialTokenSpent(Exception):
+    """The initial access token can register no more clients: expired, used up, or revoked meanwhile."""
+
+
+class RegistrationsThrottled(Exception):
+    """The initial access token registered `limit` clients in the last minute; one more in `retry_after` s."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class InitialTokenUse:
+    """One registration with an initial access token, consumed with the client's insert (ClientRows.insert)."""
+
+    token_id: str
+    now: int
+    rate_limit: int  # registrations per RATE_WINDOW seconds
+
+
+RATE_WINDOW = 60
+
+
+async def _consume(conn: AsyncConnection, use: InitialTokenUse) -> None:
+    tokens = initial_access_tokens.c
+    # NULL - 1 stays NULL: a token of unlimited uses stays so.
+    consumed = await conn.execute(update(initial_access_tokens).where(
+        tokens.id == use.token_id, tokens.expires_at > use.now, tokens.uses_left.is_(None) | (tokens.uses_left > 0),
+    ).values(uses_left=tokens.uses_left - 1))
+    if not consumed.rowcount:
+        raise InitialTokenSpent(use.token_id)
+    recent, oldest = (await conn.execute(select(func.count(), func.min(clients.c.created_at)).where(
+        clients.c.initial_token_id == use.token_id, clients.c.created_at > use.now - RATE_WINDOW))).one()
+    if recent >= use.rate_limit:
+        raise RegistrationsThrottled(max(1, int(oldest) + RATE_WINDOW - use.now))
+
+
+class InitialTokenRows:
+    """The SQL of initial access tokens (iam/token/initial_tokens.py holds the rules)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def insert(self, values: dict[str, Any]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(initial_access_tokens).values(values))
+
+    async def by_digest(self, digest: bytes) -> dict[str, Any] | None:
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(select(initial_access_tokens)
+                                      .where(initial_access_tokens.c.digest == digest))).first()
+        return None if row is None else _row(row)
+
+    async def every(self) -> list[dict[str, Any]]:
+        """Every token, newest first."""
+        async with self.reader.connect() as conn:
+            return [_row(row) for row in await conn.execute(
+                select(initial_access_tokens).order_by(initial_access_tokens.c.created_at.desc(),
+                                                       initial_access_tokens.c.id))]
+
+    async def delete(self, token_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            deleted = await conn.execute(delete(initial_access_tokens).where(initial_access_tokens.c.id == token_id))
+        return bool(deleted.rowcount)

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from iam.config import SECRET_METHODS, ClientConfig
 from iam.observability import audit
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
-from iam.token.store import ClientRows
+from iam.token.store import ClientRows, InitialTokenUse
 
 SECRET_BYTES = 32  # 256 bits: see the module's docstring for why a SHA-256 digest is enough
 CLIENT_ID_BYTES = 16
@@ -64,6 +64,9 @@ class StoredClient:
     secret_digest: bytes | None = field(default=None, repr=False)
     previous_secret_digest: bytes | None = field(default=None, repr=False)
     previous_expires_at: int | None = None
+    # A dynamically registered client (RFC 7591): its initial access token's policy as it was (JSON); None for one
+    # created by the administration API or the CLI, which has no registration access token either.
+    registration_policy: str | None = None
 
     @property
     def client_id(self) -> str:
@@ -84,7 +87,8 @@ def _from_row(row: Mapping[str, Any]) -> StoredClient:
         config=ClientConfig.model_validate({**json.loads(row["metadata"]), "client_id": row["client_id"]}),
         enabled=bool(row["enabled"]), version=row["version"], created_at=row["created_at"],
         updated_at=row["updated_at"], secret_digest=row["secret_digest"],
-        previous_secret_digest=row["previous_secret_digest"], previous_expires_at=row["previous_expires_at"])
+        previous_secret_digest=row["previous_secret_digest"], previous_expires_at=row["previous_expires_at"],
+        registration_policy=row.get("registration_policy"))
 
 
 def _stored_metadata(config: ClientConfig) -> str:
@@ -97,6 +101,16 @@ def _matches(if_match: str | None, etag: str) -> bool:
         return True
     tags = [tag.strip() for tag in if_match.split(",")]
     return "*" in tags or etag in tags
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a client registered at the registration endpoint is stored with: the digest of its registration access
+    token (RFC 7592 §1.1), its initial access token's policy (JSON) and the use of that token it consumes."""
+
+    access_token_digest: bytes = field(repr=False)
+    policy: str
+    use: InitialTokenUse
 
 
 class StoredClients:
@@ -125,6 +139,11 @@ class StoredClients:
         """Up to `limit` clients in client_id order, those after `after` (keyset pagination: stable and cheap)."""
         return [_from_row(row) for row in await self.rows.page(after, limit)]
 
+    async def registered(self, registration_access_token: str) -> StoredClient | None:
+        """The registered client whose registration access token this is (RFC 7592 §2), found by its digest."""
+        row = await self.rows.by_registration_digest(secret_digest(registration_access_token))
+        return None if row is None else _from_row(row)
+
     async def all(self) -> builtins.list[StoredClient]:
         return [_from_row(row) for row in await self.rows.every()]
 
@@ -135,25 +154,33 @@ class StoredClients:
 
     # -- changing --------------------------------------------------------------------------------------------
     async def create(self, config: ClientConfig, *, actor: str, enabled: bool = True,
-                     ) -> tuple[StoredClient, str | None]:
+                     registration: Registration | None = None) -> tuple[StoredClient, str | None]:
         """Store a new client (its id is the config's: `new_client_id()` for a caller who named none); the secret
-        is generated for a client_secret_basic / client_secret_post client and returned here, once."""
+        is generated for a client_secret_basic / client_secret_post client and returned here, once. A
+        `registration` consumes its use of the initial access token with the insert (InitialTokenSpent,
+        RegistrationsThrottled from iam/token/store.py if it cannot)."""
         if config.client_id in self._yaml_ids():
             raise ClientMetadataError("invalid_client_metadata",
                                       f"client_id: {config.client_id!r} is a client of the configuration file")
         config = self._checked(config)
         secret = secrets.token_urlsafe(SECRET_BYTES) if config.token_endpoint_auth_method in SECRET_METHODS else None
         now = int(self._clock())
-        stored = StoredClient(config, enabled, 1, now, now, None if secret is None else secret_digest(secret))
+        stored = StoredClient(config, enabled, 1, now, now, None if secret is None else secret_digest(secret),
+                              registration_policy=None if registration is None else registration.policy)
+        registered = {} if registration is None else {
+            "registration_digest": registration.access_token_digest, "initial_token_id": registration.use.token_id,
+            "registration_policy": registration.policy}
         try:
             await self.rows.insert({"client_id": stored.client_id, "metadata": _stored_metadata(config),
                                     "secret_digest": stored.secret_digest, "enabled": enabled, "version": 1,
-                                    "created_at": now, "updated_at": now})
+                                    "created_at": now, "updated_at": now, **registered},
+                                   None if registration is None else registration.use)
         except IntegrityError:
             raise ClientMetadataError("invalid_client_metadata",
                                       f"client_id: {config.client_id!r} is taken") from None
         self._changed(stored.client_id, stored)
-        audit("client.created", actor=actor, client_id=stored.client_id)
+        audit("client.created" if registration is None else "client.registered", actor=actor,
+              client_id=stored.client_id)
         return stored, secret
 
     async def replace(self, client_id: str, config: ClientConfig, *, if_match: str | None, actor: str,
