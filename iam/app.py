@@ -314,4 +314,8 @@ def create_app(settings: Settings) -> FastAPI:
 
         for module in (authorize, token_device, revocation, userinfo, logout, token_internal, admin):
             app.include_router(module.router)
+        if settings.registration.enabled:  # off, its paths are unknown ones: 404
+            from iam.token import registration
+
+            app.include_router(registration.router)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound, Route
 from iam.errors import OAuthError
 
 MAX_FORM_BYTES = 16 * 1024
+MAX_JSON_BYTES = 64 * 1024
 MAX_VALUE_CHARS = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
 # The `token` of introspection and revocation is whatever a resource server or client holds, often a long JWT
@@ -48,6 +50,23 @@ async def read_form(request: Request, long_values: frozenset[str] = frozenset())
         return parse_params(body.decode(), long_values)
     except UnicodeDecodeError:
         raise OAuthError("invalid_request", "malformed form body") from None
+
+
+async def read_json(request: Request, types: tuple[str, ...], error: str = "invalid_request") -> Any:
+    """A JSON body of one of the media `types` (415 for another), of at most MAX_JSON_BYTES (413); `error` (with
+    400) if it is not JSON. An empty body is `{}`."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type not in types:
+        raise OAuthError("invalid_request", f"the body must be {' or '.join(types)}", status=415)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise OAuthError("invalid_request", f"the body may have at most {MAX_JSON_BYTES} bytes", status=413)
+    try:
+        return json.loads(body.decode("utf-8")) if body else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise OAuthError(error, "the body is not valid JSON") from None
 
 
 async def read_params(request: Request) -> dict[str, str]:

@@ -324,6 +324,11 @@ async def test_the_openapi_description_names_every_operation(admin):
     assert set(paths["/admin/v1/clients/{client_id}"]) == {"get", "put", "patch", "delete"}
     assert set(paths["/admin/v1/clients/{client_id}/secret"]) == {"post"}
     assert "412" in paths["/admin/v1/clients/{client_id}"]["put"]["responses"]
+    assert set(paths["/admin/v1/initial-access-tokens"]) == {"get", "post"}
+    assert set(paths["/admin/v1/initial-access-tokens/{token_id}"]) == {"delete"}
+    issue = paths["/admin/v1/initial-access-tokens"]["post"]
+    assert set(issue["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {
+        "grant_types", "redirect_uri_patterns", "scope", "token_endpoint_auth_methods", "uses", "ttl"}
     assert (await admin.call("GET", "/openapi.json", who=None)).status_code == 401
 
 

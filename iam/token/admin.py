@@ -1,5 +1,6 @@
 """The client administration API under /admin/v1 (internal only, never routed by the ingress): thin handlers over
-`StoredClients` (iam/token/stored_clients.py).
+`StoredClients` (iam/token/stored_clients.py), and over `InitialAccessTokens` (iam/token/initial_tokens.py) for the
+initial access tokens of dynamic client registration (RFC 7591 §3).
 
 Every call needs a bearer access token of this issuer: scope `clients:read` to read, `clients:write` to change.
 Bodies are RFC 7591 client metadata (JSON); errors are RFC 7591 §3.2.2 bodies (`invalid_client_metadata`,
@@ -9,7 +10,6 @@ that says it (401, 403, 404, 409 for a client of the config file, 412 for a stal
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -18,8 +18,10 @@ from fastapi.openapi.utils import get_openapi
 from iam import __version__
 from iam.config import ClientConfig
 from iam.errors import OAuthError, json_response
+from iam.http import read_json
 from iam.resource import require_token
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
+from iam.token.initial_tokens import InitialTokenError
 from iam.token.services import TokenServices, token_services
 from iam.token.stored_clients import StoredClient, StoredClientError, new_client_id
 
@@ -27,7 +29,6 @@ router = APIRouter(prefix="/admin/v1", tags=["clients"])
 
 READ = "clients:read"
 WRITE = "clients:write"
-MAX_BODY = 64 * 1024
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 JSON_TYPES = ("application/json",)
@@ -55,18 +56,7 @@ async def _caller(request: Request, scope: str) -> str:
 
 
 async def _body(request: Request, types: tuple[str, ...]) -> Any:
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type not in types:
-        raise OAuthError("invalid_request", f"the body must be {' or '.join(types)}", status=415)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise OAuthError("invalid_request", f"the body may have at most {MAX_BODY} bytes", status=413)
-    try:
-        return json.loads(body.decode("utf-8")) if body else {}
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise OAuthError("invalid_client_metadata", "the body is not valid JSON") from None
+    return await read_json(request, types, "invalid_client_metadata")
 
 
 def _refused(exc: ClientMetadataError | StoredClientError) -> OAuthError:
@@ -227,6 +217,57 @@ async def rotate_secret(request: Request, client_id: str) -> Response:
     return json_response({"client_id": client_id, "client_secret": secret,
                           "previous_secret_expires_at": stored.previous_expires_at}, 200,
                          {**NO_STORE, "ETag": stored.etag})
+
+
+_INITIAL_TOKEN_REQUEST = {"type": "object", "additionalProperties": False, "properties": {
+    "grant_types": {"type": "array", "items": {"type": "string"}, "description": (
+        "The grant types a registered client may have (default: authorization_code, refresh_token).")},
+    "redirect_uri_patterns": {"type": "array", "items": {"type": "string"}, "description": (
+        "Full URIs its redirect URIs must match; `*` is one run of letters, digits and `-` (default: none, any "
+        "redirect URI a client may have).")},
+    "scope": {"type": "string", "description": "The scopes it may have besides openid, space-separated."},
+    "token_endpoint_auth_methods": {"type": "array", "items": {"type": "string"}, "description": (
+        "The authentication methods it may use (default: client_secret_basic, private_key_jwt, none).")},
+    "uses": {"type": ["integer", "null"], "minimum": 0, "description": (
+        "Registrations it allows (default 1; 0 or null: any number until it expires).")},
+    "ttl": {"type": "integer", "minimum": 1, "maximum": 30 * 86400, "description": "Its lifetime, seconds (default "
+            "86400)."}}}
+_INITIAL_TOKEN_TEXT = "`id`, `expires_at`, `uses` (left; null: any number), `policy`, `created_by`, `created_at`."
+
+
+@router.post("/initial-access-tokens", status_code=201, summary="Issue an initial access token", openapi_extra={
+    "requestBody": {"required": False, "content": {"application/json": {"schema": _INITIAL_TOKEN_REQUEST}}}},
+    responses={201: {"description": "`token` (shown once), " + _INITIAL_TOKEN_TEXT}, **_ERRORS})
+async def issue_initial_token(request: Request) -> Response:
+    """An initial access token for dynamic client registration (RFC 7591 §3) at /oauth/v2/register, with the policy
+    the clients registered with it must keep to."""
+    actor = await _caller(request, WRITE)
+    data = await read_json(request, JSON_TYPES) if request.headers.get("content-length", "0") != "0" else {}
+    try:
+        value, token = await token_services(request).initial_tokens.issue_as_asked(data, actor=actor)
+    except InitialTokenError as exc:
+        raise OAuthError("invalid_request", str(exc)) from None
+    return json_response({"token": value, **token.describe()}, 201, NO_STORE)
+
+
+@router.get("/initial-access-tokens", summary="List initial access tokens", responses={200: {
+    "description": "`initial_access_tokens`, newest first, without their values: " + _INITIAL_TOKEN_TEXT},
+    **_ERRORS})
+async def list_initial_tokens(request: Request) -> Response:
+    """The initial access tokens not yet purged (expired and used-up ones go with the purge)."""
+    await _caller(request, READ)
+    tokens = await token_services(request).initial_tokens.list()
+    return json_response({"initial_access_tokens": [token.describe() for token in tokens]}, 200, NO_STORE)
+
+
+@router.delete("/initial-access-tokens/{token_id}", status_code=204, summary="Revoke an initial access token",
+               responses={204: {"description": "revoked"}, 404: {"description": "no such token"}, **_ERRORS})
+async def revoke_initial_token(request: Request, token_id: str) -> Response:
+    """Revoke an initial access token: it registers no more clients (those it registered stay)."""
+    actor = await _caller(request, WRITE)
+    if not await token_services(request).initial_tokens.revoke(token_id, actor=actor):
+        raise OAuthError("not_found", f"no initial access token {token_id!r}", status=404)
+    return Response(status_code=204, headers=NO_STORE)
 
 
 @router.get("/openapi.json", include_in_schema=False)

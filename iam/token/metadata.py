@@ -32,6 +32,8 @@ def metadata(settings: Settings, grant_types: list[str], keys: KeyRing) -> dict[
     if settings.mtls.endpoint_base is not None:
         mtls_base = settings.mtls.endpoint_base.rstrip("/")
         document["mtls_endpoint_aliases"] = {name: mtls_base + path for name, path in MTLS_ALIASED.items()}
+    if settings.registration.enabled:  # RFC 8414 §2, RFC 7591 §3
+        document["registration_endpoint"] = f"{base}/oauth/v2/register"
     return document
 
 

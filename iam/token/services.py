@@ -20,9 +20,11 @@ from iam.token.clients import ClientRegistry
 from iam.token.device_codes import DeviceApprovals
 from iam.token.dpop import Nonces, ProofVerifier
 from iam.token.hot_cache import HotCache, RevocationListener
+from iam.token.initial_tokens import InitialAccessTokens
 from iam.token.metadata import Documents
 from iam.token.mtls import ClientCertificates
-from iam.token.store import ClientRows, TokenStore
+from iam.token.software_statements import SoftwareStatements
+from iam.token.store import ClientRows, InitialTokenRows, TokenStore
 from iam.token.stored_clients import StoredClients
 
 
@@ -52,6 +54,10 @@ class TokenServices:
         self.stored_clients = StoredClients(ClientRows(store.engine), yaml_ids=lambda: self.clients.yaml_ids,
                                             check=self._servable, changed=self.clients.put_stored)
         self.client_sync = ClientSync(settings, self.clients, self.stored_clients)
+        # Dynamic client registration (RFC 7591, iam/token/registration.py): who may register, and vouched metadata.
+        self.initial_tokens = InitialAccessTokens(InitialTokenRows(store.engine),
+                                                  rate_limit=settings.registration.rate_limit)
+        self.software_statements = SoftwareStatements(settings.registration, self.key_sources)
         # On PostgreSQL one listening connection hears revocations and client changes. The cache is on only while
         # it is connected (other replicas revoke too); on SQLite (one process) always.
         self.revocation_listener: RevocationListener | None = None
