@@ -315,12 +315,13 @@ def cmd_clients_hash_secret(_: argparse.Namespace) -> None:
     print(PasswordHasher().hash(secret))
 
 
-def _with_clients(args: argparse.Namespace, action) -> None:
-    """Run `action(stored_clients)` with the token role's service, as the administration API does; a refusal is
-    the command's error message (exit status 1), and changes nothing."""
+def _with_clients(args: argparse.Namespace, action, service: str = "stored_clients") -> None:
+    """Run `action(service)` with that service of the token role (`stored_clients`, `initial_tokens`), as the
+    administration API does; a refusal is the command's error message (exit status 1), and changes nothing."""
     from iam.app import Runtime
     from iam.roles import Role
     from iam.token.client_metadata import ClientMetadataError
+    from iam.token.initial_tokens import InitialTokenError
     from iam.token.stored_clients import StoredClientError
 
     settings = _settings(args)
@@ -332,7 +333,7 @@ def _with_clients(args: argparse.Namespace, action) -> None:
         try:
             await runtime.start()
             assert runtime.token is not None  # the role serves token (above)
-            await action(runtime.token.stored_clients)
+            await action(getattr(runtime.token, service))
         finally:
             await runtime.stop()
 
@@ -340,7 +341,7 @@ def _with_clients(args: argparse.Namespace, action) -> None:
         asyncio.run(run())
     except ClientMetadataError as exc:
         raise SystemExit(f"iam: error: {exc.error}: {exc.description}") from None
-    except StoredClientError as exc:
+    except (StoredClientError, InitialTokenError) as exc:
         raise SystemExit(f"iam: error: {exc}") from None
 
 
@@ -433,6 +434,26 @@ def cmd_clients_delete(args: argparse.Namespace) -> None:
         await stored_clients.delete(args.client_id, if_match=args.if_match, actor="operator")
 
     _with_clients(args, remove)
+
+
+def cmd_clients_initial_token(args: argparse.Namespace) -> None:
+    """An initial access token for dynamic client registration, over the administration API's code path."""
+    request: dict[str, Any] = {"uses": args.uses}
+    if args.ttl is not None:
+        request["ttl"] = args.ttl
+    for option, name in (("grant_type", "grant_types"), ("redirect_uri_pattern", "redirect_uri_patterns"),
+                         ("auth_method", "token_endpoint_auth_methods")):
+        if getattr(args, option):
+            request[name] = getattr(args, option)
+    if args.scope is not None:
+        request["scope"] = args.scope
+
+    async def issue(initial_tokens) -> None:
+        value, token = await initial_tokens.issue_as_asked(request, actor="operator")
+        _print_json({"token": value, **token.describe()})
+        print("iam: the initial access token is shown this once; only its digest is kept", file=sys.stderr)
+
+    _with_clients(args, issue, "initial_tokens")
 
 
 def cmd_config_check(args: argparse.Namespace) -> None:
@@ -677,6 +698,19 @@ def parser() -> argparse.ArgumentParser:
     delete_client.add_argument("client_id")
     delete_client.add_argument("--if-match", help="delete it only at this ETag (see `show`)")
     delete_client.set_defaults(func=cmd_clients_delete)
+    initial = clients.add_parser("initial-token", help="issue an initial access token for dynamic client "
+                                 "registration (RFC 7591); prints it this once, with its id and expiry")
+    initial.add_argument("--uses", type=int, default=1, help="registrations it allows (0: any number until it "
+                         "expires; default 1)")
+    initial.add_argument("--ttl", type=int, help="its lifetime, seconds (default 86400, at most 2592000)")
+    initial.add_argument("--grant-type", action="append", help="a grant type its clients may have (repeat; "
+                         "default: authorization_code, refresh_token)")
+    initial.add_argument("--redirect-uri-pattern", action="append", help="a pattern its clients' redirect URIs "
+                         "must match, `*` one run of letters, digits and - (repeat; default: none, any)")
+    initial.add_argument("--scope", help="the scopes its clients may have besides openid, space-separated")
+    initial.add_argument("--auth-method", action="append", help="a token_endpoint_auth_method its clients may use "
+                         "(repeat; default: client_secret_basic, private_key_jwt, none)")
+    initial.set_defaults(func=cmd_clients_initial_token)
 
     connectors = sub.add_parser("connectors", help="upstream identity connectors (OIDC, LDAP)").add_subparsers(
         dest="connectors", required=True)

@@ -152,3 +152,23 @@ def test_a_yaml_clients_new_secret_is_taken_without_a_restart_and_a_bad_file_is_
     eventually(lambda: "the changed config file is invalid" in (tmp_path / "server.log").read_text(),
                "the invalid config file was not reported")
     assert post_token(new) == 200  # the running clients were kept
+
+
+def test_iam_clients_initial_token_lets_a_running_server_register_one_client(tmp_path):
+    env = token_role_env(tmp_path, clients=client_config() + admin_clients(), registration={"enabled": True})
+    with serve(env, tmp_path) as (base, _process):
+        issued = iam("clients", "initial-token", "--ttl", "600", "--grant-type", "client_credentials",
+                     "--scope", "api:read", "--auth-method", "client_secret_basic", env=env, cwd=tmp_path)
+        assert issued.returncode == 0, issued.stderr
+        shown = json.loads(issued.stdout)
+        assert shown["uses"] == 1 and shown["policy"]["grant_types"] == ["client_credentials"] and shown["id"]
+        assert 590 <= shown["expires_at"] - time.time() <= 600 and "shown this once" in issued.stderr
+        bearer = {"Authorization": f"Bearer {shown['token']}"}
+        registered = httpx.post(f"{base}/oauth/v2/register", json=SERVICE, headers=bearer)
+        assert registered.status_code == 201, registered.text
+        client = registered.json()
+        assert token(base, client["client_id"], client["client_secret"]).status_code == 200
+        again = httpx.post(f"{base}/oauth/v2/register", json=SERVICE, headers=bearer)
+        assert again.status_code == 401 and again.json()["error"] == "invalid_token"
+        refused = iam("clients", "initial-token", "--ttl", "99999999", env=env, cwd=tmp_path)
+        assert refused.returncode == 1 and "ttl" in refused.stderr and "Traceback" not in refused.stderr
