@@ -44,18 +44,23 @@ def eventually(check, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_two_replicas_on_one_postgresql_store_see_each_others_changes(tmp_path, postgres_server):
+def replicas(stack: ExitStack, tmp_path, postgres_server: str, **settings) -> list[str]:
+    """The base URLs of two token-role `iam serve` processes on one fresh PostgreSQL store."""
     database = asyncio.run(create_database(postgres_server))
     url = f"postgresql+asyncpg://{postgres_server.split('://', 1)[1]}/{database}"
+    bases = []
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        env = {**token_role_env(directory, clients=client_config() + admin_clients(), **settings),
+               "IAM_TOKEN_DATABASE_URL": url}
+        bases.append(stack.enter_context(serve(env, directory))[0])
+    return bases
+
+
+def test_two_replicas_on_one_postgresql_store_see_each_others_changes(tmp_path, postgres_server):
     with ExitStack() as stack:
-        bases = []
-        for name in ("a", "b"):
-            directory = tmp_path / name
-            directory.mkdir()
-            env = {**token_role_env(directory, clients=client_config() + admin_clients()),
-                   "IAM_TOKEN_DATABASE_URL": url}
-            bases.append(stack.enter_context(serve(env, directory))[0])
-        a, b = bases
+        a, b = replicas(stack, tmp_path, postgres_server)
         headers = {"Authorization": f"Bearer {admin_token(a)}"}
 
         created = httpx.post(f"{a}/admin/v1/clients", json=SERVICE, headers=headers)
@@ -82,6 +87,28 @@ def test_two_replicas_on_one_postgresql_store_see_each_others_changes(tmp_path, 
         assert httpx.delete(f"{a}/admin/v1/clients/{client_id}", headers=headers).status_code == 204
         eventually(lambda: token(b, client_id, new).status_code == 401, "replica b kept a deleted client")
         assert not active(b, on_b)
+
+
+def test_a_client_registered_on_one_replica_works_and_ends_on_the_other(tmp_path, postgres_server):
+    with ExitStack() as stack:
+        a, b = replicas(stack, tmp_path, postgres_server, registration={"enabled": True})
+        issued = httpx.post(f"{a}/admin/v1/initial-access-tokens", json={"grant_types": ["client_credentials"],
+                                                                         "scope": "api:read"},
+                            headers={"Authorization": f"Bearer {admin_token(a)}"})
+        assert issued.status_code == 201, issued.text
+        registered = httpx.post(f"{a}/oauth/v2/register", json=SERVICE,
+                                headers={"Authorization": f"Bearer {issued.json()['token']}"})
+        assert registered.status_code == 201, registered.text
+        client = registered.json()
+        client_id, secret = client["client_id"], client["client_secret"]
+        eventually(lambda: token(b, client_id, secret).status_code == 200, "replica b never saw the registered client")
+        on_b = token(b, client_id, secret).json()["access_token"]
+        assert active(b, on_b)
+        management = {"Authorization": f"Bearer {client['registration_access_token']}"}
+        assert httpx.get(f"{b}/oauth/v2/register/{client_id}", headers=management).status_code == 200
+        assert httpx.delete(f"{b}/oauth/v2/register/{client_id}", headers=management).status_code == 204
+        eventually(lambda: token(a, client_id, secret).status_code == 401, "replica a kept a deregistered client")
+        assert not active(a, on_b)
 
 
 @pytest.fixture

@@ -152,6 +152,23 @@ async def test_a_registered_client_works_is_managed_and_its_tokens_end_with_it(r
     refused_bearer(await registrar.manage("GET", client_id, access))  # RFC 7592 §2.3: gone, says nothing more
 
 
+async def test_a_registered_client_gets_a_code_only_once_the_person_consents(registrar, client, alice):
+    from tests.oauth import authorize, follow, hidden_fields, pkce, query, redeem, sign_in
+
+    callback = WEB["redirect_uris"][0]
+    registered = await registrar.registered((await registrar.initial_token())[0], **{
+        **WEB, "client_name": "Registered RP", "token_endpoint_auth_method": "none"})
+    client_id = registered["client_id"]
+    verifier, challenge = pkce()
+    page = await follow(client, await authorize(client, client_id, callback, "openid", challenge), callback)
+    page = await follow(client, await sign_in(client, page), callback)
+    assert page.status_code == 200 and "Allow Registered RP?" in page.text  # RFC 9700 §4.11.2
+    allowed = await client.post("/authn/consent", data={**hidden_fields(page.text), "decision": "allow"})
+    done = await follow(client, allowed, callback)
+    tokens = await redeem(client, query(done.headers["location"])["code"], verifier, client_id, callback)
+    assert tokens.status_code == 200, tokens.text
+
+
 async def test_a_web_client_is_registered_with_what_it_may_choose_and_nothing_more(registrar, app):
     initial, _ = await registrar.initial_token(redirect_uri_patterns=["https://*.apps.test/cb"])
     privileged = {"introspection": True, "access_token_ttl": 86400, "require_pkce": False, "require_consent": False,
