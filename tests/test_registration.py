@@ -334,7 +334,7 @@ async def test_a_software_statements_claims_take_precedence(registrar):
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["client_name"] == "Vendor App" and body["redirect_uris"] == ["https://vendor-app.test/cb"]
-    assert "software_statement" not in body
+    assert body["software_statement"] == signed  # RFC 7591 §3.2.1: returned unmodified
 
 
 def _unsigned(claims: dict) -> str:

@@ -31,6 +31,7 @@ from iam.http import bearer_token, read_json
 from iam.token.client_metadata import ClientMetadataError, parse_client_metadata
 from iam.token.initial_tokens import InitialAccessToken, RegistrationPolicy
 from iam.token.services import TokenServices, token_services
+from iam.token.software_statements import MEMBER as STATEMENT
 from iam.token.store import InitialTokenSpent, RegistrationsThrottled
 from iam.token.stored_clients import (
     SECRET_BYTES,
@@ -85,15 +86,18 @@ async def _registered(request: Request, client_id: str) -> tuple[str, StoredClie
     return value, stored
 
 
-async def _metadata(request: Request, services: TokenServices) -> dict[str, Any]:
-    """The request's client metadata, its software statement's claims laid over it (RFC 7591 §3.1.1)."""
+async def _metadata(request: Request, services: TokenServices) -> tuple[dict[str, Any], str | None]:
+    """The request's client metadata, its software statement's claims laid over it (RFC 7591 §3.1.1), and that
+    statement, if there was one."""
     data = await read_json(request, JSON_TYPES, "invalid_client_metadata")
     if not isinstance(data, dict):
         raise OAuthError("invalid_client_metadata", "the client metadata must be a JSON object")
     try:
-        return await services.software_statements.apply(data)
+        merged = await services.software_statements.apply(data)
     except ClientMetadataError as exc:
         raise OAuthError(exc.error, exc.description) from None
+    statement = data.get(STATEMENT)
+    return merged, statement if isinstance(statement, str) else None
 
 
 def _registrable(data: dict[str, Any], client_id: str, policy: RegistrationPolicy) -> ClientConfig:
@@ -106,14 +110,17 @@ def _registrable(data: dict[str, Any], client_id: str, policy: RegistrationPolic
 
 
 def _information(services: TokenServices, stored: StoredClient, access_token: str, status: int = 200,
-                 secret: str | None = None) -> Response:
-    """The client information response (RFC 7591 §3.2.1, RFC 7592 §3): every registrable member as registered."""
+                 secret: str | None = None, statement: str | None = None) -> Response:
+    """The client information response (RFC 7591 §3.2.1, RFC 7592 §3): every registrable member as registered,
+    and the software statement used, unmodified (§3.2.1)."""
     shown = stored.config.model_dump(mode="json", include=set(REGISTRABLE), exclude_none=True)
     body = {"client_id": stored.client_id, **shown, "client_id_issued_at": stored.created_at,
             "registration_access_token": access_token,
             "registration_client_uri": _registration_client_uri(services, stored.client_id)}
     if secret is not None:
         body |= {"client_secret": secret, "client_secret_expires_at": 0}  # 0: it does not expire
+    if statement is not None:
+        body[STATEMENT] = statement
     return json_response(body, status, NO_STORE)
 
 
@@ -122,7 +129,7 @@ async def register(request: Request) -> Response:
     """RFC 7591 §3.1: register a client; 201 with its client information, the secrets shown this once."""
     services = token_services(request)
     initial = await _initial_token(request, services)
-    data = await _metadata(request, services)
+    data, statement = await _metadata(request, services)
     access_token = secrets.token_urlsafe(SECRET_BYTES)
     try:
         config = _registrable(data, new_client_id(), initial.policy)
@@ -137,7 +144,7 @@ async def register(request: Request) -> Response:
         raise OAuthError("temporarily_unavailable", f"at most {services.settings.registration.rate_limit} "
                          "registrations a minute with one initial access token", 429,
                          {"Retry-After": str(exc.retry_after)}) from None
-    return _information(services, stored, access_token, 201, secret)
+    return _information(services, stored, access_token, 201, secret, statement)
 
 
 @router.get(PATH + "/{client_id}")
@@ -152,7 +159,7 @@ async def replace_registration(request: Request, client_id: str) -> Response:
     """RFC 7592 §2.2: replace the client's metadata, within the policy it was registered under."""
     access_token, stored = await _registered(request, client_id)
     services = token_services(request)
-    data = await _metadata(request, services)
+    data, statement = await _metadata(request, services)
     if data.get("client_id") != client_id:
         raise OAuthError("invalid_client_metadata", "client_id: must be present and be the client's id (RFC 7592 §2.2)")
     if "client_secret" in data:  # §2.2: if sent, it must be the current one
@@ -169,7 +176,7 @@ async def replace_registration(request: Request, client_id: str) -> Response:
         raise OAuthError(exc.error, exc.description) from None
     except StoredClientError:  # deleted or changed meanwhile
         raise invalid_token(_NOT_THIS_CLIENT) from None
-    return _information(services, replaced, access_token, secret=secret)
+    return _information(services, replaced, access_token, secret=secret, statement=statement)
 
 
 @router.delete(PATH + "/{client_id}", status_code=204)
