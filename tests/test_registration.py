@@ -12,11 +12,14 @@ import time
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import ECKey
 from sqlalchemy import func, select, update
 
 from iam.app import create_app
+from iam.token.registration import REGISTRABLE
 from iam.token.store import clients as clients_table
 from iam.token.store import initial_access_tokens
 from tests.conftest import ISSUER, SECRETS, client_config, make_settings
@@ -236,6 +239,31 @@ async def test_bad_metadata_is_refused_the_rfc_7591_way_and_stores_nothing(regis
     assert response.status_code == 400, response.text
     assert response.json()["error"] == error, response.json()
     assert await client_count(app) == before and await uses_left(app, issued["id"]) == 1
+
+
+NAMES = sorted(REGISTRABLE | {"client_id", "client_secret", "software_statement", "introspection", "require_pkce",
+                              "registration_access_token", "client_id_issued_at"})
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20), st.sampled_from([
+    "https://rp.test/cb", "http://127.0.0.1/cb", "com.example.app:/cb", "client_credentials", "authorization_code",
+    "refresh_token", "code", "none", "client_secret_post", "private_key_jwt", "openid", "native", "web"]))
+VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=6), inner, max_size=3), max_leaves=8)
+GARBAGE = st.one_of(st.dictionaries(st.sampled_from(NAMES), VALUES, max_size=6), VALUES)
+METADATA_ERRORS = {"invalid_client_metadata", "invalid_redirect_uri", "invalid_software_statement",
+                   "unapproved_software_statement"}
+
+
+@settings(max_examples=40, derandomize=True, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=GARBAGE)
+async def test_garbage_is_registered_or_refused_the_rfc_7591_way_and_then_stores_nothing(registrar, app, body):
+    initial, issued = await registrar.initial_token(uses=2)
+    before = await client_count(app)
+    response = await registrar.register(initial, body)
+    assert response.status_code in (201, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"] in METADATA_ERRORS, response.text
+        assert await client_count(app) == before and await uses_left(app, issued["id"]) == 2
 
 
 async def test_bodies_that_are_not_client_metadata_are_refused_and_store_nothing(registrar, app):
