@@ -104,3 +104,26 @@ async def test_concurrent_lookups_each_get_their_own_row(app):
     assert found == [row(n) if n <= 30 else None for n in asked]
     if store._postgresql:
         assert 1 <= len(statements) < len(asked)  # shared: the first alone, the rest together
+
+
+async def test_a_slow_lookup_does_not_hold_up_the_others():
+    """Up to `concurrency` batches run at once: one stalled statement (a cold page, a lock) leaves the next calls free
+    to go; and a call made as a batch ends is never left waiting."""
+    from iam.token.store import Batches
+
+    release = asyncio.Event()
+
+    async def run(items: list[str]) -> list[str]:
+        if "slow" in items:
+            await release.wait()
+        return [item.upper() for item in items]
+
+    batches: Batches[str, str] = Batches(run, concurrency=2)
+    slow = asyncio.ensure_future(batches.submit("slow"))
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(batches.submit("fast"), 1) == "FAST"  # not behind the stalled batch
+    for n in range(50):  # each call comes just as the previous batch ends
+        assert await asyncio.wait_for(batches.submit(f"n{n}"), 1) == f"N{n}"
+    release.set()
+    assert await slow == "SLOW"
+    await batches.close()

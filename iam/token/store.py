@@ -240,6 +240,8 @@ _FAILED = object()
 # pool's 20: at most this many, so that 12 are always left to the rest of the role; more direct statements at once
 # check out from the pool and give back as before.
 DIRECT_IDLE = 8
+# Token lookups in flight at once (each a batch: iam.token.store.Batches); issuance keeps one INSERT at a time.
+LOOKUP_BATCHES = 4
 # Concurrent issuances share one INSERT (group commit, see TokenStore.add_access_token): one column array each.
 _INSERT_MANY_SQL = (
     "INSERT INTO access_tokens (digest, client_id, subject, expires_at, revoked, jwt, grant_id)"
@@ -270,26 +272,28 @@ _Result = TypeVar("_Result")
 
 
 class Batches(Generic[_Item, _Result]):
-    """Calls that arrive while a batch is being run make the next batch: `run` gets their items at once and answers
-    one outcome per item, in order (a result, or the exception that caller gets). One batch runs at a time, so a
-    lone call goes at once, and under load one statement and one round trip serve many calls."""
+    """Calls that arrive while `concurrency` batches are being run make the next batch: `run` gets their items at
+    once and answers one outcome per item, in order (a result, or the exception that caller gets). A call that
+    finds fewer batches running goes at once; under load one statement and one round trip serve many calls, and
+    with more than one batch at a time one slow statement does not hold up every call behind it."""
 
-    def __init__(self, run: Callable[[list[_Item]], Awaitable[list[_Result | BaseException]]]) -> None:
+    def __init__(self, run: Callable[[list[_Item]], Awaitable[list[_Result | BaseException]]],
+                 concurrency: int = 1) -> None:
         self._run = run
+        self._concurrency = concurrency
         self._waiting: list[tuple[_Item, asyncio.Future[_Result]]] = []
-        self._running: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: _Item) -> _Result:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[_Result] = loop.create_future()
         self._waiting.append((item, done))
-        if self._running is None:
-            self._running = loop.create_task(self._batches())
+        if len(self._running) < self._concurrency:
+            self._running.add(loop.create_task(self._batches()))
         return await done
 
     async def close(self) -> None:
-        if self._running is not None:
-            await self._running
+        await asyncio.gather(*self._running)
 
     async def _batches(self) -> None:
         try:
@@ -307,7 +311,8 @@ class Batches(Generic[_Item, _Result]):
                     else:
                         done.set_result(outcome)
         finally:
-            self._running = None
+            # At once, not in a done callback: a call that comes before the callback would run must start a batch.
+            self._running.discard(asyncio.current_task())
 
 
 class TokenStore:
@@ -322,7 +327,7 @@ class TokenStore:
         self.sqlite = SqliteDirect(database) if database and database != ":memory:" else None
         # PostgreSQL: concurrent issuances share one INSERT and one commit, concurrent lookups one SELECT.
         self._inserts: Batches[AccessTokenRow, None] = Batches(self._insert_batch)
-        self._lookups: Batches[bytes, AccessTokenRow | None] = Batches(self._find_batch)
+        self._lookups: Batches[bytes, AccessTokenRow | None] = Batches(self._find_batch, LOOKUP_BATCHES)
         self._direct_idle: list[Any] = []  # pooled connections kept checked out by _on_driver between statements
         self._closing = False
 
