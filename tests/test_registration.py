@@ -23,6 +23,7 @@ from iam.token.registration import REGISTRABLE
 from iam.token.store import clients as clients_table
 from iam.token.store import initial_access_tokens
 from tests.conftest import ISSUER, SECRETS, client_config, make_settings
+from tests.postgres import free_port
 from tests.test_admin_clients import ADMIN_SECRETS, active, admin_clients, audited, client_token, token_status
 
 pytest_plugins = ("tests.scim_support",)  # its `scim_stores`: fresh stores per backend for this module
@@ -486,3 +487,36 @@ async def test_a_required_software_statement_must_be_there(store_urls, tmp_path)
         assert await client_count(application) == 0 and await uses_left(application, issued["id"]) == 2
         vouched = await registrar.register(initial, {**WEB, "software_statement": statement({"client_name": "V"})})
         assert vouched.status_code == 201, vouched.text
+
+
+async def test_a_statement_issuers_keys_come_from_its_jwks_uri_and_an_outage_is_503(store_urls, tmp_path, kube):
+    """An issuer trusted by `jwks_uri` (here the service-account issuer's JWKS, served on a real port): its keys are
+    fetched to verify a statement; a key it does not publish is refused; keys that cannot be fetched are a 503,
+    not the registrant's invalid statement, and nothing is stored."""
+    remote, down = "https://keys.vendor.test", "https://down.vendor.test"
+    issuers = [{"issuer": remote, "jwks_uri": kube.discovery()["jwks_uri"]},
+               {"issuer": down, "jwks_uri": f"http://127.0.0.1:{free_port()}/jwks"}]
+    settings = make_settings(tmp_path, store_urls, clients=client_config() + admin_clients(),
+                             registration=registration_settings(software_statement_issuers=issuers))
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
+        registrar = Registrar(http, await client_token(http, "clients-admin", ADMIN_SECRETS["clients-admin"]))
+        initial, issued = await registrar.initial_token(uses=3)
+
+        def signed_by(issuer: str, key, kid: str) -> str:
+            return jwt.encode({"alg": "ES256", "kid": kid}, {"iss": issuer, "client_name": "Remote"}, key)
+
+        unknown_key = await registrar.register(initial, {**WEB, "software_statement": signed_by(
+            remote, STRANGER_KEY, kube.kids["ES256"])})
+        assert unknown_key.status_code == 400 and unknown_key.json()["error"] == "invalid_software_statement"
+        unavailable = await registrar.register(initial, {**WEB, "software_statement": signed_by(
+            down, kube.keys["ES256"], kube.kids["ES256"])})
+        assert unavailable.status_code == 503 and unavailable.json()["error"] == "temporarily_unavailable"
+        assert unavailable.headers["retry-after"]
+        assert await client_count(application) == 0 and await uses_left(application, issued["id"]) == 3
+        vouched = await registrar.register(initial, {**WEB, "software_statement": signed_by(
+            remote, kube.keys["ES256"], kube.kids["ES256"])})
+        assert vouched.status_code == 201, vouched.text
+        assert vouched.json()["client_name"] == "Remote"
+

@@ -19,6 +19,7 @@ from joserfc.errors import JoseError
 from joserfc.jws import extract_compact
 
 from iam.config import Registration, SoftwareStatementIssuer
+from iam.errors import OAuthError
 from iam.jwks import KeySources, KeysUnavailable, public_keys
 from iam.token.client_assertions import KeySource, StaticKeys
 from iam.token.client_metadata import ClientMetadataError
@@ -78,9 +79,10 @@ class SoftwareStatements:
         try:
             key = await keys.key(header.get("kid"), alg)
             claims = None if key is None else jwt.decode(statement, key, algorithms=[alg]).claims
-        except KeysUnavailable as exc:
+        except KeysUnavailable as exc:  # not the registrant's fault: its statement may well hold
             log.warning("software statement keys unavailable: %s", exc)
-            raise _invalid("the software_statement's issuer keys are unavailable; retry later") from None
+            raise OAuthError("temporarily_unavailable", "the keys to verify the software_statement are unavailable; "
+                             "retry later", 503, {"Retry-After": "5"}) from None
         except (JoseError, ValueError):
             raise _invalid("the software_statement's signature does not verify") from None
         if claims is None:
