@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 
@@ -474,13 +475,19 @@ async def test_without_registration_there_is_no_endpoint_and_none_is_advertised(
         assert (await http.get("/oauth/v2/register/some-client")).status_code == 404
 
 
-async def test_a_required_software_statement_must_be_there(store_urls, tmp_path):
+@contextlib.asynccontextmanager
+async def own_registrar(tmp_path, store_urls, **registration):
+    """An app of its own with these registration settings, and a Registrar on it."""
     settings = make_settings(tmp_path, store_urls, clients=client_config() + admin_clients(),
-                             registration=registration_settings(software_statement_required=True))
+                             registration=registration_settings(**registration))
     application = create_app(settings)
     async with application.router.lifespan_context(application), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
-        registrar = Registrar(http, await client_token(http, "clients-admin", ADMIN_SECRETS["clients-admin"]))
+        yield application, Registrar(http, await client_token(http, "clients-admin", ADMIN_SECRETS["clients-admin"]))
+
+
+async def test_a_required_software_statement_must_be_there(store_urls, tmp_path):
+    async with own_registrar(tmp_path, store_urls, software_statement_required=True) as (application, registrar):
         initial, issued = await registrar.initial_token(uses=2)
         missing = await registrar.register(initial, WEB)
         assert missing.status_code == 400 and missing.json()["error"] == "invalid_software_statement"
@@ -496,12 +503,7 @@ async def test_a_statement_issuers_keys_come_from_its_jwks_uri_and_an_outage_is_
     remote, down = "https://keys.vendor.test", "https://down.vendor.test"
     issuers = [{"issuer": remote, "jwks_uri": kube.discovery()["jwks_uri"]},
                {"issuer": down, "jwks_uri": f"http://127.0.0.1:{free_port()}/jwks"}]
-    settings = make_settings(tmp_path, store_urls, clients=client_config() + admin_clients(),
-                             registration=registration_settings(software_statement_issuers=issuers))
-    application = create_app(settings)
-    async with application.router.lifespan_context(application), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=application), base_url=ISSUER) as http:
-        registrar = Registrar(http, await client_token(http, "clients-admin", ADMIN_SECRETS["clients-admin"]))
+    async with own_registrar(tmp_path, store_urls, software_statement_issuers=issuers) as (application, registrar):
         initial, issued = await registrar.initial_token(uses=3)
 
         def signed_by(issuer: str, key, kid: str) -> str:
