@@ -43,6 +43,7 @@ from iam.peers import (
 from iam.roles import Role
 from iam.runtime import Shared, StartupError
 from iam.store import Store, StoreError, StoreUnreachable, purge_until_done
+from iam.tasks import cancel
 
 if TYPE_CHECKING:  # each role's package is imported only where the role is played (see _token and the others)
     from iam.authn.services import AuthnServices
@@ -232,11 +233,7 @@ class Runtime(Shared):
     async def stop(self) -> None:
         self.draining = True
         shutdown_tracing()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*self._tasks)
         self._tasks.clear()
         if self.audit_sink is not None:
             AUDIT.removeHandler(self.audit_sink)

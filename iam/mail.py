@@ -23,6 +23,7 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined,
 
 from iam.config import Mail
 from iam.observability import MAIL_MESSAGES
+from iam.tasks import cancel
 
 log = logging.getLogger("iam.mail")
 
@@ -58,8 +59,7 @@ class Mailer:
                 await asyncio.wait_for(self._queue.join(), self.settings.timeout)
             except TimeoutError:
                 log.warning("%d mail message(s) still queued at shutdown were dropped", self._queue.qsize())
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+            await cancel(self._worker)
             self._worker = None
 
     async def idle(self) -> None:

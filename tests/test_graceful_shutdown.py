@@ -152,7 +152,7 @@ async def test_stopping_a_background_task_that_swallows_a_cancellation_does_not_
     then goes on running. Stopping it must still end (it is cancelled again), not wait for ever."""
     import asyncio
 
-    from iam.runtime import cancel
+    from iam.tasks import cancel
 
     swallowed = []
 

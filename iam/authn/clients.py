@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from iam.config import Settings
 from iam.peers import ClientView, RemoteTokens
-from iam.runtime import cancel
+from iam.tasks import cancel
 
 log = logging.getLogger("iam.authn.clients")
 

@@ -29,6 +29,7 @@ import httpx
 from iam.config import BackChannelLogout, ClientConfig
 from iam.keys import KeyRing
 from iam.observability import BACKCHANNEL_LOGOUTS
+from iam.tasks import cancel
 from iam.token.clients import ClientRegistry
 from iam.token.store import TokenStore
 
@@ -106,9 +107,7 @@ class BackChannelLogouts:
             except TimeoutError:
                 log.warning("back-channel logouts still under way at shutdown, and %d queued, were dropped",
                             self._queue.qsize())
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel(*self._workers)
         self._workers = []
         if self._http is not None:
             await self._http.aclose()

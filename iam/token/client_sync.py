@@ -18,7 +18,7 @@ import hashlib
 import logging
 
 from iam.config import ConfigError, Settings, load_settings
-from iam.runtime import cancel
+from iam.tasks import cancel
 from iam.token.clients import ClientRegistry
 from iam.token.stored_clients import StoredClients
 

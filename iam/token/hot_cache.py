@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from iam.runtime import cancel
+from iam.tasks import cancel
 
 log = logging.getLogger("iam.token.hot_cache")
 
