@@ -19,6 +19,7 @@ MAX_FORM_BYTES = 16 * 1024
 MAX_JSON_BYTES = 64 * 1024
 MAX_VALUE_CHARS = 4096
 FORM_TYPE = "application/x-www-form-urlencoded"
+JSON_TYPES = ("application/json",)
 # The `token` of introspection and revocation is whatever a resource server or client holds, often a long JWT
 # of another issuer: RFC 7662 §2.2 answers it `active: false` and RFC 7009 §2.2 200, never a 400.
 TOKEN_PARAMETER = frozenset({"token"})
@@ -52,9 +53,13 @@ async def read_form(request: Request, long_values: frozenset[str] = frozenset())
         raise OAuthError("invalid_request", "malformed form body") from None
 
 
-async def read_json(request: Request, types: tuple[str, ...], error: str = "invalid_request") -> Any:
+async def read_json(request: Request, types: tuple[str, ...] = JSON_TYPES, error: str = "invalid_request", *,
+                    optional: bool = False) -> Any:
     """A JSON body of one of the media `types` (415 for another), of at most MAX_JSON_BYTES (413); `error` (with
-    400) if it is not JSON. An empty body is `{}`."""
+    400) if it is not JSON. An empty body is `{}`; with `optional`, so is a request without a body, whatever its
+    Content-Type."""
+    if optional and request.headers.get("content-length", "0") == "0":
+        return {}
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type not in types:
         raise OAuthError("invalid_request", f"the body must be {' or '.join(types)}", status=415)

@@ -17,8 +17,8 @@ from fastapi.openapi.utils import get_openapi
 
 from iam import __version__
 from iam.config import ClientConfig
-from iam.errors import OAuthError, json_response
-from iam.http import read_json
+from iam.errors import NO_STORE, OAuthError, json_response
+from iam.http import JSON_TYPES, read_json
 from iam.resource import require_token
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
 from iam.token.initial_tokens import InitialTokenError
@@ -31,9 +31,7 @@ READ = "clients:read"
 WRITE = "clients:write"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-JSON_TYPES = ("application/json",)
 PATCH_TYPES = ("application/merge-patch+json", "application/json")  # RFC 7396
-NO_STORE = {"Cache-Control": "no-store"}
 _STATUS = {"not_found": 404, "precondition": 412, "read_only": 409, "no_secret": 400}
 _ERROR = {"not_found": "not_found", "precondition": "precondition_failed", "read_only": "read_only_client",
           "no_secret": "invalid_request"}
@@ -55,8 +53,8 @@ async def _caller(request: Request, scope: str) -> str:
     return str(members.get("sub") or members.get("client_id"))
 
 
-async def _body(request: Request, types: tuple[str, ...]) -> Any:
-    return await read_json(request, types, "invalid_client_metadata")
+async def _body(request: Request, types: tuple[str, ...] = JSON_TYPES, *, optional: bool = False) -> Any:
+    return await read_json(request, types, "invalid_client_metadata", optional=optional)
 
 
 def _refused(exc: ClientMetadataError | StoredClientError) -> OAuthError:
@@ -100,7 +98,7 @@ async def create_client(request: Request) -> Response:
     """Create a stored client from RFC 7591 metadata; `client_id` is generated when none is given. A
     client_secret_basic / client_secret_post client gets a generated secret, in this answer only."""
     actor = await _caller(request, WRITE)
-    data = _object(await _body(request, JSON_TYPES))
+    data = _object(await _body(request))
     enabled = _enabled(data)
     client_id = data.get("client_id") or new_client_id()
     services = token_services(request)
@@ -151,7 +149,7 @@ async def read_client(request: Request, client_id: str) -> Response:
 async def replace_client(request: Request, client_id: str) -> Response:
     """Replace a stored client's metadata (If-Match: its ETag, or 412)."""
     actor = await _caller(request, WRITE)
-    data = _object(await _body(request, JSON_TYPES))
+    data = _object(await _body(request))
     enabled = _enabled(data)
     stored_clients = token_services(request).stored_clients
     try:
@@ -204,7 +202,7 @@ async def rotate_secret(request: Request, client_id: str) -> Response:
     """A new generated secret; the current one keeps working for `grace` seconds, then stops."""
     actor = await _caller(request, WRITE)
     services = token_services(request)
-    data = await _body(request, JSON_TYPES) if request.headers.get("content-length", "0") != "0" else {}
+    data = await _body(request, optional=True)
     grace = data.get("grace", services.settings.client_secret_grace) if isinstance(data, dict) else None
     if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86400:
         raise OAuthError("invalid_request", "grace: seconds, from 0 to 2592000")
@@ -242,7 +240,7 @@ async def issue_initial_token(request: Request) -> Response:
     """An initial access token for dynamic client registration (RFC 7591 §3) at /oauth/v2/register, with the policy
     the clients registered with it must keep to."""
     actor = await _caller(request, WRITE)
-    data = await read_json(request, JSON_TYPES) if request.headers.get("content-length", "0") != "0" else {}
+    data = await read_json(request, optional=True)
     try:
         value, token = await token_services(request).initial_tokens.issue_as_asked(data, actor=actor)
     except InitialTokenError as exc:

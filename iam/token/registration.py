@@ -26,7 +26,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 
 from iam.config import ClientConfig
-from iam.errors import OAuthError, invalid_token, json_response
+from iam.errors import NO_STORE, OAuthError, invalid_token, json_response
 from iam.http import bearer_token, read_json
 from iam.token.client_metadata import ClientMetadataError, parse_client_metadata
 from iam.token.initial_tokens import InitialAccessToken, RegistrationPolicy
@@ -45,8 +45,6 @@ from iam.token.stored_clients import (
 router = APIRouter(tags=["registration"])
 
 PATH = "/oauth/v2/register"
-JSON_TYPES = ("application/json",)
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 # RFC 7591 §2 (and the metadata of the OAuth / OpenID Connect extensions iam implements) a registrant may choose.
 # iam's own keys (lifetimes, introspection, token exchange, audiences, connectors, PKCE, PAR, ...) are the
 # operator's: not in this list, they are ignored and take the server's defaults.
@@ -89,7 +87,7 @@ async def _registered(request: Request, client_id: str) -> tuple[str, StoredClie
 async def _metadata(request: Request, services: TokenServices) -> tuple[dict[str, Any], str | None]:
     """The request's client metadata, its software statement's claims laid over it (RFC 7591 §3.1.1), and that
     statement, if there was one."""
-    data = await read_json(request, JSON_TYPES, "invalid_client_metadata")
+    data = await read_json(request, error="invalid_client_metadata")
     if not isinstance(data, dict):
         raise OAuthError("invalid_client_metadata", "the client metadata must be a JSON object")
     try:

@@ -397,8 +397,8 @@ class TokenStore:
             await conn.execute(_INSERT_ACCESS, _access_values(row))
 
     async def find_access_token(self, digest: bytes) -> AccessTokenRow | None:
-        """The row of a token by its digest. On PostgreSQL the lookups that arrive while one is on its way make the
-        next one: a single SELECT for all of them (`Batches`)."""
+        """The row of a token by its digest. On PostgreSQL the lookups that arrive while LOOKUP_BATCHES are on their
+        way make the next one: a single SELECT for all of them (`Batches`); a lone lookup goes at once, alone."""
         if self._postgresql:
             return await self._lookups.submit(digest)
         if self.sqlite is not None:
