@@ -122,8 +122,12 @@ async def test_a_slow_lookup_does_not_hold_up_the_others():
     slow = asyncio.ensure_future(batches.submit("slow"))
     await asyncio.sleep(0)
     assert await asyncio.wait_for(batches.submit("fast"), 1) == "FAST"  # not behind the stalled batch
-    for n in range(50):  # each call comes just as the previous batch ends
-        assert await asyncio.wait_for(batches.submit(f"n{n}"), 1) == f"N{n}"
+
+    async def calls() -> None:
+        for n in range(50):  # each call comes in the very loop turn its previous batch ends
+            assert await batches.submit(f"n{n}") == f"N{n}"
+
+    await asyncio.wait_for(calls(), 2)
     release.set()
     assert await slow == "SLOW"
     await batches.close()
