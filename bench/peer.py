@@ -7,6 +7,10 @@ bench/run.py, scenario after scenario, alternating servers (peer, iam, peer, iam
 machine's load shows in both. Each measured run also reads the server process's CPU time, so the rate per core
 used is reported next to the rate. Prints every round and the iam / peer ratios of the means.
 
+For client_credentials and introspect, each side is then paced at half its own max rate (open loop, wrk with
+bench/wrk.lua's pacing) for its p50 and p99, and nginx answering a fixed body is paced at the same rate right after:
+the floor's p99 is what this machine and the load generator alone add at that rate. Needs nginx for those runs.
+
 Scenarios: client_credentials (the peer signs an ES256 JWT; iam stores an opaque token's row durably and signs
 its JWT), introspect (iam: every call a cache miss, one indexed row read; the peer: an opaque token of its
 in-memory store, as it cannot introspect its JWTs), introspect_signed (the same, answered as an RFC 9701 JWT signed
@@ -39,6 +43,7 @@ import run  # noqa: E402  (bench/run.py: the cluster, the server, the scenarios,
 from tests.oidc_upstream import new_signing_key, running_upstream  # noqa: E402  (the suite's real provider)
 
 SCENARIOS = ["client_credentials", "introspect", "introspect_signed", "discovery", "jwks"]
+LATENCY = {"client_credentials", "introspect"}  # the scenarios with a p99 target at half load (issue #18)
 SIGNED = "application/token-introspection+jwt"  # RFC 9701
 RESOURCE = "https://api.bench.example"
 OPAQUE_RESOURCE = "https://opaque.bench.example"
@@ -86,8 +91,9 @@ def iam_scenarios(base: str, secret: str) -> dict:
     return {name: (s.method, base + s.path, s.headers, s.body) for name, s in picked.items()}
 
 
-def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Namespace) -> tuple[float, float]:
-    """One warm-up, one measured run: (requests/s, cores the server process used)."""
+def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Namespace) -> dict:
+    """One warm-up, one measured run: requests/s and the cores the server process used; for the LATENCY
+    scenarios also a run paced at half that rate (p50, p99) and the floor paced at the same rate right after."""
     method, url, headers, body = request
     parts = urlsplit(url)
     base, path = f"{parts.scheme}://{parts.netloc}", parts.path
@@ -99,7 +105,17 @@ def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Names
     if result["non2xx"] or result["errors"]:
         raise SystemExit(f"{side} {name}: {result}")
     run.log(f"{name} {side}: {result['rps']:.0f} req/s on {cores:.2f} cores")
-    return result["rps"], cores
+    measured = {"rps": result["rps"], "cores": cores}
+    if name in LATENCY and args.floor:
+        rate = result["rps"] * args.load_ratio
+        half = run.run_paced(base, scenario, args, args.duration, rate)
+        floor = run.run_paced(args.floor, run.FLOOR, args, args.duration, rate)
+        if half["non2xx"] or half["errors"]:
+            raise SystemExit(f"{side} {name} paced: {half}")
+        measured |= {"p50": half["p50_ms"], "p99": half["p99_ms"], "floor_p99": floor["p99_ms"]}
+        run.log(f"{name} {side} at {rate:.0f}/s: p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms; "
+                f"the floor's p99 {floor['p99_ms']} ms")
+    return measured
 
 
 def main() -> None:
@@ -108,8 +124,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="peer/iam alternations per scenario (default 2)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {SCENARIOS}")
+    parser.add_argument("--load-ratio", type=float, default=0.5, help="paced rate / max rate (default 0.5)")
     args = parser.parse_args()
-    args.threads, args.wrk = 1, shutil.which("wrk")
+    args.threads, args.wrk, args.floor = 1, shutil.which("wrk"), None
     if not args.wrk:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
     names = args.scenarios.split(",")
@@ -124,9 +141,10 @@ def main() -> None:
         base = run.start_server(cluster, f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}", secret, stack,
                                 cache_seconds=0, signed_alg="ES256")
         sides = {"peer": (peer_pid, peer), "iam": (run.SERVERS[base].pid, iam_scenarios(base, secret))}
+        args.floor = run.start_floor(cluster, stack)
         rows = []
         for name in names:
-            runs: dict[str, list[tuple[float, float]]] = {"peer": [], "iam": []}
+            runs: dict[str, list[dict]] = {"peer": [], "iam": []}
             for _ in range(args.rounds):
                 for side, (pid, requests) in sides.items():
                     runs[side].append(measure(side, name, requests[name], pid, args))
@@ -134,13 +152,29 @@ def main() -> None:
     print(f"\n{'scenario':<19} {'node-oidc-provider req/s (cores)':<34} {'iam req/s (cores)':<28} "
           "iam/peer  per core")
     for name, runs in rows:
-        rate = {side: statistics.mean(r for r, _ in results) for side, results in runs.items()}
-        per_core = {side: statistics.mean(r / c for r, c in results if c) for side, results in runs.items()}
-        cells = {side: ", ".join(f"{r:.0f} ({c:.2f})" for r, c in results) for side, results in runs.items()}
+        rate = {side: statistics.mean(r["rps"] for r in results) for side, results in runs.items()}
+        per_core = {side: statistics.mean(r["rps"] / r["cores"] for r in results if r["cores"])
+                    for side, results in runs.items()}
+        cells = {side: ", ".join(f"{r['rps']:.0f} ({r['cores']:.2f})" for r in results)
+                 for side, results in runs.items()}
         print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<28} {rate['iam'] / rate['peer']:>7.2f}  "
               f"{per_core['iam'] / per_core['peer']:>8.2f}")
+    latency = [(name, runs) for name, runs in rows if "p99" in runs["iam"][0]]
+    if latency:
+        pct = f"{args.load_ratio:.0%}"
+        print(f"\np99 ms at {pct} of each one's req/s max, each round (the floor's p99 at the same rate in brackets); "
+              "medians")
+        print(f"{'scenario':<19} {'node-oidc-provider':<34} {'iam':<34} iam/peer")
+        for name, runs in latency:
+            cells = {side: ", ".join(f"{r['p99']:.1f} ({r['floor_p99']:.1f})" for r in results)
+                     for side, results in runs.items()}
+            median = {side: statistics.median(r["p99"] for r in results) for side, results in runs.items()}
+            print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<34} {median['iam'] / median['peer']:>7.2f}")
     print(f"\nwrk, 1 thread, {args.connections} connections, {args.duration} s per run after 1 s warm-up; both "
           "servers single-process on this machine, alternating; iam on PostgreSQL 15 (fsync on), hot cache off.")
+    if latency:
+        print(f"Paced runs: wrk with bench/wrk.lua's BENCH_RATE, {args.connections} connections, one per thread, "
+              "open loop; the floor is nginx answering a fixed body.")
 
 
 if __name__ == "__main__":

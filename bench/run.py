@@ -7,7 +7,8 @@ What it does, in order:
    process, one worker, role `token`, and waits for /health/ready;
 3. gets one access token T, and checks once that every scenario answers 200;
 4. for each scenario: a short warm-up, a max-throughput run (wrk, closed loop), then a run paced at half
-   that rate (bench/loadgen.py, open loop) whose p50/p99 are the latencies reported;
+   that rate (open loop: wrk with bench/wrk.lua's pacing, or bench/loadgen.py) whose p50/p99 are the latencies
+   reported, then the same paced run against nginx answering a fixed body (the machine's floor, if installed);
 5. prints one table and writes bench/results/latest.json;
 6. stops the server and the cluster and deletes the temp dir, also on errors and Ctrl-C.
 
@@ -188,6 +189,48 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
     raise BenchError(f"iam serve not ready after 60 s:\n{tail(server_log)}")
 
 
+FLOOR_CONFIG = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  {temp_paths}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
+  }}
+}}
+"""
+
+
+def start_floor(tmp: Path, stack: contextlib.ExitStack) -> str | None:
+    """The machine's floor: nginx answering a fixed 16-byte body, no work. Paced at the same rate with the same
+    tool, its p99 is what this machine's scheduling, the load generator and loopback add to any server's; the
+    half-load latencies of iam are read against it. None when nginx is not installed."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not nginx:
+        return None
+    directory, port = tmp / "floor", free_port()
+    directory.mkdir()
+    temp_paths = " ".join(f"{kind}_temp_path {directory}/{kind};"
+                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (directory / "nginx.conf").write_text(FLOOR_CONFIG.format(dir=directory, port=port, temp_paths=temp_paths))
+    command = [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-e", str(directory / "error.log"),
+               "-g", "daemon off;"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stack.callback(lambda: (process.terminate(), process.wait(timeout=15)))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(base, timeout=2).status_code == 200:
+                return base
+        time.sleep(0.1)
+    raise BenchError(f"nginx (the floor) did not start: {tail(directory / 'error.log')}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads included (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -320,13 +363,39 @@ def run_loadgen(
     return json.loads(done.stdout)
 
 
+def run_paced(base: str, scenario: Scenario, args: argparse.Namespace, duration: int, rate: float) -> dict:
+    """The half-load latency run: open loop at `rate`, by wrk (bench/wrk.lua's BENCH_RATE) or bench/loadgen.py."""
+    if not args.wrk:
+        return run_loadgen(base, scenario, args, duration, rate)
+    n = args.connections  # one connection per wrk thread: each thread keeps its own connection's schedule
+    command = [args.wrk, f"-t{n}", f"-c{n}", f"-d{duration}s", "--timeout", "5s", "-s", str(BENCH / "wrk.lua"),
+               base + scenario.path]  # fmt: skip
+    env = {**scenario.env(), "BENCH_RATE": f"{rate:.1f}", "BENCH_THREADS": str(n)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(f"wrk (paced) failed ({done.returncode}): {done.stdout}{done.stderr}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "tool": "wrk paced (bench/wrk.lua)", "mode": "open-loop", "target_rps": rate,
+        "requests": raw["requests"], "elapsed_s": round(seconds, 3), "rps": round(raw["requests"] / seconds, 1),
+        "non2xx": raw["non2xx"], "errors": raw["errors"],
+        **{f"{q}_ms": raw[f"{q}_us"] / 1000 for q in ("p50", "p90", "p99", "max")},
+    }  # fmt: skip
+
+
 def max_throughput(base: str, scenario: Scenario, args: argparse.Namespace, duration: int) -> dict:
     if args.wrk:
         return run_wrk(base, scenario, args, duration)
     return run_loadgen(base, scenario, args, duration)
 
 
-def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_port: int | None) -> dict:
+FLOOR = Scenario("floor", "GET", "/")
+
+
+def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_port: int | None,
+                   floor: str | None = None) -> dict:
     if args.warmup > 0:  # fills the DB pool and warms caches; not recorded
         max_throughput(base, scenario, args, args.warmup)
     before = db_sessions(pg_port)
@@ -336,9 +405,14 @@ def bench_scenario(base: str, scenario: Scenario, args: argparse.Namespace, pg_p
     # flushed by PostgreSQL about once a second, so this is approximate; near 0 means a stable pool.
     peak["db_sessions_opened"] = None if before is None or after is None else max(0, after - before - 1)
     log(f"{scenario.name}: {peak['rps']:.0f} req/s max ({peak['tool']})")
-    half = run_loadgen(base, scenario, args, args.duration, rate=peak["rps"] * args.load_ratio)
+    half = run_paced(base, scenario, args, args.duration, peak["rps"] * args.load_ratio)
     log(f"{scenario.name}: {half['rps']:.0f} req/s paced, p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms")
-    return {"scenario": scenario.name, "max": peak, "half_load": half}
+    result = {"scenario": scenario.name, "max": peak, "half_load": half}
+    if floor:  # the same rate, the same tool, right after: what the machine alone adds at this rate
+        result["floor"] = run_paced(floor, FLOOR, args, args.duration, half["target_rps"])
+        log(f"{scenario.name}: the floor at that rate: p50 {result['floor']['p50_ms']} ms, "
+            f"p99 {result['floor']['p99_ms']} ms")
+    return result
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -349,7 +423,8 @@ def short(half: dict) -> bool:
 def table(results: list[dict], args: argparse.Namespace) -> str:
     baseline = next((r["max"]["rps"] for r in results if r["scenario"] == "health"), None)
     pct = round(args.load_ratio * 100)
-    head = ["scenario", "req/s max", "vs health", f"req/s @{pct}%", "p50 ms", "p99 ms", "non-2xx", "sock err"]
+    head = ["scenario", "req/s max", "vs health", f"req/s @{pct}%", "p50 ms", "p99 ms", "floor p99", "non-2xx",
+            "sock err"]
     rows = [[*head, "new db conns"]]
     for r in results:
         peak, half = r["max"], r["half_load"]
@@ -359,6 +434,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
             r["scenario"], f"{peak['rps']:.0f}", ratio, f"{half['rps']:.0f}" + ("*" if short(half) else ""),
             f"{half['p50_ms']:.2f}" if half["p50_ms"] is not None else "-",
             f"{half['p99_ms']:.2f}" if half["p99_ms"] is not None else "-",
+            f"{r['floor']['p99_ms']:.2f}" if r.get("floor") else "-",
             f"{peak['non2xx']}/{half['non2xx']}", f"{peak['errors']}/{half['errors']}",
             str(peak.get("db_sessions_opened", "-")),
         ])  # fmt: skip
@@ -374,12 +450,15 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 
 def tools_note(args: argparse.Namespace) -> str:
     peak = f"wrk, {args.threads} thread(s)" if args.wrk else "bench/loadgen.py closed loop"
+    paced = "wrk (bench/wrk.lua BENCH_RATE), one thread per connection," if args.wrk else "bench/loadgen.py"
     pct = f"{args.load_ratio:.0%}"
     return "\n".join([
         f"req/s max: {peak}, {args.connections} connections, {args.duration:g} s per scenario after a "
         f"{args.warmup:g} s warm-up; vs health: req/s max / health req/s max of this run.",
-        f"req/s @{pct}, p50, p99: bench/loadgen.py open loop paced at {pct} of req/s max, "
+        f"req/s @{pct}, p50, p99: {paced} open loop paced at {pct} of req/s max, "
         f"{args.connections} keep-alive connections; latency from each request's scheduled send time.",
+        "floor p99: nginx answering a fixed body, paced the same way at the same rate right after: what this "
+        "machine and the load generator alone add" + ("." if args.floor else " (not run: nginx not installed)."),
         "non-2xx, sock err: max run / paced run. new db conns: PostgreSQL sessions opened during the max run "
         "(pg_stat_database, approximate). *: paced run below 95% of its target rate.",
         f"Server: `iam serve`, 1 uvicorn worker, role token, "
@@ -420,6 +499,7 @@ def parse_args() -> argparse.Namespace:
         parser.error("wrk is not installed (Debian: apt-get install -y wrk)")
     if args.tool == "auto" and not args.wrk:
         log("wrk not found (Debian: apt-get install -y wrk): measuring max req/s with bench/loadgen.py")
+    args.floor = None  # the floor's base URL, once started (main)
     return args
 
 
@@ -452,7 +532,9 @@ def main() -> None:
             for name in args.scenarios:
                 sanity_check(base, all_scenarios[name])
             log(f"sanity checks passed; running {', '.join(args.scenarios)} ({args.duration:g} s each)")
-            results = [bench_scenario(base, all_scenarios[name], args, pg_port) for name in args.scenarios]
+            args.floor = start_floor(tmp, stack)
+            results = [bench_scenario(base, all_scenarios[name], args, pg_port, args.floor)
+                       for name in args.scenarios]
         except BenchError as exc:
             log(f"error: {exc}")
             if (tmp / "server.log").exists():
