@@ -9,7 +9,8 @@ used is reported next to the rate. Prints every round and the iam / peer ratios 
 
 For client_credentials and introspect, each side is then paced at half its own max rate (open loop, wrk with
 bench/wrk.lua's pacing) for its p50 and p99, and nginx answering a fixed body is paced at the same rate right after:
-the floor's p99 is what this machine and the load generator alone add at that rate. Needs nginx for those runs.
+the floor's p99 is what this machine and the load generator alone add at that rate. Then both sides are paced at
+the same rate, half of the slower one's max, so that their p99s compare like for like. Needs nginx for those runs.
 
 Scenarios: client_credentials (the peer signs an ES256 JWT; iam stores an opaque token's row durably and signs
 its JWT), introspect (iam: every call a cache miss, one indexed row read; the peer: an opaque token of its
@@ -91,13 +92,16 @@ def iam_scenarios(base: str, secret: str) -> dict:
     return {name: (s.method, base + s.path, s.headers, s.body) for name, s in picked.items()}
 
 
-def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Namespace) -> dict:
-    """One warm-up, one measured run: requests/s and the cores the server process used; for the LATENCY
-    scenarios also a run paced at half that rate (p50, p99) and the floor paced at the same rate right after."""
+def as_scenario(name: str, request: tuple) -> tuple[str, run.Scenario]:
     method, url, headers, body = request
     parts = urlsplit(url)
-    base, path = f"{parts.scheme}://{parts.netloc}", parts.path
-    scenario = run.Scenario(name, method, path, headers, body)
+    return f"{parts.scheme}://{parts.netloc}", run.Scenario(name, method, parts.path, headers, body)
+
+
+def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Namespace) -> dict:
+    """One warm-up, one measured run: requests/s and the cores the server process used; for the LATENCY
+    scenarios also a run paced at half that rate (see `paced`)."""
+    base, scenario = as_scenario(name, request)
     run.run_wrk(base, scenario, args, 1)
     cpu, started = run.cpu_seconds(pid), time.monotonic()
     result = run.run_wrk(base, scenario, args, args.duration)
@@ -107,15 +111,30 @@ def measure(side: str, name: str, request: tuple, pid: int, args: argparse.Names
     run.log(f"{name} {side}: {result['rps']:.0f} req/s on {cores:.2f} cores")
     measured = {"rps": result["rps"], "cores": cores}
     if name in LATENCY and args.floor:
-        rate = result["rps"] * args.load_ratio
-        half = run.run_paced(base, scenario, args, args.duration, rate)
-        floor = run.run_paced(args.floor, run.FLOOR, args, args.duration, rate)
-        if half["non2xx"] or half["errors"]:
-            raise SystemExit(f"{side} {name} paced: {half}")
-        measured |= {"p50": half["p50_ms"], "p99": half["p99_ms"], "floor_p99": floor["p99_ms"]}
-        run.log(f"{name} {side} at {rate:.0f}/s: p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms; "
-                f"the floor's p99 {floor['p99_ms']} ms")
+        measured["own"] = paced(side, name, request, result["rps"] * args.load_ratio, args)
     return measured
+
+
+def paced(side: str, name: str, request: tuple, rate: float, args: argparse.Namespace) -> dict:
+    """p50 and p99 of a run paced at `rate`, and the p99 of the floor paced at the same rate right after."""
+    base, scenario = as_scenario(name, request)
+    half = run.run_paced(base, scenario, args, args.duration, rate)
+    floor = run.run_paced(args.floor, run.FLOOR, args, args.duration, rate)
+    if half["non2xx"] or half["errors"]:
+        raise SystemExit(f"{side} {name} paced: {half}")
+    run.log(f"{name} {side} at {rate:.0f}/s: p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms; "
+            f"the floor's p99 {floor['p99_ms']} ms")
+    return {"rate": rate, "p50": half["p50_ms"], "p99": half["p99_ms"], "floor_p99": floor["p99_ms"]}
+
+
+def latency_table(title: str, rows: list, key: str) -> None:
+    print(f"\n{title}, each round (the floor's p99 at the same rate in brackets); iam/peer of the medians")
+    print(f"{'scenario':<19} {'node-oidc-provider':<34} {'iam':<34} iam/peer")
+    for name, runs in rows:
+        cells = {side: ", ".join(f"{r[key]['p99']:.1f} ({r[key]['floor_p99']:.1f})" for r in results)
+                 for side, results in runs.items()}
+        median = {side: statistics.median(r[key]["p99"] for r in results) for side, results in runs.items()}
+        print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<34} {median['iam'] / median['peer']:>7.2f}")
 
 
 def main() -> None:
@@ -148,6 +167,10 @@ def main() -> None:
             for _ in range(args.rounds):
                 for side, (pid, requests) in sides.items():
                     runs[side].append(measure(side, name, requests[name], pid, args))
+                if name in LATENCY and args.floor:  # and both at the same rate: half of the slower one's max
+                    rate = args.load_ratio * min(results[-1]["rps"] for results in runs.values())
+                    for side, (_, requests) in sides.items():
+                        runs[side][-1]["same"] = paced(side, name, requests[name], rate, args)
             rows.append((name, runs))
     print(f"\n{'scenario':<19} {'node-oidc-provider req/s (cores)':<34} {'iam req/s (cores)':<28} "
           "iam/peer  per core")
@@ -159,17 +182,11 @@ def main() -> None:
                  for side, results in runs.items()}
         print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<28} {rate['iam'] / rate['peer']:>7.2f}  "
               f"{per_core['iam'] / per_core['peer']:>8.2f}")
-    latency = [(name, runs) for name, runs in rows if "p99" in runs["iam"][0]]
+    latency = [(name, runs) for name, runs in rows if "own" in runs["iam"][0]]
     if latency:
         pct = f"{args.load_ratio:.0%}"
-        print(f"\np99 ms at {pct} of each one's req/s max, each round (the floor's p99 at the same rate in brackets); "
-              "medians")
-        print(f"{'scenario':<19} {'node-oidc-provider':<34} {'iam':<34} iam/peer")
-        for name, runs in latency:
-            cells = {side: ", ".join(f"{r['p99']:.1f} ({r['floor_p99']:.1f})" for r in results)
-                     for side, results in runs.items()}
-            median = {side: statistics.median(r["p99"] for r in results) for side, results in runs.items()}
-            print(f"{name:<19} {cells['peer']:<34} {cells['iam']:<34} {median['iam'] / median['peer']:>7.2f}")
+        latency_table(f"p99 ms at {pct} of each one's own req/s max", latency, "own")
+        latency_table(f"p99 ms with both at the same rate, {pct} of the slower one's req/s max", latency, "same")
     print(f"\nwrk, 1 thread, {args.connections} connections, {args.duration} s per run after 1 s warm-up; both "
           "servers single-process on this machine, alternating; iam on PostgreSQL 15 (fsync on), hot cache off.")
     if latency:
