@@ -326,17 +326,24 @@ def sanity_check(base: str, scenario: Scenario) -> None:
 
 
 # -- load tools (separate processes) -------------------------------------------------------------------
-def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: int) -> dict:
+def _wrk(threads: int, base: str, scenario: Scenario, args: argparse.Namespace, duration: int,
+         **env: str) -> tuple[dict, float]:
+    """Run wrk with bench/wrk.lua (`env` added to the scenario's); its BENCH_JSON line and the run's seconds."""
     command = [
-        args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{duration}s",
+        args.wrk, f"-t{threads}", f"-c{args.connections}", f"-d{duration}s",
         "--timeout", "5s", "-s", str(BENCH / "wrk.lua"), base + scenario.path,
     ]  # fmt: skip
-    done = subprocess.run(command, env=scenario.env(), capture_output=True, text=True, timeout=duration + 60)
+    done = subprocess.run(command, env={**scenario.env(), **env}, capture_output=True, text=True,
+                          timeout=duration + 60)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if done.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
     raw = json.loads(line.removeprefix("BENCH_JSON "))
-    seconds = raw["duration_us"] / 1e6
+    return raw, raw["duration_us"] / 1e6
+
+
+def run_wrk(base: str, scenario: Scenario, args: argparse.Namespace, duration: int) -> dict:
+    raw, seconds = _wrk(args.threads, base, scenario, args, duration)
     return {
         "tool": "wrk",
         "requests": raw["requests"],
@@ -368,15 +375,7 @@ def run_paced(base: str, scenario: Scenario, args: argparse.Namespace, duration:
     if not args.wrk:
         return run_loadgen(base, scenario, args, duration, rate)
     n = args.connections  # one connection per wrk thread: each thread keeps its own connection's schedule
-    command = [args.wrk, f"-t{n}", f"-c{n}", f"-d{duration}s", "--timeout", "5s", "-s", str(BENCH / "wrk.lua"),
-               base + scenario.path]  # fmt: skip
-    env = {**scenario.env(), "BENCH_RATE": f"{rate:.1f}", "BENCH_THREADS": str(n)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk (paced) failed ({done.returncode}): {done.stdout}{done.stderr}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
-    seconds = raw["duration_us"] / 1e6
+    raw, seconds = _wrk(n, base, scenario, args, duration, BENCH_RATE=f"{rate:.1f}", BENCH_THREADS=str(n))
     return {
         "tool": "wrk paced (bench/wrk.lua)", "mode": "open-loop", "target_rps": rate,
         "requests": raw["requests"], "elapsed_s": round(seconds, 3), "rps": round(raw["requests"] / seconds, 1),
