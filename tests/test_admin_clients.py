@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from iam.app import create_app
+from iam.store import Store
+from iam.token.store import ClientRows
 from iam.token.store import clients as clients_table
 from tests.conftest import ISSUER, basic, client_config, make_settings
 
@@ -34,7 +36,7 @@ def admin_clients() -> list[dict]:
 @pytest.fixture(scope="module")
 async def app(scim_stores, tmp_path_factory):
     settings = make_settings(tmp_path_factory.mktemp("admin"), scim_stores,
-                             clients=client_config() + admin_clients())
+                             clients=client_config() + admin_clients(), client_sync_interval=0.05)
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
@@ -242,6 +244,29 @@ async def test_a_deleted_client_is_gone_with_its_tokens(admin, caplog):
     assert await token_status(admin.http, client_id, secret) == 401
     assert (await admin.call("GET", f"/clients/{client_id}")).status_code == 404
     assert (await admin.call("DELETE", f"/clients/{client_id}")).status_code == 404
+
+
+async def test_another_processs_delete_and_create_between_two_checks_are_both_seen(admin, app, scim_stores):
+    """Another writer on the store (`iam clients`, a second process on one SQLite file) deletes one client and
+    creates another with the same version: the count and the sum of versions are as before, and still the running
+    server drops the first and serves the second (ClientRows.fingerprint)."""
+    created = await admin.create(**SERVICE)
+    gone, secret = created["client_id"], created["client_secret"]
+    assert await token_status(admin.http, gone, secret) == 200
+    other = Store("token", scim_stores["token"])
+    try:
+        rows = ClientRows(other.engine)
+        row = await rows.get(gone)
+        assert row is not None and row["version"] == 1
+        assert await rows.delete(gone, 1)
+        await rows.insert({**row, "client_id": "came-" + gone})
+    finally:
+        await other.close()
+    deadline = time.monotonic() + 10
+    while await token_status(admin.http, gone, secret) != 401:
+        assert time.monotonic() < deadline, "the running server kept serving a client deleted by another process"
+        await asyncio.sleep(0.02)
+    assert await token_status(admin.http, "came-" + gone, secret) == 200
 
 
 async def test_a_refresh_token_of_a_disabled_client_is_refused(admin, app):

@@ -35,7 +35,7 @@ class ClientSync:
         # Client ids to reload, None for all of them; with a future to resolve once done.
         self._queue: asyncio.Queue[tuple[str | None, asyncio.Future[None] | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._fingerprint: tuple[int, int] | None = None
+        self._fingerprint: tuple[int, int, int] | None = None
         self._config_digest: bytes | None = None
 
     async def start(self) -> None:

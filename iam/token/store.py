@@ -180,6 +180,15 @@ clients = Table(
     Index("ix_clients_initial_token_id_created_at", "initial_token_id", "created_at"),  # the rate limit's count
 )
 
+# One row, bumped by every client insert, update and delete in its own transaction: the part of ClientRows.fingerprint
+# that no pair of changes can cancel out (delete one client, create another: the same count and sum of versions).
+client_changes = Table(
+    "client_changes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("changes", Integer, nullable=False),
+)
+
 # Initial access tokens (RFC 7591 §3): who may register a client, under which policy (iam/token/initial_tokens.py).
 # Kept as SHA-256 digests; `uses_left` NULL is any number of registrations until `expires_at`.
 initial_access_tokens = Table(
@@ -876,12 +885,14 @@ class ClientRows:
         async with self.reader.connect() as conn:
             return [_row(row) for row in await conn.execute(select(clients))]
 
-    async def fingerprint(self) -> tuple[int, int]:
-        """(rows, the sum of their versions): changes with every insert, update and delete."""
-        query = select(func.count(), func.coalesce(func.sum(clients.c.version), 0))
+    async def fingerprint(self) -> tuple[int, int, int]:
+        """(changes counted, rows, the sum of their versions): changes with every insert, update and delete. The
+        count and sum catch the writes of a release before token_0013, which does not bump the counter."""
+        changes = select(client_changes.c.changes).where(client_changes.c.id == 1).scalar_subquery()
+        query = select(func.coalesce(changes, 0), func.count(), func.coalesce(func.sum(clients.c.version), 0))
         async with self.reader.connect() as conn:
-            count, versions = (await conn.execute(query)).one()
-        return int(count), int(versions)
+            counted, count, versions = (await conn.execute(query.select_from(clients))).one()
+        return int(counted), int(count), int(versions)
 
     async def insert(self, values: dict[str, Any], use: InitialTokenUse | None = None) -> None:
         """IntegrityError if the client_id is taken. With `use`, in the same transaction: one use of that initial
@@ -921,6 +932,8 @@ class ClientRows:
         return True
 
     async def _announce(self, conn: AsyncConnection, client_id: str) -> None:
+        await conn.execute(update(client_changes).where(client_changes.c.id == 1)
+                           .values(changes=client_changes.c.changes + 1))
         if self._notify:
             await conn.execute(select(func.pg_notify(CHANNEL, client_payload(client_id))))
 

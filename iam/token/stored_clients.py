@@ -147,9 +147,9 @@ class StoredClients:
     async def all(self) -> builtins.list[StoredClient]:
         return [_from_row(row) for row in await self.rows.every()]
 
-    async def fingerprint(self) -> tuple[int, int]:
-        """(how many, the sum of their versions): changes with every create, change and delete (a cheap check for
-        processes sharing one SQLite file, which hear no notifications)."""
+    async def fingerprint(self) -> tuple[int, int, int]:
+        """Changes with every create, change and delete (ClientRows.fingerprint): a cheap check for processes
+        sharing one SQLite file, which hear no notifications."""
         return await self.rows.fingerprint()
 
     # -- changing --------------------------------------------------------------------------------------------
