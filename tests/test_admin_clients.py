@@ -269,6 +269,36 @@ async def test_another_processs_delete_and_create_between_two_checks_are_both_se
     assert await token_status(admin.http, "came-" + gone, secret) == 200
 
 
+async def test_a_full_reload_that_read_the_store_before_a_change_does_not_undo_it(admin, app, monkeypatch):
+    """A full reload (a listener reconnect, another process's change) reads every client, and meanwhile this
+    process creates one: the create is answered only once the registry has it, and the older read, applied
+    afterwards, does not drop it again (ClientSync: one queue for every reload)."""
+    token = app.state.iam.token
+    read, go_on = asyncio.Event(), asyncio.Event()
+    every, before = token.stored_clients.all, await token.stored_clients.fingerprint()
+
+    async def slow_all():
+        rows = await every()
+        read.set()
+        await go_on.wait()
+        return rows
+
+    async def unchanged():  # the regular check must not mend what the reload got wrong: it runs seconds apart
+        return before
+
+    monkeypatch.setattr(token.stored_clients, "all", slow_all)
+    monkeypatch.setattr(token.stored_clients, "fingerprint", unchanged)
+    reload = asyncio.create_task(token.client_sync.resync())
+    await asyncio.wait_for(read.wait(), 5)
+    create = asyncio.create_task(admin.create(**SERVICE))
+    await asyncio.sleep(0.2)  # the row is committed by now; the answer waits behind the reload
+    assert not create.done()
+    go_on.set()
+    await asyncio.wait_for(reload, 5)
+    created = await asyncio.wait_for(create, 5)
+    assert await token_status(admin.http, created["client_id"], created["client_secret"]) == 200
+
+
 async def test_a_refresh_token_of_a_disabled_client_is_refused(admin, app):
     from tests.conftest import PASSWORD  # noqa: F401 - the people fixtures live with the code-grant tests
 

@@ -2,10 +2,11 @@
 
 - Stored clients: read once at start; then on PostgreSQL each change notice (`c:<client_id>` on the revocation
   channel, iam/token/hot_cache.py) reloads that client, and every (re)connect of the listener reloads them all
-  (notices may have been missed meanwhile). Reloads run one after the other, in the order the notices came, so an
-  older read never overwrites a newer one. On SQLite (one process by construction, but maybe several on one file)
-  the process applies its own changes at once, and a cheap fingerprint check every `client_sync_interval` seconds
-  catches another process's.
+  (notices may have been missed meanwhile). On SQLite (one process by construction, but maybe several on one file)
+  a cheap fingerprint check every `client_sync_interval` seconds catches another process's changes.
+- Every reload, of one client or of all, runs in one queue, in the order asked, so an older read never overwrites a
+  newer one. This process's own changes join that queue too (`changed`), and the change is answered only once it is
+  applied: a full reload that read the store before the change cannot undo it afterwards.
 - YAML clients: the config file is re-read every `config_reload_interval` seconds when its content changed (a new
   Secret mounted, an edited ConfigMap); its clients replace the running ones. An invalid file is logged and the
   running clients kept. Other settings still need a restart.
@@ -54,16 +55,36 @@ class ClientSync:
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         await cancel(*tasks)
+        while not self._queue.empty():  # nobody waits for a reload that will not run
+            _, done = self._queue.get_nowait()
+            if done is not None and not done.done():
+                done.set_result(None)
 
     def notified(self, client_id: str) -> None:
         """A change notice for `client_id`: reload it, after whatever was notified before."""
         self._queue.put_nowait((client_id, None))
 
+    async def changed(self, client_id: str) -> None:
+        """This process committed a change of `client_id`: return once the registry has it."""
+        await self._reload(client_id)
+
     async def resync(self) -> None:
         """Reload every stored client, after whatever was notified before (the listener (re)connected)."""
+        await self._reload(None)
+
+    async def _reload(self, client_id: str | None) -> None:
+        if not self._tasks:  # not started, or stopped: no reload runs that could race this one
+            await self._apply(client_id)
+            return
         done = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((None, done))
+        self._queue.put_nowait((client_id, done))
         await done
+
+    async def _apply(self, client_id: str | None) -> None:
+        if client_id is None:
+            await self._reload_all()
+        else:
+            self.registry.put_stored(client_id, await self.stored.get(client_id))
 
     async def _reload_all(self) -> None:
         self._fingerprint = await self.stored.fingerprint()
@@ -72,18 +93,18 @@ class ClientSync:
     async def _apply_notices(self) -> None:
         while True:
             client_id, done = await self._queue.get()
+            failed = False
             try:
-                if client_id is None:
-                    await self._reload_all()
-                else:
-                    self.registry.put_stored(client_id, await self.stored.get(client_id))
+                await self._apply(client_id)
             except Exception as exc:  # noqa: BLE001 - the store is away: read everything again once it is back
                 log.warning("stored clients not reloaded (%s); retrying", exc.__class__.__name__)
-                await asyncio.sleep(RETRY)
-                self._queue.put_nowait((None, None))
+                failed = True
             finally:
                 if done is not None and not done.done():
                     done.set_result(None)
+            if failed:
+                await asyncio.sleep(RETRY)
+                self._queue.put_nowait((None, None))
 
     async def _check_regularly(self) -> None:
         while True:

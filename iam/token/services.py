@@ -52,7 +52,8 @@ class TokenServices:
         self.clients = ClientRegistry(settings.clients, ClientAssertions(settings, self.store, self.key_sources),
                                       self.certificates)
         self.stored_clients = StoredClients(ClientRows(store.engine), yaml_ids=lambda: self.clients.yaml_ids,
-                                            check=self._servable, changed=self.clients.put_stored)
+                                            check=self._servable,
+                                            changed=lambda client_id: self.client_sync.changed(client_id))
         self.client_sync = ClientSync(settings, self.clients, self.stored_clients)
         # Dynamic client registration (RFC 7591, iam/token/registration.py): who may register, and vouched metadata.
         self.initial_tokens = InitialAccessTokens(InitialTokenRows(store.engine),

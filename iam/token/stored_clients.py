@@ -21,7 +21,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,11 +118,12 @@ class StoredClients:
 
     `yaml_ids` tells the client ids of the YAML config (authoritative: never shadowed, never changed here);
     `check` refuses a client the rest of the configuration cannot serve (an unknown connector, say), raising
-    ClientMetadataError; `changed` is told of every committed change (the local `ClientRegistry`).
+    ClientMetadataError; `changed` is awaited with the client_id after every committed change
+    (`ClientSync.changed`: the local `ClientRegistry` has it before the caller is answered).
     """
 
     def __init__(self, rows: ClientRows, *, yaml_ids: Callable[[], frozenset[str]],
-                 check: Callable[[ClientConfig], None], changed: Callable[[str, StoredClient | None], None],
+                 check: Callable[[ClientConfig], None], changed: Callable[[str], Awaitable[None]],
                  clock: Callable[[], float] = time.time) -> None:
         self.rows = rows
         self._yaml_ids = yaml_ids
@@ -178,7 +179,7 @@ class StoredClients:
         except IntegrityError:
             raise ClientMetadataError("invalid_client_metadata",
                                       f"client_id: {config.client_id!r} is taken") from None
-        self._changed(stored.client_id, stored)
+        await self._changed(stored.client_id)
         audit("client.created" if registration is None else "client.registered", actor=actor,
               client_id=stored.client_id)
         return stored, secret
@@ -226,7 +227,7 @@ class StoredClients:
         current = await self._current(client_id, if_match)
         if not await self.rows.delete(client_id, current.version):
             raise StoredClientError("precondition", f"client {client_id!r} changed meanwhile")
-        self._changed(client_id, None)
+        await self._changed(client_id)
         audit("client.deleted", actor=actor, client_id=client_id)
 
     async def rotate_secret(self, client_id: str, *, grace: int, actor: str) -> str:
@@ -270,6 +271,6 @@ class StoredClients:
         if row is None:
             raise StoredClientError("precondition", f"client {current.client_id!r} changed meanwhile")
         stored = _from_row(row)
-        self._changed(stored.client_id, stored)
+        await self._changed(stored.client_id)
         audit(event, actor=actor, client_id=stored.client_id)
         return stored
