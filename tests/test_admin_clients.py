@@ -347,6 +347,52 @@ async def test_the_default_grace_is_the_setting_and_bad_grace_or_a_public_client
     assert refused.status_code == 400 and "no secret" in refused.json()["error_description"]
 
 
+
+async def test_a_rotation_with_a_stale_if_match_is_refused_and_changes_nothing(admin):
+    """Two operators rotate at once: the second, holding the ETag both read, gets 412 instead of cutting off at
+    once the secret the first left working for its grace."""
+    created = await admin.create(**SERVICE)
+    client_id, old = created["client_id"], created["client_secret"]
+    etag = (await admin.call("GET", f"/clients/{client_id}")).headers["etag"]
+    first = await admin.call("POST", f"/clients/{client_id}/secret", {"grace": 3600}, headers={"If-Match": etag})
+    assert first.status_code == 200 and first.headers["etag"] != etag
+    second = await admin.call("POST", f"/clients/{client_id}/secret", {"grace": 3600}, headers={"If-Match": etag})
+    assert second.status_code == 412 and second.json()["error"] == "precondition_failed"
+    assert await token_status(admin.http, client_id, old) == 200  # still in the first rotation's grace
+    assert await token_status(admin.http, client_id, first.json()["client_secret"]) == 200
+    assert (await admin.call("GET", f"/clients/{client_id}")).headers["etag"] == first.headers["etag"]
+
+
+@pytest.mark.parametrize("client_id", ["team/reports", "team/secret", "a/b/c"])
+async def test_a_client_id_with_a_slash_is_read_changed_rotated_and_deleted(admin, client_id):
+    """RFC 6749 App. A.1 allows `/` in a client_id; the admin API addresses it percent-encoded or not."""
+    from urllib.parse import quote
+
+    created = await admin.create(client_id=client_id, **SERVICE)
+    encoded = quote(client_id, safe="")
+    for path in (f"/clients/{encoded}", f"/clients/{client_id}"):
+        read = await admin.call("GET", path)
+        assert read.status_code == 200 and read.json()["client_id"] == client_id
+    patched = await admin.call("PATCH", f"/clients/{encoded}", {"client_name": "Team reports"})
+    assert patched.status_code == 200 and patched.json()["client_name"] == "Team reports"
+    rotated = await admin.call("POST", f"/clients/{encoded}/secret", {"grace": 0})
+    assert rotated.status_code == 200 and rotated.json()["client_id"] == client_id
+    assert await token_status(admin.http, client_id, rotated.json()["client_secret"]) == 200
+    assert await token_status(admin.http, client_id, created["client_secret"]) == 401
+    assert (await admin.call("DELETE", f"/clients/{encoded}")).status_code == 204
+    assert (await admin.call("GET", f"/clients/{encoded}")).status_code == 404
+    assert await token_status(admin.http, client_id, rotated.json()["client_secret"]) == 401
+
+
+async def test_the_internal_api_addresses_a_client_id_with_a_slash(admin, app):
+    """The account page of a separate authentication role removes a person's access to such a client through
+    the token role's internal API (RemoteTokens percent-encodes the segment; the route must still match)."""
+    from iam.peers import RemoteTokens, ServiceIdentity
+    from iam.roles import Role
+
+    remote = RemoteTokens(admin.http, ISSUER, ServiceIdentity(Role.AUTHENTICATION, app.state.iam.keys), Role.TOKEN)
+    assert await remote.remove("someone", "team/reports") == 0  # no grant to end; before: 404, PeerUnavailable
+
 # -- listing --------------------------------------------------------------------------------------------------
 async def test_ten_thousand_clients_are_listed_page_by_page(admin, app):
     now = int(time.time())

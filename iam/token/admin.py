@@ -6,6 +6,9 @@ Every call needs a bearer access token of this issuer: scope `clients:read` to r
 Bodies are RFC 7591 client metadata (JSON); errors are RFC 7591 §3.2.2 bodies (`invalid_client_metadata`,
 `invalid_redirect_uri`) or, for the API's own refusals, `{"error": ..., "error_description": ...}` with the status
 that says it (401, 403, 404, 409 for a client of the config file, 412 for a stale If-Match, 413, 415).
+
+A client_id may hold any VSCHAR (RFC 6749 App. A.1), `/` too: the routes take the rest of the path as the client_id
+(sent percent-encoded or not, it arrives decoded), and `/secret` at its end names the rotation.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ async def list_clients(request: Request, after: str | None = None, limit: int = 
                           "next": page[-1].client_id if more else None}, 200, NO_STORE)
 
 
-@router.get("/clients/{client_id}", summary="Read a client", responses={200: _CLIENT, 404: {
+@router.get("/clients/{client_id:path}", summary="Read a client", responses={200: _CLIENT, 404: {
     "description": "no such client"}, **_ERRORS})
 async def read_client(request: Request, client_id: str) -> Response:
     """A stored client (with its ETag), or a client of the config file (`source: config`, read-only)."""
@@ -142,7 +145,7 @@ async def read_client(request: Request, client_id: str) -> Response:
     return _answer(stored)
 
 
-@router.put("/clients/{client_id}", summary="Replace a client", openapi_extra={
+@router.put("/clients/{client_id:path}", summary="Replace a client", openapi_extra={
     "requestBody": {"required": True, "content": {"application/json": {"schema": _METADATA}}}},
     responses={200: _CLIENT, 409: {"description": "a client of the config file"},
                412: {"description": "If-Match names an older version"}, **_ERRORS})
@@ -161,7 +164,7 @@ async def replace_client(request: Request, client_id: str) -> Response:
     return _answer(stored, secret=secret)
 
 
-@router.patch("/clients/{client_id}", summary="Change a client", openapi_extra={
+@router.patch("/clients/{client_id:path}", summary="Change a client", openapi_extra={
     "requestBody": {"required": True, "content": {"application/merge-patch+json": {"schema": _METADATA}}}},
     responses={200: _CLIENT, 409: {"description": "a client of the config file"},
                412: {"description": "If-Match names an older version"}, **_ERRORS})
@@ -178,7 +181,7 @@ async def patch_client(request: Request, client_id: str) -> Response:
     return _answer(stored, secret=secret)
 
 
-@router.delete("/clients/{client_id}", status_code=204, summary="Delete a client", responses={
+@router.delete("/clients/{client_id:path}", status_code=204, summary="Delete a client", responses={
     204: {"description": "deleted"}, 409: {"description": "a client of the config file"},
     412: {"description": "If-Match names an older version"}, **_ERRORS})
 async def delete_client(request: Request, client_id: str) -> Response:
@@ -192,14 +195,16 @@ async def delete_client(request: Request, client_id: str) -> Response:
     return Response(status_code=204, headers=NO_STORE)
 
 
-@router.post("/clients/{client_id}/secret", summary="Rotate a client's secret", openapi_extra={
+@router.post("/clients/{client_id:path}/secret", summary="Rotate a client's secret", openapi_extra={
     "requestBody": {"required": False, "content": {"application/json": {"schema": {
         "type": "object", "properties": {"grace": {"type": "integer", "minimum": 0, "description": (
             "Seconds the current secret keeps working (default: the client_secret_grace setting)")}}}}}}},
     responses={200: {"description": "`client_secret` (shown once) and `previous_secret_expires_at`"},
-               409: {"description": "a client of the config file"}, **_ERRORS})
+               409: {"description": "a client of the config file"},
+               412: {"description": "If-Match (optional) names an older version"}, **_ERRORS})
 async def rotate_secret(request: Request, client_id: str) -> Response:
-    """A new generated secret; the current one keeps working for `grace` seconds, then stops."""
+    """A new generated secret; the current one keeps working for `grace` seconds, then stops (If-Match: only if
+    the client is still at that ETag, or 412)."""
     actor = await _caller(request, WRITE)
     services = token_services(request)
     data = await _body(request, optional=True)
@@ -207,7 +212,8 @@ async def rotate_secret(request: Request, client_id: str) -> Response:
     if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86400:
         raise OAuthError("invalid_request", "grace: seconds, from 0 to 2592000")
     try:
-        secret = await services.stored_clients.rotate_secret(client_id, grace=grace, actor=actor)
+        secret = await services.stored_clients.rotate_secret(client_id, grace=grace, actor=actor,
+                                                             if_match=request.headers.get("if-match"))
     except StoredClientError as exc:
         raise _refused(exc) from None
     stored = await services.stored_clients.get(client_id)

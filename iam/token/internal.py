@@ -83,7 +83,7 @@ async def applications_for_peer(sub: str, request: Request) -> Response:
     return json_response({"applications": await token_services(request).app_access.applications(sub)})
 
 
-@router.delete("/internal/v1/subjects/{sub}/applications/{client_id}")
+@router.delete("/internal/v1/subjects/{sub}/applications/{client_id:path}")
 async def remove_for_peer(sub: str, client_id: str, request: Request) -> Response:
     await require_peer(request, Role.TOKEN, Role.AUTHENTICATION)
     removed = await token_services(request).app_access.remove(sub, client_id)

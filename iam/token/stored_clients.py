@@ -230,9 +230,11 @@ class StoredClients:
         await self._changed(client_id)
         audit("client.deleted", actor=actor, client_id=client_id)
 
-    async def rotate_secret(self, client_id: str, *, grace: int, actor: str) -> str:
-        """A new secret (returned, once); the current one keeps working for `grace` more seconds, then stops."""
-        current = await self._current(client_id, None)
+    async def rotate_secret(self, client_id: str, *, grace: int, actor: str, if_match: str | None = None) -> str:
+        """A new secret (returned, once); the current one keeps working for `grace` more seconds, then stops.
+        With `if_match`, only while the client is still at that ETag: of two concurrent rotations the second would
+        otherwise cut off at once the secret the first one left working for its grace."""
+        current = await self._current(client_id, if_match)
         if current.config.token_endpoint_auth_method not in SECRET_METHODS:
             raise StoredClientError("no_secret", f"client {client_id!r} authenticates with "
                                                  f"{current.config.token_endpoint_auth_method}: it has no secret")
