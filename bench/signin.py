@@ -13,9 +13,10 @@ after sign-in for `--duration` seconds:
 A sign-in counts once the browser holds the code (no token redemption: that is the same for all three).
 Prints sign-ins/s and per-sign-in p50/p99 latency, and writes bench/results/signin.json.
 
-- burst: token introspection at a steady `--introspection-rate` (bench/loadgen.py, open loop, a client
-  credentials token), first alone, then beside local sign-ins: its p99 both ways, and the sign-ins per
-  second of the server's CPU time (argon2id at iam's parameters).
+- burst: token introspection at a steady `--introspection-rate` (open loop: paced wrk, bench/wrk.lua, or
+  bench/loadgen.py without wrk, as bench/run.py paces; a client credentials token), first alone, then beside
+  local sign-ins: its p99 both ways, and the sign-ins per second of the server's CPU time (argon2id at iam's
+  parameters).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import platform
 import re
 import secrets
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -41,14 +42,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
-from run import cpu_seconds  # noqa: E402  (bench/run.py)
+from run import Scenario, cpu_seconds, run_paced  # noqa: E402  (bench/run.py)
 
 from tests import ldap_server  # noqa: E402  (the suite's real upstreams)
 from tests.oidc_upstream import ALICE, running_upstream  # noqa: E402
 from tests.postgres import free_port  # noqa: E402
 from tests.server import iam, serve, write_config  # noqa: E402
 
-LOADGEN = ROOT / "bench" / "loadgen.py"
 PROBE_SECRET = "bench-probe-secret-0123456789abcdef"
 CALLBACK = "http://127.0.0.1:9/cb"  # the client's redirect URI: never fetched, the browser stops there
 PASSWORD = "bench local password 1234"
@@ -140,15 +140,12 @@ async def run(scenario, workers: int, duration: float) -> dict:
 
 
 async def introspection(base: str, token: str, rate: float, duration: float) -> dict:
-    """Open-loop introspection of one token (bench/loadgen.py in its own process): latencies from due times."""
+    """Open-loop introspection of one token at `rate` (bench/run.py's paced run): latencies from due times."""
     basic = base64.b64encode(f"probe:{PROBE_SECRET}".encode()).decode()
-    env = {**os.environ, "BENCH_METHOD": "POST", "BENCH_BODY": f"token={token}",
-           "BENCH_HEADERS": f"Authorization: Basic {basic}\nContent-Type: application/x-www-form-urlencoded"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(LOADGEN), f"{base}/oauth/v2/introspect", "--rate", str(rate), "--duration",
-        str(duration), "--connections", "8", env=env, stdout=subprocess.PIPE)
-    out, _ = await process.communicate()
-    return json.loads(out)
+    scenario = Scenario("introspect", "POST", "/oauth/v2/introspect", {
+        "Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"}, f"token={token}")
+    how = argparse.Namespace(wrk=shutil.which("wrk"), connections=8)
+    return await asyncio.to_thread(run_paced, base, scenario, how, round(duration), rate)
 
 
 async def burst(sign_ins: SignIns, server_pid: int, rate: float, workers: int, duration: float) -> dict:
