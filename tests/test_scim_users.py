@@ -161,6 +161,30 @@ async def test_password_is_write_only_and_kept_only_by_the_credential_store(scim
     assert "$argon2" in repr(await dump_store(scim.app, "authn"))
 
 
+
+async def test_a_hash_of_older_parameters_still_verifies_and_is_rehashed_at_the_next_sign_in(scim):
+    """A password hashed before the one-lane parameters (argon2-cffi's p=4): the right password still works and
+    leaves a hash at iam's parameters (iam/security.py HASHER); a wrong one changes nothing stored."""
+    from argon2 import PasswordHasher, Type, extract_parameters
+
+    from iam.security import HASHER
+
+    def at_iams_parameters(encoded: str) -> bool:
+        used = extract_parameters(encoded)
+        return (used.type, used.time_cost, used.memory_cost, used.parallelism) == (
+            Type.ID, HASHER.time_cost, HASHER.memory_cost, HASHER.parallelism)
+
+    credentials = scim.app.state.iam.authn.credentials
+    user_id = (await scim.create_user(password=PASSWORD))["id"]
+    assert at_iams_parameters(await credentials.store.password_hash(user_id)) and HASHER.parallelism == 1
+    older = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4).hash(PASSWORD)
+    await credentials.store.upgrade_password_hash(user_id, older)
+    assert not await credentials.verify(user_id, PASSWORD + "x")
+    assert await credentials.store.password_hash(user_id) == older
+    assert await credentials.verify(user_id, PASSWORD)
+    rehashed = await credentials.store.password_hash(user_id)
+    assert rehashed != older and at_iams_parameters(rehashed) and await credentials.verify(user_id, PASSWORD)
+
 async def test_a_password_the_policy_refuses_is_invalid_value_and_changes_nothing(scim):
     before = await dump_store(scim.app)
     name = unique()

@@ -5,20 +5,18 @@ from __future__ import annotations
 import functools
 import time
 
-from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
 from iam.authn.verification_links import EmailVerification
 from iam.errors import PasswordRejected
-from iam.security import slow_hash
+from iam.security import HASHER, slow_hash
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
 MAX_PASSWORD = 256
 
-# argon2-cffi's defaults (argon2id, t=3, m=64 MiB, p=4) clear the OWASP / ASVS floor.
-_hasher = PasswordHasher()
+_hasher = HASHER  # argon2id at iam's parameters (iam/security.py), above the OWASP / ASVS floor
 # A dummy hash verified for unknown users, so a missing account costs the same time as a wrong password.
 _DUMMY_HASH = _hasher.hash("iam: timing equaliser")
 

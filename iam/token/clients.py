@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote
 
-from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography import x509
 from fastapi import Request
@@ -24,7 +23,7 @@ from fastapi import Request
 from iam.config import MTLS_METHODS, ClientConfig
 from iam.errors import OAuthError, invalid_client
 from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
-from iam.security import slow_hash
+from iam.security import HASHER, slow_hash
 from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
 from iam.token.mtls import ClientCertificates
 from iam.token.stored_clients import StoredClient
@@ -58,7 +57,7 @@ class ClientRegistry:
         self._yaml: dict[str, ClientConfig] = {}
         self._stored: dict[str, StoredClient] = {}
         self.set_yaml(clients)
-        self._hasher = PasswordHasher()
+        self._hasher = HASHER
         self._argon2_slots = asyncio.Semaphore(2)  # bounds memory and CPU spent on argon2 at once
 
     @property
