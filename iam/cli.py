@@ -307,12 +307,12 @@ def cmd_audit_list(args: argparse.Namespace) -> None:
 
 
 def cmd_clients_hash_secret(_: argparse.Namespace) -> None:
-    from iam.security import HASHER
+    from iam.security import hash_secret
 
     secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("client secret: ")
     if len(secret) < 16:
         raise SystemExit("iam: error: a client secret needs at least 16 characters")
-    print(HASHER.hash(secret))
+    print(hash_secret(secret))
 
 
 def _with_clients(args: argparse.Namespace, action, service: str = "stored_clients") -> None:

@@ -11,14 +11,13 @@ from iam.authn.sessions import Sessions
 from iam.authn.store import AuthnStore
 from iam.authn.verification_links import EmailVerification
 from iam.errors import PasswordRejected
-from iam.security import HASHER, slow_hash
+from iam.security import hash_secret, needs_rehash, slow_hash, verify_hash
 
 MIN_PASSWORD = 8  # ASVS 5 V6.2.1; longer passphrases are allowed up to MAX_PASSWORD
 MAX_PASSWORD = 256
 
-_hasher = HASHER  # argon2id at iam's parameters (iam/security.py), above the OWASP / ASVS floor
 # A dummy hash verified for unknown users, so a missing account costs the same time as a wrong password.
-_DUMMY_HASH = _hasher.hash("iam: timing equaliser")
+_DUMMY_HASH = hash_secret("iam: timing equaliser")  # argon2id at iam's parameters (iam/security.py)
 
 
 @functools.cache
@@ -49,7 +48,7 @@ class CredentialService:
 
     async def set_password(self, sub: str, password: str) -> None:
         check_policy(password)
-        hashed = await slow_hash(_hasher.hash, password)
+        hashed = await slow_hash(hash_secret, password)
         await self.store.set_password_hash(sub, hashed, int(time.time()))
 
     async def remove(self, sub: str) -> None:
@@ -75,11 +74,11 @@ class CredentialService:
         if len(password) > MAX_PASSWORD:
             return False
         try:
-            await slow_hash(_hasher.verify, stored or _DUMMY_HASH, password)
+            await slow_hash(verify_hash, stored or _DUMMY_HASH, password)
         except (VerificationError, InvalidHashError):
             return False
         if stored is None:
             return False
-        if _hasher.check_needs_rehash(stored) and sub is not None:
-            await self.store.upgrade_password_hash(sub, await slow_hash(_hasher.hash, password))
+        if needs_rehash(stored) and sub is not None:
+            await self.store.upgrade_password_hash(sub, await slow_hash(hash_secret, password))
         return True

@@ -23,7 +23,7 @@ from fastapi import Request
 from iam.config import MTLS_METHODS, ClientConfig
 from iam.errors import OAuthError, invalid_client
 from iam.observability import CLIENT_AUTH_FAILURES, audit, source_of
-from iam.security import HASHER, slow_hash
+from iam.security import slow_hash, verify_hash
 from iam.token.client_assertions import ASSERTION_TYPE, ClientAssertions, claimed_client
 from iam.token.mtls import ClientCertificates
 from iam.token.stored_clients import StoredClient
@@ -57,7 +57,6 @@ class ClientRegistry:
         self._yaml: dict[str, ClientConfig] = {}
         self._stored: dict[str, StoredClient] = {}
         self.set_yaml(clients)
-        self._hasher = HASHER
         self._argon2_slots = asyncio.Semaphore(2)  # bounds memory and CPU spent on argon2 at once
 
     @property
@@ -201,7 +200,7 @@ class ClientRegistry:
             return False
         async with self._argon2_slots:
             try:
-                await slow_hash(self._hasher.verify, encoded, secret)  # beside sign-ins, below the hot path
+                await slow_hash(verify_hash, encoded, secret)  # beside sign-ins, below the hot path
             except (VerificationError, InvalidHashError):
                 return False
         self._digests[client_id] = presented
