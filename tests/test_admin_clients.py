@@ -272,6 +272,37 @@ async def test_another_processs_delete_and_create_between_two_checks_are_both_se
         await asyncio.sleep(0.02)
 
 
+async def test_a_full_reload_reparses_only_changed_rows_and_still_sees_a_same_version_rewrite(admin, app,
+                                                                                             scim_stores):
+    """StoredClients.all keeps what it parsed while a row is exactly as it was read: unchanged clients come back as
+    the same objects (the registry keeps them as they are). A row another writer replaced with other metadata at
+    the same version (delete, then create the same id) is still read afresh, and a deleted one dropped."""
+    token = app.state.iam.token
+    kept, rewritten, dropped = [await admin.create(**SERVICE) for _ in range(3)]
+    await token.client_sync.resync()
+    before = {stored.client_id: stored for stored in await token.stored_clients.all()}
+    other = Store("token", scim_stores["token"])
+    try:
+        rows = ClientRows(other.engine)
+        row = await rows.get(rewritten["client_id"])
+        assert row is not None and row["version"] == 1
+        assert await rows.delete(rewritten["client_id"], 1)
+        metadata = {**json.loads(row["metadata"]), "scope": "api:read api:write"}
+        await rows.insert({**row, "metadata": json.dumps(metadata)})  # version 1 again, other content
+        assert await rows.delete(dropped["client_id"], 1)
+    finally:
+        await other.close()
+    await token.client_sync.resync()
+    after = {stored.client_id: stored for stored in await token.stored_clients.all()}
+    assert after[kept["client_id"]] is before[kept["client_id"]]
+    assert after[rewritten["client_id"]].config.scopes == {"api:read", "api:write"}
+    assert dropped["client_id"] not in after
+    widened = await admin.http.post("/oauth/v2/token", data={"grant_type": "client_credentials", "scope": "api:write"},
+                                    headers=basic(rewritten["client_id"], rewritten["client_secret"]))
+    assert widened.status_code == 200, widened.text
+    assert await token_status(admin.http, dropped["client_id"], dropped["client_secret"]) == 401
+    assert await token_status(admin.http, kept["client_id"], kept["client_secret"]) == 200
+
 async def test_a_full_reload_that_read_the_store_before_a_change_does_not_undo_it(admin, app, monkeypatch):
     """A full reload (a listener reconnect, another process's change) reads every client, and meanwhile this
     process creates one: the create is answered only once the registry has it, and the older read, applied

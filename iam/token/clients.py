@@ -88,11 +88,14 @@ class ClientRegistry:
             self.put_stored(stored.client_id, stored)
 
     def set_stored(self, clients: list[StoredClient]) -> None:
-        """Take every stored client afresh (at start, and whenever change notices may have been missed)."""
-        for client_id in list(self._stored):
+        """Take every stored client afresh (at start, and whenever change notices may have been missed). A client
+        held as this very object is unchanged (`StoredClients.all` gives it again): it is kept as it is."""
+        fresh = {stored.client_id: stored for stored in clients}
+        for client_id in [held for held in self._stored if held not in fresh]:
             self.put_stored(client_id, None)
-        for stored in clients:
-            self.put_stored(stored.client_id, stored)
+        for client_id, stored in fresh.items():
+            if self._stored.get(client_id) is not stored:
+                self.put_stored(client_id, stored)
 
     def put_stored(self, client_id: str, stored: StoredClient | None) -> None:
         """A stored client as it now is; None: deleted. A disabled one is unknown to every endpoint, and its tokens

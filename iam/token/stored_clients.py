@@ -130,6 +130,7 @@ class StoredClients:
         self._check = check
         self._changed = changed
         self._clock = clock
+        self._last_read: dict[str, tuple[Mapping[str, Any], StoredClient]] = {}  # by `all`: each row, as parsed
 
     # -- reading ---------------------------------------------------------------------------------------------
     async def get(self, client_id: str) -> StoredClient | None:
@@ -146,7 +147,14 @@ class StoredClients:
         return None if row is None else _from_row(row)
 
     async def all(self) -> builtins.list[StoredClient]:
-        return [_from_row(row) for row in await self.rows.every()]
+        """Every stored client. A row exactly as the last call read it gives the same StoredClient again, unparsed:
+        a full reload of ten thousand clients (after a change another process made, or a reconnect) parses only
+        the rows that changed, instead of holding the event loop for a third of a second."""
+        last, self._last_read = self._last_read, {}
+        for row in await self.rows.every():
+            seen = last.get(row["client_id"])
+            self._last_read[row["client_id"]] = seen if seen is not None and seen[0] == row else (row, _from_row(row))
+        return [stored for _, stored in self._last_read.values()]
 
     async def fingerprint(self) -> tuple[int, int, int]:
         """Changes with every create, change and delete (ClientRows.fingerprint): a cheap check for processes
