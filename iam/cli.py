@@ -424,7 +424,8 @@ def cmd_clients_rotate_secret(args: argparse.Namespace) -> None:
         raise SystemExit("iam: error: --grace: seconds, 0 or more")
 
     async def rotate(stored_clients) -> None:
-        print(await stored_clients.rotate_secret(args.client_id, grace=grace, actor="operator"))
+        _, secret = await stored_clients.rotate_secret(args.client_id, grace=grace, actor="operator")
+        print(secret)
 
     _with_clients(args, rotate)
 

@@ -212,12 +212,10 @@ async def rotate_secret(request: Request, client_id: str) -> Response:
     if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= 30 * 86400:
         raise OAuthError("invalid_request", "grace: seconds, from 0 to 2592000")
     try:
-        secret = await services.stored_clients.rotate_secret(client_id, grace=grace, actor=actor,
-                                                             if_match=request.headers.get("if-match"))
+        stored, secret = await services.stored_clients.rotate_secret(client_id, grace=grace, actor=actor,
+                                                                     if_match=request.headers.get("if-match"))
     except StoredClientError as exc:
         raise _refused(exc) from None
-    stored = await services.stored_clients.get(client_id)
-    assert stored is not None
     return json_response({"client_id": client_id, "client_secret": secret,
                           "previous_secret_expires_at": stored.previous_expires_at}, 200,
                          {**NO_STORE, "ETag": stored.etag})

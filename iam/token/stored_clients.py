@@ -238,8 +238,10 @@ class StoredClients:
         await self._changed(client_id)
         audit("client.deleted", actor=actor, client_id=client_id)
 
-    async def rotate_secret(self, client_id: str, *, grace: int, actor: str, if_match: str | None = None) -> str:
-        """A new secret (returned, once); the current one keeps working for `grace` more seconds, then stops.
+    async def rotate_secret(self, client_id: str, *, grace: int, actor: str, if_match: str | None = None,
+                            ) -> tuple[StoredClient, str]:
+        """A new secret (returned, once, with the client as it now is); the current one keeps working for `grace`
+        more seconds, then stops.
         With `if_match`, only while the client is still at that ETag: of two concurrent rotations the second would
         otherwise cut off at once the secret the first one left working for its grace."""
         current = await self._current(client_id, if_match)
@@ -248,10 +250,11 @@ class StoredClients:
                                                  f"{current.config.token_endpoint_auth_method}: it has no secret")
         secret = secrets.token_urlsafe(SECRET_BYTES)
         keep = grace > 0 and current.secret_digest is not None
-        await self._update(current, actor, event="client.secret_rotated", secret_digest=secret_digest(secret),
-                           previous_secret_digest=current.secret_digest if keep else None,
-                           previous_expires_at=int(self._clock()) + grace if keep else None)
-        return secret
+        stored = await self._update(current, actor, event="client.secret_rotated",
+                                    secret_digest=secret_digest(secret),
+                                    previous_secret_digest=current.secret_digest if keep else None,
+                                    previous_expires_at=int(self._clock()) + grace if keep else None)
+        return stored, secret
 
     # -- the parts -------------------------------------------------------------------------------------------
     def _checked(self, config: ClientConfig) -> ClientConfig:
