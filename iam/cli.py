@@ -387,11 +387,16 @@ def cmd_clients_add(args: argparse.Namespace) -> None:
 
 
 def cmd_clients_list(args: argparse.Namespace) -> None:
+    from iam.token.stored_clients import StoredClient
+
     async def show(stored_clients) -> None:
         for stored in await stored_clients.list(after=args.after, limit=args.limit):
             state = "enabled" if stored.enabled else "disabled"
-            print(f"{stored.client_id}\t{state}\t{stored.config.token_endpoint_auth_method}\t"
-                  f"{stored.config.client_name or '-'}")
+            if isinstance(stored, StoredClient):
+                print(f"{stored.client_id}\t{state}\t{stored.config.token_endpoint_auth_method}\t"
+                      f"{stored.config.client_name or '-'}")
+            else:  # stored by a newer release, say: not served here
+                print(f"{stored.client_id}\t{state}\tunreadable\t{stored.reason}")
 
     _with_clients(args, show)
 

@@ -303,6 +303,45 @@ async def test_a_full_reload_reparses_only_changed_rows_and_still_sees_a_same_ve
     assert await token_status(admin.http, dropped["client_id"], dropped["client_secret"]) == 401
     assert await token_status(admin.http, kept["client_id"], kept["client_secret"]) == 200
 
+async def test_a_row_this_release_cannot_read_is_not_served_and_every_other_client_still_is(admin, app, caplog):
+    """A newer release (a rolling upgrade, a rollback) stores a client with a key this one does not know: that client
+    fails closed, alone; the reload, readiness and every other client go on. The API shows it with the reason,
+    refuses what needs its metadata (409, nothing changed) and may replace or delete it."""
+    token = app.state.iam.token
+    newer, gone, other = [await admin.create(**SERVICE) for _ in range(3)]
+    client_id, secret = newer["client_id"], newer["client_secret"]
+    async with app.state.iam.stores["token"].engine.begin() as conn:
+        for written in (client_id, gone["client_id"]):
+            metadata = json.loads((await conn.execute(select(clients_table.c.metadata).where(
+                clients_table.c.client_id == written))).scalar_one())
+            await conn.execute(clients_table.update().where(clients_table.c.client_id == written).values(
+                metadata=json.dumps({**metadata, "policy_uri": "https://rp.example/privacy"})))
+    caplog.set_level("WARNING", logger="iam.token.clients")
+    for _ in range(2):
+        await token.client_sync.resync()
+    assert [r.getMessage() for r in caplog.records if client_id in r.getMessage()] == [
+        f"stored client {client_id} is not served: this release cannot read it "
+        "(policy_uri: Extra inputs are not permitted)"]  # once: an unchanged row is not read again
+    assert await token_status(admin.http, client_id, secret) == 401
+    assert await token_status(admin.http, other["client_id"], other["client_secret"]) == 200
+    assert (await admin.http.get("/health/ready")).status_code == 200
+
+    shown = await admin.call("GET", f"/clients/{client_id}")
+    assert shown.status_code == 200 and "policy_uri" in shown.json()["unreadable"] and shown.headers["etag"] == '"1"'
+    listed = (await admin.call("GET", f"/clients?after={client_id[:-1]}&limit=1000")).json()["clients"]
+    assert next(c for c in listed if c["client_id"] == client_id)["unreadable"] == shown.json()["unreadable"]
+    for method, path, body in (("PATCH", "", {"client_name": "x"}), ("POST", "/secret", {"grace": 0})):
+        refused = await admin.call(method, f"/clients/{client_id}{path}", body)
+        assert refused.status_code == 409 and refused.json()["error"] == "unreadable_client", refused.text
+    assert (await admin.call("GET", f"/clients/{client_id}")).headers["etag"] == '"1"'  # nothing changed
+
+    mended = await admin.call("PUT", f"/clients/{client_id}", {"client_id": client_id, **SERVICE},
+                              headers={"If-Match": '"1"'})
+    assert mended.status_code == 200 and "unreadable" not in mended.json()
+    assert await token_status(admin.http, client_id, secret) == 200  # the same secret, served again
+    assert (await admin.call("DELETE", f"/clients/{gone['client_id']}")).status_code == 204
+    assert (await admin.call("GET", f"/clients/{gone['client_id']}")).status_code == 404
+
 async def test_a_full_reload_that_read_the_store_before_a_change_does_not_undo_it(admin, app, monkeypatch):
     """A full reload (a listener reconnect, another process's change) reads every client, and meanwhile this
     process creates one: the create is answered only once the registry has it, and the older read, applied

@@ -331,6 +331,24 @@ async def test_management_needs_that_clients_registration_access_token(registrar
     assert (await registrar.manage("GET", path_id, access)).status_code == 200
 
 
+async def test_a_registered_client_this_release_cannot_read_is_503_to_manage_and_stays_as_stored(registrar, app):
+    """Stored by a newer release (a key this one does not know): its registrant is told to come back (503
+    temporarily_unavailable), never a 500, and nothing is changed by this replica."""
+    one = await registrar.registered(**SERVICE)
+    path_id, access = one["client_id"], one["registration_access_token"]
+    async with app.state.iam.stores["token"].engine.begin() as conn:
+        metadata = json.loads((await conn.execute(select(clients_table.c.metadata).where(
+            clients_table.c.client_id == path_id))).scalar_one())
+        await conn.execute(update(clients_table).where(clients_table.c.client_id == path_id).values(
+            metadata=json.dumps({**metadata, "tos_uri": "https://rp.example/terms"})))
+    for method, body in (("GET", None), ("PUT", {**SERVICE, "client_id": path_id}), ("DELETE", None)):
+        answer = await registrar.manage(method, path_id, access, body)
+        assert answer.status_code == 503 and answer.json()["error"] == "temporarily_unavailable", answer.text
+    async with app.state.iam.stores["token"].engine.connect() as conn:
+        version, stored = (await conn.execute(select(clients_table.c.version, clients_table.c.metadata).where(
+            clients_table.c.client_id == path_id))).one()
+    assert version == 1 and "tos_uri" in json.loads(stored)
+
 async def test_an_update_keeps_to_rfc_7592_and_to_the_policy_it_was_registered_under(registrar, app):
     registered = await registrar.registered(**SERVICE, client_name="Before")
     client_id, access, secret = (registered["client_id"], registered["registration_access_token"],

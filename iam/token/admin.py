@@ -26,7 +26,7 @@ from iam.resource import require_token
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
 from iam.token.initial_tokens import InitialTokenError
 from iam.token.services import TokenServices, token_services
-from iam.token.stored_clients import StoredClient, StoredClientError, new_client_id
+from iam.token.stored_clients import StoredClient, StoredClientError, Unreadable, new_client_id
 
 router = APIRouter(prefix="/admin/v1", tags=["clients"])
 
@@ -35,9 +35,9 @@ WRITE = "clients:write"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 PATCH_TYPES = ("application/merge-patch+json", "application/json")  # RFC 7396
-_STATUS = {"not_found": 404, "precondition": 412, "read_only": 409, "no_secret": 400}
+_STATUS = {"not_found": 404, "precondition": 412, "read_only": 409, "no_secret": 400, "unreadable": 409}
 _ERROR = {"not_found": "not_found", "precondition": "precondition_failed", "read_only": "read_only_client",
-          "no_secret": "invalid_request"}
+          "no_secret": "invalid_request", "unreadable": "unreadable_client"}
 
 _METADATA = {"type": "object", "description": "RFC 7591 client metadata, and iam's own keys (see ClientConfig); "
              "`enabled` (boolean) enables or disables a stored client.", "additionalProperties": True}
@@ -71,7 +71,8 @@ def _configured(config: ClientConfig) -> dict[str, Any]:
     return {"client_id": config.client_id, **client_metadata(config), "enabled": config.enabled, "source": "config"}
 
 
-def _answer(stored: StoredClient, status: int = 200, secret: str | None = None, **headers: str) -> Response:
+def _answer(stored: StoredClient | Unreadable, status: int = 200, secret: str | None = None,
+            **headers: str) -> Response:
     body = stored.describe()
     if secret is not None:
         # RFC 7591 §3.2.1: shown this once; 0 is "does not expire".
@@ -139,7 +140,7 @@ async def read_client(request: Request, client_id: str) -> Response:
     config = services.clients.yaml_client(client_id)
     if config is not None:
         return json_response(_configured(config), 200, NO_STORE)
-    stored = await services.stored_clients.get(client_id)
+    stored = await services.stored_clients.read(client_id)  # an unreadable one too, with why (`unreadable`)
     if stored is None:
         raise OAuthError("not_found", f"no client {client_id!r}", status=404)
     return _answer(stored)

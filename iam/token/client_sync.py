@@ -84,7 +84,7 @@ class ClientSync:
         if client_id is None:
             await self._reload_all()
         else:
-            self.registry.put_stored(client_id, await self.stored.get(client_id))
+            self.registry.put_stored(client_id, await self.stored.servable(client_id))
 
     async def _reload_all(self) -> None:
         self._fingerprint = await self.stored.fingerprint()

@@ -78,7 +78,11 @@ async def _registered(request: Request, client_id: str) -> tuple[str, StoredClie
     value = bearer_token(request)
     if value is None:
         raise invalid_token("a registration access token is required (RFC 7592 §2)")
-    stored = await token_services(request).stored_clients.registered(value)
+    try:
+        stored = await token_services(request).stored_clients.registered(value)
+    except StoredClientError:  # stored by a newer release: a replica of that release can manage it
+        raise OAuthError("temporarily_unavailable", "this client cannot be read by this server's release; "
+                         "try again later", status=503) from None
     if stored is None or stored.client_id != client_id or stored.registration_policy is None:
         raise invalid_token(_NOT_THIS_CLIENT)
     return value, stored

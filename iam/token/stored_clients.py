@@ -19,18 +19,22 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from iam.config import SECRET_METHODS, ClientConfig
 from iam.observability import audit
 from iam.token.client_metadata import ClientMetadataError, client_metadata, parse_client_metadata
 from iam.token.store import ClientRows, InitialTokenUse
+
+log = logging.getLogger("iam.token.clients")
 
 SECRET_BYTES = 32  # 256 bits: see the module's docstring for why a SHA-256 digest is enough
 CLIENT_ID_BYTES = 16
@@ -47,9 +51,11 @@ def secret_digest(secret: str) -> bytes:
 
 class StoredClientError(Exception):
     """A refused change: `kind` is not_found (404), precondition (412, a stale If-Match), read_only (409, a client
-    of the YAML config) or no_secret (400, rotating the secret of a client that has none)."""
+    of the YAML config), no_secret (400, rotating the secret of a client that has none) or unreadable (409, a row
+    this release cannot read: see `Unreadable`)."""
 
-    def __init__(self, kind: Literal["not_found", "precondition", "read_only", "no_secret"], message: str) -> None:
+    def __init__(self, kind: Literal["not_found", "precondition", "read_only", "no_secret", "unreadable"],
+                 message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -80,6 +86,52 @@ class StoredClient:
         """The client as the administration API and `iam clients show` tell it: never a secret."""
         return {"client_id": self.client_id, **client_metadata(self.config), "enabled": self.enabled,
                 "source": "store", "client_id_issued_at": self.created_at, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored row this release cannot read as a client: metadata with a key it does not know (written by a newer
+    release, during a rolling upgrade or after a rollback), or that its rules now refuse. It is not served (fail
+    closed) and every other client still is; the API lists it, shows why, and may replace or delete it."""
+
+    client_id: str
+    enabled: bool
+    version: int
+    created_at: int
+    updated_at: int
+    reason: str
+    secret_digest: bytes | None = field(default=None, repr=False)
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+    def describe(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "enabled": self.enabled, "source": "store", "unreadable": self.reason,
+                "client_id_issued_at": self.created_at, "updated_at": self.updated_at}
+
+
+def _read(row: Mapping[str, Any]) -> StoredClient | Unreadable:
+    try:
+        return _from_row(row)
+    except (ValueError, TypeError) as exc:  # ValidationError is a ValueError; so is bad JSON
+        if isinstance(exc, ValidationError):
+            reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
+        else:
+            reason = f"metadata: {exc.__class__.__name__}"
+        return Unreadable(row["client_id"], bool(row["enabled"]), row["version"], row["created_at"],
+                          row["updated_at"], reason, row["secret_digest"])
+
+
+def _log_unreadable(read: Unreadable) -> None:
+    log.warning("stored client %s is not served: this release cannot read it (%s)", read.client_id, read.reason)
+
+
+def _readable(read: StoredClient | Unreadable) -> StoredClient:
+    if isinstance(read, Unreadable):
+        raise StoredClientError("unreadable", f"client {read.client_id!r} cannot be read by this release "
+                                              f"({read.reason}): replace or delete it")
+    return read
 
 
 def _from_row(row: Mapping[str, Any]) -> StoredClient:
@@ -130,21 +182,35 @@ class StoredClients:
         self._check = check
         self._changed = changed
         self._clock = clock
-        self._last_read: dict[str, tuple[Mapping[str, Any], StoredClient]] = {}  # by `all`: each row, as parsed
+        self._last_read: dict[str, tuple[Mapping[str, Any], StoredClient | Unreadable]] = {}  # by `all`
 
     # -- reading ---------------------------------------------------------------------------------------------
-    async def get(self, client_id: str) -> StoredClient | None:
+    async def read(self, client_id: str) -> StoredClient | Unreadable | None:
+        """The stored client as it is, readable by this release or not (the API shows why not), or None."""
         row = await self.rows.get(client_id)
-        return None if row is None else _from_row(row)
+        return None if row is None else _read(row)
 
-    async def list(self, *, after: str | None, limit: int) -> builtins.list[StoredClient]:
+    async def get(self, client_id: str) -> StoredClient | None:
+        """The stored client, or None; StoredClientError (unreadable) for a row this release cannot read."""
+        read = await self.read(client_id)
+        return None if read is None else _readable(read)
+
+    async def servable(self, client_id: str) -> StoredClient | None:
+        """The stored client as the registry takes it: None for one that is gone, or unreadable (logged)."""
+        read = await self.read(client_id)
+        if isinstance(read, Unreadable):
+            _log_unreadable(read)
+            return None
+        return read
+
+    async def list(self, *, after: str | None, limit: int) -> builtins.list[StoredClient | Unreadable]:
         """Up to `limit` clients in client_id order, those after `after` (keyset pagination: stable and cheap)."""
-        return [_from_row(row) for row in await self.rows.page(after, limit)]
+        return [_read(row) for row in await self.rows.page(after, limit)]
 
     async def registered(self, registration_access_token: str) -> StoredClient | None:
         """The registered client whose registration access token this is (RFC 7592 §2), found by its digest."""
         row = await self.rows.by_registration_digest(secret_digest(registration_access_token))
-        return None if row is None else _from_row(row)
+        return None if row is None else _readable(_read(row))
 
     async def all(self) -> builtins.list[StoredClient]:
         """Every stored client. A row exactly as the last call read it gives the same StoredClient again, unparsed:
@@ -153,8 +219,12 @@ class StoredClients:
         last, self._last_read = self._last_read, {}
         for row in await self.rows.every():
             seen = last.get(row["client_id"])
-            self._last_read[row["client_id"]] = seen if seen is not None and seen[0] == row else (row, _from_row(row))
-        return [stored for _, stored in self._last_read.values()]
+            if seen is None or seen[0] != row:
+                seen = row, _read(row)
+                if isinstance(seen[1], Unreadable):
+                    _log_unreadable(seen[1])  # once per content of the row: an unchanged row is not read again
+            self._last_read[row["client_id"]] = seen
+        return [read for _, read in self._last_read.values() if isinstance(read, StoredClient)]
 
     async def fingerprint(self) -> tuple[int, int, int]:
         """Changes with every create, change and delete (ClientRows.fingerprint): a cheap check for processes
@@ -198,7 +268,7 @@ class StoredClients:
         one gets a new secret (returned, once); one that stops being one loses its secrets."""
         if config.client_id != client_id:
             raise ClientMetadataError("invalid_client_metadata", "client_id: cannot be changed")
-        current = await self._current(client_id, if_match)
+        current = await self._current_row(client_id, if_match)  # an unreadable row may be replaced: that mends it
         config = self._checked(config)
         secret = None
         digests: dict[str, Any] = {}
@@ -232,7 +302,7 @@ class StoredClients:
         return await self.replace(client_id, config, if_match=current.etag, actor=actor, enabled=enabled)
 
     async def delete(self, client_id: str, *, if_match: str | None, actor: str) -> None:
-        current = await self._current(client_id, if_match)
+        current = await self._current_row(client_id, if_match)
         if not await self.rows.delete(client_id, current.version):
             raise StoredClientError("precondition", f"client {client_id!r} changed meanwhile")
         await self._changed(client_id)
@@ -264,17 +334,21 @@ class StoredClients:
         return config
 
     async def _current(self, client_id: str, if_match: str | None) -> StoredClient:
+        return _readable(await self._current_row(client_id, if_match))
+
+    async def _current_row(self, client_id: str, if_match: str | None) -> StoredClient | Unreadable:
+        """The client to change, at the version If-Match names; an unreadable one only for a replace or delete."""
         if client_id in self._yaml_ids():
             raise StoredClientError("read_only", f"client {client_id!r} is declared in the configuration file: "
                                                  "change it there")
-        current = await self.get(client_id)
+        current = await self.read(client_id)
         if current is None:
             raise StoredClientError("not_found", f"no client {client_id!r}")
         if not _matches(if_match, current.etag):
             raise StoredClientError("precondition", f"client {client_id!r} has changed (ETag {current.etag})")
         return current
 
-    async def _update(self, current: StoredClient, actor: str, *, event: str = "client.updated",
+    async def _update(self, current: StoredClient | Unreadable, actor: str, *, event: str = "client.updated",
                       **values: Any) -> StoredClient:
         """Write `values` if the client is still at `current`'s version (compare and set: of two concurrent
         changes one wins, the other is told its precondition failed)."""
