@@ -403,7 +403,7 @@ def cmd_clients_list(args: argparse.Namespace) -> None:
 
 def cmd_clients_show(args: argparse.Namespace) -> None:
     async def show(stored_clients) -> None:
-        stored = await stored_clients.get(args.client_id)
+        stored = await stored_clients.read(args.client_id)  # an unreadable one too, with why
         if stored is None:
             raise SystemExit(f"iam: error: no stored client {args.client_id!r}")
         _print_json({**stored.describe(), "etag": stored.etag})

@@ -303,6 +303,7 @@ async def test_a_full_reload_reparses_only_changed_rows_and_still_sees_a_same_ve
     assert await token_status(admin.http, dropped["client_id"], dropped["client_secret"]) == 401
     assert await token_status(admin.http, kept["client_id"], kept["client_secret"]) == 200
 
+
 async def test_a_row_this_release_cannot_read_is_not_served_and_every_other_client_still_is(admin, app, caplog):
     """A newer release (a rolling upgrade, a rollback) stores a client with a key this one does not know: that client
     fails closed, alone; the reload, readiness and every other client go on. The API shows it with the reason,

@@ -60,6 +60,11 @@ class StoredClientError(Exception):
         self.kind = kind
 
 
+def _etag(version: int) -> str:
+    """A stored client's entity tag (RFC 9110 §8.8.3): its version, which every change raises."""
+    return f'"{version}"'
+
+
 @dataclass(frozen=True, slots=True)
 class StoredClient:
     config: ClientConfig
@@ -80,7 +85,7 @@ class StoredClient:
 
     @property
     def etag(self) -> str:
-        return f'"{self.version}"'
+        return _etag(self.version)
 
     def describe(self) -> dict[str, Any]:
         """The client as the administration API and `iam clients show` tell it: never a secret."""
@@ -104,7 +109,7 @@ class Unreadable:
 
     @property
     def etag(self) -> str:
-        return f'"{self.version}"'
+        return _etag(self.version)
 
     def describe(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "enabled": self.enabled, "source": "store", "unreadable": self.reason,
@@ -189,11 +194,6 @@ class StoredClients:
         """The stored client as it is, readable by this release or not (the API shows why not), or None."""
         row = await self.rows.get(client_id)
         return None if row is None else _read(row)
-
-    async def get(self, client_id: str) -> StoredClient | None:
-        """The stored client, or None; StoredClientError (unreadable) for a row this release cannot read."""
-        read = await self.read(client_id)
-        return None if read is None else _readable(read)
 
     async def servable(self, client_id: str) -> StoredClient | None:
         """The stored client as the registry takes it: None for one that is gone, or unreadable (logged)."""
