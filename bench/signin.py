@@ -16,7 +16,8 @@ Prints sign-ins/s and per-sign-in p50/p99 latency, and writes bench/results/sign
 - burst: token introspection at a steady `--introspection-rate` (open loop: paced wrk, bench/wrk.lua, or
   bench/loadgen.py without wrk, as bench/run.py paces; a client credentials token), first alone, then beside
   local sign-ins: its p99 both ways, and the sign-ins per second of the server's CPU time (argon2id at iam's
-  parameters).
+  parameters). With `--cpu-limit N` the server runs under a cgroup CPU limit (tests/cpu_limit.py), as in a
+  container with `resources.limits.cpu: N`, and the burst says how long the kernel held it back for it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 from run import Scenario, cpu_seconds, run_paced  # noqa: E402  (bench/run.py)
 
 from tests import ldap_server  # noqa: E402  (the suite's real upstreams)
+from tests.cpu_limit import CgroupUnavailable, cpu_limited, throttled_us  # noqa: E402
 from tests.oidc_upstream import ALICE, running_upstream  # noqa: E402
 from tests.postgres import free_port  # noqa: E402
 from tests.server import iam, serve, write_config  # noqa: E402
@@ -148,19 +150,22 @@ async def introspection(base: str, token: str, rate: float, duration: float) -> 
     return await asyncio.to_thread(run_paced, base, scenario, how, round(duration), rate)
 
 
-async def burst(sign_ins: SignIns, server_pid: int, rate: float, workers: int, duration: float) -> dict:
+async def burst(sign_ins: SignIns, server_pid: int, rate: float, workers: int, duration: float,
+                cgroup: Path | None) -> dict:
     """Introspection p99 alone, then beside `workers` browsers signing in with a password, in one run."""
     async with httpx.AsyncClient() as http:
         issued = await http.post(f"{sign_ins.base}/oauth/v2/token", data={"grant_type": "client_credentials"},
                                  auth=("probe", PROBE_SECRET))
     token = issued.raise_for_status().json()["access_token"]
     quiet = await introspection(sign_ins.base, token, rate, duration)
-    cpu_before = cpu_seconds(server_pid)
+    cpu_before, held_before = cpu_seconds(server_pid), throttled_us(cgroup) if cgroup else 0
     beside, signed = await asyncio.gather(introspection(sign_ins.base, token, rate, duration),
                                           run(sign_ins.local, workers, duration))
     cpu = cpu_seconds(server_pid) - cpu_before
     return {"introspection_alone": quiet, "introspection_beside_sign_ins": beside, "sign_ins": signed,
             "server_cpu_seconds": round(cpu, 2),
+            # how long the kernel held the server back for its CPU limit (--cpu-limit) during the burst
+            "throttled_ms": None if cgroup is None else round((throttled_us(cgroup) - held_before) / 1000),
             # the introspection's own CPU is in `cpu` too: this is a lower bound on sign-ins per core-second
             "sign_ins_per_cpu_second": round(signed["sign_ins"] / cpu, 2) if cpu else None}
 
@@ -181,6 +186,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", default="local,ldap,oidc,burst")
     parser.add_argument("--introspection-rate", type=float, default=500,
                         help="burst: introspections per second, alone and beside the sign-ins (default 500)")
+    parser.add_argument("--cpu-limit", type=float, default=None,
+                        help="run the server under a cgroup CPU limit of this many CPUs, as a container's "
+                             "resources.limits.cpu (needs root; default: no limit)")
     return parser.parse_args()
 
 
@@ -212,13 +220,18 @@ def main() -> None:
                     input=PASSWORD + "\n")
         if added.returncode != 0:
             raise SystemExit(f"iam users add failed: {added.stderr}")
-        _, server = stack.enter_context(serve(env, tmp_path, port=port))
+        try:
+            cgroup = None if args.cpu_limit is None else stack.enter_context(cpu_limited(args.cpu_limit))
+        except CgroupUnavailable as error:
+            raise SystemExit(f"--cpu-limit: {error}") from error
+        _, server = stack.enter_context(serve(env, tmp_path, port=port, cgroup=cgroup))
         sign_ins = SignIns(base, upstream, ldap)
         chosen = {"local": sign_ins.local, "ldap": sign_ins.ldap_connector, "oidc": sign_ins.oidc_connector}
         results, bursts = {}, None
         for name in args.scenarios.split(","):
             if name == "burst":
-                bursts = asyncio.run(burst(sign_ins, server.pid, args.introspection_rate, args.workers, args.duration))
+                bursts = asyncio.run(burst(sign_ins, server.pid, args.introspection_rate, args.workers, args.duration,
+                                           cgroup))
                 print(f"burst: {bursts}", file=sys.stderr)
                 continue
             asyncio.run(run(chosen[name], 1, 1))  # warm-up: connections, discovery, JWKS
@@ -233,11 +246,14 @@ def main() -> None:
         print(f"\nburst: introspection at {args.introspection_rate:g}/s, p50 / p99 ms: alone {alone['p50_ms']} / "
               f"{alone['p99_ms']}, beside {bursts['sign_ins']['per_second']} sign-ins/s {beside['p50_ms']} / "
               f"{beside['p99_ms']} (errors {alone['errors']}, {beside['errors']}); "
-              f"{bursts['sign_ins_per_cpu_second']} sign-ins per server CPU second")
+              f"{bursts['sign_ins_per_cpu_second']} sign-ins per server CPU second"
+              + ("" if cgroup is None else f"; under a limit of {args.cpu_limit:g} CPUs, throttled "
+                                           f"{bursts['throttled_ms']} ms"))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "signin.json").write_text(json.dumps({
-        "workers": args.workers, "duration": args.duration, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "workers": args.workers, "duration": args.duration, "cpus": os.cpu_count(), "cpu_limit": args.cpu_limit,
+        "python": platform.python_version(),
         "results": results, "burst": bursts}, indent=2))
 
 

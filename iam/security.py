@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from iam.cpu import cpu_limit, cpus_allowed, hashing_plan
+
 
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
@@ -91,10 +93,11 @@ def verify_hash(encoded: str, secret: str) -> None:
 
 
 # An argon2id run at these parameters takes a CPU core for a fifth of a second or so. Every run in the process
-# (password hashes and checks, hashed client secrets) goes through these two threads: at most two at once bounds
-# memory (128 MiB) and CPU, and the threads run at a lower CPU priority (nice +10, on Linux a thread's own), so on a
-# busy machine a burst of sign-ins yields to the event loop and the token paths beside it keep more of their latency.
-SLOW_HASH_THREADS = 2
+# (password hashes and checks, hashed client secrets) goes through these threads: at most two at once bounds memory
+# (128 MiB) and CPU, and they run at a lower CPU priority (nice +10, on Linux a thread's own), so on a busy machine
+# a burst of sign-ins yields to the event loop and the token paths beside it keep more of their latency. How many,
+# and whether they share the event loop's one CPU, follows the CPU limit of the process's container (iam/cpu.py).
+HASHING = hashing_plan(cpu_limit(), cpus_allowed())
 _LOWER_PRIORITY = 10
 
 
@@ -105,7 +108,7 @@ def _lower_priority() -> None:
         pass
 
 
-_slow_hashes = ThreadPoolExecutor(SLOW_HASH_THREADS, thread_name_prefix="iam-argon2", initializer=_lower_priority)
+_slow_hashes = ThreadPoolExecutor(HASHING.threads, thread_name_prefix="iam-argon2", initializer=_lower_priority)
 
 
 async def slow_hash(fn: Callable[..., _T], *args: object) -> _T:

@@ -31,6 +31,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from iam.cpu import describe, share_one_cpu
+from iam.security import HASHING
+
 log = logging.getLogger("iam")
 
 SETTLE = 0.2  # seconds for the event loop to accept queued connections and read requests already sent
@@ -176,6 +179,12 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def place_hashing_threads() -> None:
+    """Under a CPU limit below two CPUs, keep every thread of the process on one CPU (iam/cpu.py)."""
+    cpu = share_one_cpu() if HASHING.share_one_cpu else None
+    log.info(describe(HASHING, cpu))
+
+
 def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, log_level: str, *,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, ssl_ca_certs: str | None = None,
           ssl_cert_reqs: int = ssl.CERT_NONE) -> None:
@@ -183,6 +192,7 @@ def serve(app: FastAPI, host: str, port: int, grace: float, drain_delay: float, 
 
     async def main() -> None:
         await app.state.iam.start()  # fails here, with one line, before the port opens
+        place_hashing_threads()  # the threads started so far move too; those started later inherit the CPU
         freeze_startup_objects()
         config = uvicorn.Config(
             CloseWhileDraining(app, app.state.iam),

@@ -36,12 +36,17 @@ def iam(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, 
 
 @contextmanager
 def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready_timeout: float = 30,
-          port: int | None = None):
-    """Start `iam serve` (on `port`, or a free one); yield its base URL and process once `wait_for` answers 200."""
+          port: int | None = None, cgroup: Path | None = None):
+    """Start `iam serve` (on `port`, or a free one); yield its base URL and process once `wait_for` answers 200.
+
+    With `cgroup` (tests/cpu_limit.py) the process starts inside that cgroup, as in a container with a CPU limit."""
     port = port or free_port()
     log = open(cwd / "server.log", "w+")  # noqa: SIM115
+    command = [sys.executable, "-m", "iam.cli", "serve", "--port", str(port)]
+    if cgroup is not None:  # the shell joins the cgroup, then becomes the server: the same pid, limited from its start
+        command = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *command]
     process = subprocess.Popen(
-        [sys.executable, "-m", "iam.cli", "serve", "--port", str(port)],
+        command,
         # No drain delay when the test terminates the server, unless the test sets one.
         env={**os.environ, "IAM_DRAIN_DELAY": "0", **env},
         cwd=cwd,

@@ -1,4 +1,5 @@
-"""argon2 runs off the event loop, two at a time, at a lower CPU priority (iam/security.py slow_hash)."""
+"""argon2 runs off the event loop, as many at once as the CPU plan allows (two without a CPU limit), at a lower CPU
+priority (iam/security.py slow_hash; the plan: iam/cpu.py, tests/test_cpu.py)."""
 
 import asyncio
 import os
@@ -7,10 +8,10 @@ import threading
 
 import pytest
 
-from iam.security import SLOW_HASH_THREADS, slow_hash
+from iam.security import HASHING, slow_hash
 
 
-async def test_slow_hashes_run_off_the_event_loop_two_at_a_time():
+async def test_slow_hashes_run_off_the_event_loop_as_many_at_once_as_the_plan_allows():
     loop_thread = threading.get_native_id()
     running, most = 0, 0
     lock = threading.Lock()
@@ -31,7 +32,7 @@ async def test_slow_hashes_run_off_the_event_loop_two_at_a_time():
     release.set()
     threads = await asyncio.gather(*tasks)
     assert loop_thread not in threads
-    assert most == SLOW_HASH_THREADS
+    assert most == HASHING.threads
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
