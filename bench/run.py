@@ -141,9 +141,9 @@ def stop_postgres(data: Path) -> None:
 # -- the iam server ------------------------------------------------------------------------------------
 def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, cache_seconds: int = 5,
                  token_ttl: int = 3600, extra: str = "", signed_alg: str | None = None,
-                 database: str = "iam_token") -> str:
+                 database: str = "iam_token", cgroup: Path | None = None) -> str:
     """Write the bench config into `tmp`, start `iam serve` on the token store `database` and wait until it is
-    ready; return its base URL.
+    ready; return its base URL. With `cgroup` (--cpu-limit) it runs inside that cgroup from its start.
 
     The server runs in its own session, so a Ctrl-C reaches only this script, which then stops it in order.
     """
@@ -168,10 +168,15 @@ def start_server(tmp: Path, db: str, secret: str, stack: contextlib.ExitStack, c
     }
     iam = shutil.which("iam")
     command = [iam] if iam else [sys.executable, "-c", "from iam.cli import main; main()"]
+    command = [*command, "serve", "--port", str(port), "--grace", "2"]
+    if cgroup is not None:
+        from tests.cpu_limit import inside
+
+        command = inside(cgroup, command)
     server_log = tmp / "server.log"
     with server_log.open("wb") as out:
         process = subprocess.Popen(
-            [*command, "serve", "--port", str(port), "--grace", "2"],
+            command,
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     stack.callback(stop_server, process)
@@ -463,7 +468,8 @@ def tools_note(args: argparse.Namespace) -> str:
         f"Server: `iam serve`, 1 uvicorn worker, role token, "
         f"{'SQLite' if args.store == 'sqlite' else 'PostgreSQL 15 (fsync on)'}, hot cache "
         f"{'off' if args.no_cache else 'on'}; load generators, "
-        f"server and database share this {os.cpu_count()}-CPU machine.",
+        f"server and database share this {os.cpu_count()}-CPU machine"
+        + ("." if args.cpu_limit is None else f"; the server under a cgroup CPU limit of {args.cpu_limit:g}."),
     ])  # fmt: skip
 
 
@@ -486,6 +492,9 @@ def parse_args() -> argparse.Namespace:
         help="the token store: a throw-away PostgreSQL 15 cluster (default), or SQLite files (the embedded default)")
     add("--signed-alg", choices=["RS256", "ES256", "EdDSA", "Ed25519"], default=None,
         help="the bench client's introspection_signed_response_alg (introspect_signed); default: the server's")
+    add("--cpu-limit", type=float, default=None,
+        help="run the server under a cgroup CPU limit of this many CPUs, as a container's resources.limits.cpu "
+             "(tests/cpu_limit.py; needs root and a writable cgroup file system; default: no limit)")
     add("--output", type=Path, default=BENCH / "results" / "latest.json", help="JSON results file")
     args = parser.parse_args()
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -500,6 +509,19 @@ def parse_args() -> argparse.Namespace:
         log("wrk not found (Debian: apt-get install -y wrk): measuring max req/s with bench/loadgen.py")
     args.floor = None  # the floor's base URL, once started (main)
     return args
+
+
+def cpu_limit(cpus: float | None, stack: contextlib.ExitStack) -> Path | None:
+    """A throw-away cgroup allowing `cpus` CPUs (--cpu-limit), removed when the stack closes; None without."""
+    if cpus is None:
+        return None
+    sys.path.insert(0, str(BENCH.parent))  # the test suite's helper, as bench/signin.py uses it
+    from tests.cpu_limit import CgroupUnavailable, cpu_limited
+
+    try:
+        return stack.enter_context(cpu_limited(cpus))
+    except CgroupUnavailable as error:
+        raise BenchError(f"--cpu-limit: {error}") from error
 
 
 def _interrupt(*_) -> None:
@@ -524,7 +546,7 @@ def main() -> None:
                 db = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}"
             secret = secrets.token_urlsafe(24)
             base = start_server(tmp, db, secret, stack, cache_seconds=0 if args.no_cache else 5,
-                                signed_alg=args.signed_alg)
+                                signed_alg=args.signed_alg, cgroup=cpu_limit(args.cpu_limit, stack))
             basic = "Basic " + base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
             all_scenarios = scenarios(basic, get_token(base, basic))
             all_scenarios["jwks_304"] = with_etag(base, all_scenarios["jwks_304"])
@@ -558,6 +580,7 @@ def main() -> None:
             "duration_s": args.duration,
             "connections": args.connections,
             "wrk_threads": args.threads,
+            "cpu_limit": args.cpu_limit,
             "warmup_s": args.warmup,
             "load_ratio": args.load_ratio,
             "max_tool": "wrk" if args.wrk else "loadgen",

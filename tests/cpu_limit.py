@@ -45,6 +45,11 @@ def cpu_limited(cpus: float, root: Path = Path("/sys/fs/cgroup")) -> Iterator[Pa
         group.rmdir()
 
 
+def inside(group: Path, command: list[str]) -> list[str]:
+    """`command`, started inside `group` from its first instruction: a shell joins the group, then becomes it."""
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), *command]
+
+
 def throttled_us(group: Path) -> int:
     """How long the kernel has held the group's threads back for its quota, in microseconds."""
     stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.cpu_limit import inside
 from tests.postgres import free_port
 
 
@@ -43,8 +44,8 @@ def serve(env: dict[str, str], cwd: Path, wait_for: str = "/health/ready", ready
     port = port or free_port()
     log = open(cwd / "server.log", "w+")  # noqa: SIM115
     command = [sys.executable, "-m", "iam.cli", "serve", "--port", str(port)]
-    if cgroup is not None:  # the shell joins the cgroup, then becomes the server: the same pid, limited from its start
-        command = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *command]
+    if cgroup is not None:
+        command = inside(cgroup, command)
     process = subprocess.Popen(
         command,
         # No drain delay when the test terminates the server, unless the test sets one.
