@@ -65,18 +65,22 @@ def _limits(mount: Path, path: str, read: Callable[[Path], float | None]) -> lis
 def _v2_limit(directory: Path) -> float | None:
     try:
         quota, period = (directory / "cpu.max").read_text().split()
-    except (OSError, ValueError):
+        return None if quota == "max" else _ratio(int(quota), int(period))
+    except (OSError, ValueError):  # no such file, or not what the kernel writes: no limit read from it
         return None
-    return None if quota == "max" else int(quota) / int(period)
 
 
 def _v1_limit(directory: Path) -> float | None:
     try:
-        quota = int((directory / "cpu.cfs_quota_us").read_text())
-        period = int((directory / "cpu.cfs_period_us").read_text())
+        return _ratio(int((directory / "cpu.cfs_quota_us").read_text()),
+                      int((directory / "cpu.cfs_period_us").read_text()))
     except (OSError, ValueError):
         return None
-    return None if quota <= 0 else quota / period
+
+
+def _ratio(quota: int, period: int) -> float | None:
+    """CPUs per period; None for v1's -1 (no quota) or anything the kernel would not write."""
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def cpus_allowed() -> int:

@@ -56,8 +56,9 @@ def test_inside_a_container_the_mount_is_its_own_cgroup_though_the_path_names_th
 
 def test_no_cgroup_file_system_or_an_unreadable_one_is_no_limit(tmp_path):
     assert cpu_limit("0::/\n", tmp_path) is None
-    _write(tmp_path, cgroup_controllers="cpu", cpu_max="garbage\n")
-    assert cpu_limit("0::/\n", tmp_path) is None
+    for garbage in ("garbage\n", "x 100000\n", "100000 0\n", "100000 y\n"):  # never a crash at start
+        _write(tmp_path, cgroup_controllers="cpu", cpu_max=garbage)
+        assert cpu_limit("0::/\n", tmp_path) is None
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
